@@ -1,0 +1,105 @@
+"""Little-endian bitstream packing of b-bit codes into int32 words.
+
+The one rule behind every GPTQ tensor (formats.md §1.2): along the packed dimension, code i occupies
+absolute bits [b*i, b*i + b) of word0 || word1 || ..., and word r starts at bit 32*r.  For b = 2, 4, 8
+a word holds 32/b whole codes; for b = 3 a field may straddle two words (AutoGPTQ's 10-1-10-1-10
+pattern falls out of the same rule).  All arithmetic is done in int64 so that shifts of codes >= 128
+into bit 24 never overflow, and the words are reinterpreted as int32 (two's complement) at the end.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+
+def check_bits(bits: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+
+
+def block_shape(bits: int) -> tuple[int, int]:
+    """(codes, words) of the smallest run of codes that ends on a word boundary: (32/b, 1) or (32, 3)."""
+    check_bits(bits)
+    g = math.gcd(32, bits)
+    return 32 // g, bits // g
+
+
+def packed_length(n: int, bits: int) -> int:
+    """Number of int32 words holding n codes (whole blocks: n is padded up to a block)."""
+    codes, words = block_shape(bits)
+    return -(-n // codes) * words
+
+
+def _to_int32(words64: torch.Tensor) -> torch.Tensor:
+    return torch.where(words64 >= 2**31, words64 - 2**32, words64).to(torch.int32)
+
+
+def _field_plan(bits: int):
+    """For each code position in a block: (word, shift, spill bits into the next word)."""
+    codes, _ = block_shape(bits)
+    plan = []
+    for i in range(codes):
+        start = bits * i
+        word, shift = divmod(start, 32)
+        spill = max(0, shift + bits - 32)
+        plan.append((word, shift, spill))
+    return plan
+
+
+def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integer codes [n, m] (each in [0, 2^b)) along dim 0 into int32 [packed_length(n), m]."""
+    check_bits(bits)
+    if codes.dim() != 2:
+        raise ValueError(f"codes must be 2-D, got shape {tuple(codes.shape)}")
+    n, m = codes.shape
+    c = codes.to(torch.int64)
+    if c.numel() and (int(c.min()) < 0 or int(c.max()) >= 2**bits):
+        raise ValueError(f"codes out of range for {bits}-bit packing: [{int(c.min())}, {int(c.max())}]")
+    block_codes, block_words = block_shape(bits)
+    pad = (-n) % block_codes
+    if pad:
+        c = torch.cat([c, c.new_zeros(pad, m)])
+    c = c.view(-1, block_codes, m)
+    out = c.new_zeros(c.shape[0], block_words, m)
+    mask = 2**32 - 1
+    for i, (word, shift, spill) in enumerate(_field_plan(bits)):
+        out[:, word] |= (c[:, i] << shift) & mask
+        if spill:
+            out[:, word + 1] |= c[:, i] >> (bits - spill)
+    return _to_int32(out.view(-1, m))
+
+
+def unpack_rows(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of pack_rows: int32 [packed_length(n), m] -> codes [n, m] as int32."""
+    check_bits(bits)
+    if packed.dtype != torch.int32:
+        raise ValueError(f"packed tensor must be int32, got {packed.dtype}")
+    block_codes, block_words = block_shape(bits)
+    if packed.shape[0] != packed_length(n, bits):
+        raise ValueError(
+            f"packed tensor has {packed.shape[0]} rows, expected {packed_length(n, bits)} for {n} {bits}-bit codes"
+        )
+    m = packed.shape[1]
+    w = packed.to(torch.int64) & (2**32 - 1)
+    w = w.view(-1, block_words, m)
+    out = w.new_empty(w.shape[0], block_codes, m)
+    low = 2**bits - 1
+    for i, (word, shift, spill) in enumerate(_field_plan(bits)):
+        v = w[:, word] >> shift
+        if spill:
+            v = v | (w[:, word + 1] << (bits - spill))
+        out[:, i] = v & low
+    return out.view(-1, m)[:n].to(torch.int32)
+
+
+def pack_cols(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack along dim 1: codes [m, n] -> int32 [m, packed_length(n)] (qzeros, Marlin zero points)."""
+    return pack_rows(codes.t(), bits).t().contiguous()
+
+
+def unpack_cols(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    return unpack_rows(packed.t().contiguous(), bits, n).t().contiguous()
