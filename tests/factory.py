@@ -20,6 +20,7 @@ from converters.checkpoint.gptq_config import gptq_quantization_config
 from converters.quantize.rtn import rtn_quantize
 from converters.quantize.targets import quantizable_module
 from gptq_vllm.formats import gptq
+from gptq_vllm.formats import act_order
 from gptq_vllm.formats.act_order import inverse_perm
 from gptq_vllm.formats.gptq import QuantizedWeight, ZeroFormat
 from gptq_vllm.formats.reference import dequantize
@@ -140,3 +141,23 @@ def write_gptq(float_dir: str | Path, out_dir: str | Path, bits: int = 4, group_
         shutil.copytree(float_dir, reference_dir, dirs_exist_ok=True)
         save_file(dequant, str(reference_dir / "model.safetensors"), metadata={"format": "pt"})
     return quantized
+
+
+def random_weight(bits, group_size, sym, act, K=256, N=96, seed=0, zero_min=0):
+    """A random canonical weight with edge values: codes 0 and 2^b-1, zeros at both ends of their range."""
+    g = torch.Generator().manual_seed(seed)
+    ng = act_order.num_groups(K, group_size)
+    codes = torch.randint(0, 2**bits, (K, N), generator=g, dtype=torch.int32)
+    codes[0, :] = 0
+    codes[1, :] = 2**bits - 1
+    if sym:
+        zeros = torch.full((ng, N), 2 ** (bits - 1), dtype=torch.int32)
+    else:
+        zeros = torch.randint(zero_min, 2**bits, (ng, N), generator=g, dtype=torch.int32)
+        zeros[0, 0] = zero_min
+        zeros[-1, -1] = 2**bits - 1
+    scales = (torch.rand(ng, N, generator=g) * 0.02 + 1e-3).to(torch.float16)
+    g_idx = act_order.default_g_idx(K, group_size)
+    if act and group_size != -1:
+        g_idx = g_idx[torch.randperm(K, generator=g)]
+    return QuantizedWeight(codes, scales, zeros, g_idx, bits, group_size, sym)
