@@ -1,0 +1,31 @@
+"""Packaging: imports without vLLM, the console script, the vLLM plugin entry point."""
+
+import subprocess
+import sys
+from importlib.metadata import entry_points
+
+from click.testing import CliRunner
+
+from converters.cli import main
+
+
+def test_imports_without_vllm():
+    # sys.modules["vllm"] = None makes any `import vllm` fail, as on a machine without vLLM.
+    code = ("import sys; sys.modules['vllm'] = None\n"
+            "import gptq_vllm, converters, gptq_vllm.formats, converters.cli\n"
+            "assert not [m for m in sys.modules if m.startswith('vllm') and sys.modules[m] is not None]\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_cli_help_lists_commands():
+    result = CliRunner().invoke(main, ["--help"])
+    assert result.exit_code == 0, result.output
+    for command in main.commands:
+        assert command in result.output
+        sub = CliRunner().invoke(main, [command, "--help"])
+        assert sub.exit_code == 0, sub.output
+
+
+def test_vllm_entry_point():
+    eps = [ep for ep in entry_points(group="vllm.general_plugins") if ep.name == "mygptq"]
+    assert len(eps) == 1 and eps[0].value == "gptq_vllm:register"
