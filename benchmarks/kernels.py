@@ -1,0 +1,213 @@
+"""Our kernels side by side with cuBLAS fp16 and (when importable) vLLM's marlin_gemm / machete_mm.
+
+The grid of ../shared/device/anchor_kernels.py: Llama-3-8B and -70B layer shapes, M from 1 to 1024, 4-bit
+symmetric g128 fp16 unless a variant says otherwise.  Weights are random (speed does not depend on values);
+each kernel is timed by replaying a CUDA graph that cycles through enough weight copies to defeat the 50 MB L2.
+
+    python benchmarks/kernels.py                       # full grid, writes benchmarks/results/kernels-<date>.json
+    MS=1,16 SHAPES=8b.o,70b.down VARIANTS=base python benchmarks/kernels.py   # a quick subset
+
+Env: MS, SHAPES (comma lists), VARIANTS (comma list of base, act_order, bf16, w8, exllama; default all),
+OUT_JSON (output path), NO_VLLM=1 (skip vLLM even when importable).
+JSON: {"meta": {gpu, date, command, torch, vllm, copy_TBps}, "rows": [{shape, K, N, M, kernel, us, dtype, bits,
+group_size, act_order, weight_TBps, speedup_vs_fp16}]}.  Reference kernels: cublas_fp16, vllm_marlin,
+vllm_machete; ours start with mygptq.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import shlex
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root, for gptq_vllm
+
+SHAPES = {
+    "8b.qkv": (4096, 6144), "8b.o": (4096, 4096), "8b.gate_up": (4096, 28672), "8b.down": (14336, 4096),
+    "70b.qkv": (8192, 10240), "70b.o": (8192, 8192), "70b.gate_up": (8192, 57344), "70b.down": (28672, 8192),
+}
+G = 128
+L2_DEFEAT = 512 << 20
+
+
+def timed(fn_list, iters=20):
+    """fn_list: zero-arg callables (one per weight copy), captured into one CUDA graph; us per call."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for f in fn_list:
+            f()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for f in fn_list:
+            f()
+    g.replay()
+    torch.cuda.synchronize()
+    best = math.inf
+    for _ in range(5):
+        st, en = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        st.record()
+        for _ in range(iters):
+            g.replay()
+        en.record()
+        torch.cuda.synchronize()
+        best = min(best, st.elapsed_time(en) * 1000 / (iters * len(fn_list)))
+    return best
+
+
+def _vllm():
+    if os.environ.get("NO_VLLM") == "1":
+        return None
+    try:
+        import vllm
+        from vllm import _custom_ops as ops
+        from vllm.model_executor.layers.quantization.utils.marlin_utils import (
+            marlin_make_workspace_new, marlin_permute_scales)
+        from vllm.scalar_type import scalar_types
+        return dict(version=vllm.__version__, ops=ops, st=scalar_types, ws=marlin_make_workspace_new,
+                    permute_scales=marlin_permute_scales)
+    except Exception as e:  # noqa: BLE001
+        print("vLLM not importable, reference kernels skipped:", repr(e)[:200], flush=True)
+        return None
+
+
+def main() -> int:
+    from gptq_vllm.kernels import cuda as ours
+
+    if not ours.available():
+        print("our kernels are not available:", ours.load_error())
+        return 1
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    ms = [int(x) for x in os.environ.get("MS", "1,16,32,64,128,256,1024").split(",")]
+    shapes = os.environ.get("SHAPES")
+    shapes = {k: SHAPES[k] for k in shapes.split(",")} if shapes else SHAPES
+    variants = set(os.environ.get("VARIANTS", "base,act_order,bf16,w8,exllama").split(","))
+    props = torch.cuda.get_device_properties(0)
+    V = _vllm()
+    print("device", props.name, "SMs", props.multi_processor_count, "torch", torch.__version__,
+          "vllm", V and V["version"], flush=True)
+    a = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
+    b = torch.empty_like(a)
+    copy_tbs = 2 * a.numel() / (timed([lambda: b.copy_(a)], iters=5) * 1e-6) / 1e12
+    del a, b
+    print(f"copy bandwidth (read+write) {copy_tbs:.2f} TB/s", flush=True)
+
+    rows = []
+    ws = V["ws"](dev) if V else None
+    for name, (K, N) in shapes.items():
+        q_bytes = {4: K * N // 2 + (K // G) * N * 2, 8: K * N + (K // G) * N * 2}
+        f_bytes = K * N * 2
+        nq = max(1, min(64, math.ceil(L2_DEFEAT / q_bytes[4])))
+        nq8 = max(1, min(64, math.ceil(L2_DEFEAT / q_bytes[8])))
+        nf = max(1, min(16, math.ceil(L2_DEFEAT / f_bytes)))
+        fw = [torch.randn(N, K, device=dev, dtype=torch.float16) * 0.02 for _ in range(nf)]
+        mq = [torch.randint(-2**31, 2**31 - 1, (K // 16, N * 2), dtype=torch.int32, device=dev) for _ in range(nq)]
+        sc = [(torch.rand(K // G, N, device=dev) * 0.01 + 0.001).half() for _ in range(nq)]
+        scb = [s.bfloat16() for s in sc]
+        mq8 = ([torch.randint(-2**31, 2**31 - 1, (K // 16, N * 4), dtype=torch.int32, device=dev) for _ in range(nq8)]
+               if "w8" in variants else [])
+        perm = torch.randperm(K, device=dev).to(torch.int32)
+        exq = ([torch.randint(-2**31, 2**31 - 1, (K // 8, N), dtype=torch.int32, device=dev) for _ in range(nq)]
+               if "exllama" in variants else [])
+        exz = torch.full((K // G, N // 8), 0x77777777, dtype=torch.int32, device=dev)
+        if V:
+            ops, st = V["ops"], V["st"]
+            empty = torch.empty(0, dtype=torch.int, device=dev)
+            gq = [torch.randint(-2**31, 2**31 - 1, (K // 8, N), dtype=torch.int32, device=dev) for _ in range(nq)]
+            vmq = [ops.gptq_marlin_repack(q, empty, K, N, 4) for q in gq]
+            vms = [V["permute_scales"](s, K, N, G) for s in sc]
+            try:
+                vmc = [ops.machete_prepack_B(q.t().contiguous().t(), torch.float16, st.uint4b8, torch.float16) for q in gq]
+            except Exception as e:  # noqa: BLE001
+                print("machete prepack failed", repr(e)[:200], flush=True)
+                vmc = None
+        for M in ms:
+            x = torch.randn(M, K, device=dev, dtype=torch.float16)
+            xb = x.bfloat16()
+            res = []  # (kernel, us, bytes, dtype, bits, act)
+            res.append(("cublas_fp16", timed([lambda w=w: torch.nn.functional.linear(x, w) for w in fw]), f_bytes,
+                        "float16", 16, False))
+            if "base" in variants:
+                res.append(("mygptq_marlin", timed([lambda q=q, s=s: ours.marlin_gemm(x, q, s, None, None, 4, G)
+                                                    for q, s in zip(mq, sc)]), q_bytes[4], "float16", 4, False))
+            if "act_order" in variants:
+                # act-order absorbed into a row permutation: the only extra work is gathering x by perm.
+                res.append(("mygptq_marlin_actorder",
+                            timed([lambda q=q, s=s: ours.marlin_gemm(x.index_select(1, perm), q, s, None, None, 4, G)
+                                   for q, s in zip(mq, sc)]), q_bytes[4], "float16", 4, True))
+            if "bf16" in variants:
+                res.append(("mygptq_marlin_bf16", timed([lambda q=q, s=s: ours.marlin_gemm(xb, q, s, None, None, 4, G)
+                                                         for q, s in zip(mq, scb)]), q_bytes[4], "bfloat16", 4, False))
+            if "w8" in variants:
+                res.append(("mygptq_marlin_w8", timed([lambda q=q, s=s: ours.marlin_gemm(x, q, s, None, None, 8, G)
+                                                       for q, s in zip(mq8, sc)]), q_bytes[8], "float16", 8, False))
+            if "exllama" in variants:
+                res.append(("mygptq_exllama", timed([lambda q=q, s=s: ours.exllama_gemm(x, q, exz, s, None, 4, G)
+                                                     for q, s in zip(exq, sc)]), q_bytes[4], "float16", 4, False))
+            if V:
+                try:
+                    res.append(("vllm_marlin", timed([lambda q=q, s=s: ops.marlin_gemm(
+                        x, None, q, None, s, None, None, None, empty, empty, ws, st.uint4b8, M, N, K, True, False,
+                        True, False) for q, s in zip(vmq, vms)]), q_bytes[4], "float16", 4, False))
+                except Exception as e:  # noqa: BLE001
+                    print("vllm marlin failed", repr(e)[:200], flush=True)
+                if vmc is not None:
+                    try:
+                        res.append(("vllm_machete", timed([lambda q=q, s=s: ops.machete_mm(
+                            a=x, b_q=q, b_type=st.uint4b8, b_group_scales=s, b_group_size=G)
+                            for q, s in zip(vmc, sc)]), q_bytes[4], "float16", 4, False))
+                    except Exception as e:  # noqa: BLE001
+                        print("vllm machete failed", repr(e)[:200], flush=True)
+            base = res[0][1]
+            for kernel, us, nbytes, dtype, bits, act in res:
+                row = dict(shape=name, K=K, N=N, M=M, kernel=kernel, us=round(us, 2), dtype=dtype, bits=bits,
+                           group_size=G if bits != 16 else None, act_order=act,
+                           weight_TBps=round(nbytes / (us * 1e-6) / 1e12, 3), speedup_vs_fp16=round(base / us, 3))
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+        del fw, mq, sc, scb, mq8, exq
+        if V:
+            del gq, vmq, vms, vmc
+        torch.cuda.empty_cache()
+
+    date = datetime.date.today().isoformat()
+    default = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"kernels-{date}.json")
+    out = os.environ.get("OUT_JSON", default)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    env = {k: os.environ[k] for k in ("MS", "SHAPES", "VARIANTS", "NO_VLLM") if k in os.environ}
+    meta = dict(gpu=props.name, sms=props.multi_processor_count, date=date, torch=torch.__version__,
+                vllm=V and V["version"], copy_TBps=round(copy_tbs, 3), library=ours.library_path(),
+                command=" ".join([f"{k}={v}" for k, v in env.items()] + ["python"] + [shlex.quote(a) for a in sys.argv]))
+    with open(out, "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    print("wrote", out, flush=True)
+    _table(rows)
+    return 0
+
+
+def _table(rows):
+    kernels = []
+    for r in rows:
+        if r["kernel"] not in kernels:
+            kernels.append(r["kernel"])
+    print("\n| shape | M | cublas_fp16 us | " + " | ".join(k for k in kernels if k != "cublas_fp16") + " |")
+    print("|---|---|---|" + "---|" * (len(kernels) - 1))
+    by = {}
+    for r in rows:
+        by.setdefault((r["shape"], r["M"]), {})[r["kernel"]] = r
+    for (shape, M), d in by.items():
+        cells = [f"{d[k]['us']:.1f} ({d[k]['speedup_vs_fp16']:.2f}x)" if k in d else "-"
+                 for k in kernels if k != "cublas_fp16"]
+        print(f"| {shape} | {M} | {d['cublas_fp16']['us']:.1f} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+// Host-side entry points of the gptq_vllm CUDA kernels; registered as torch ops in ops.cpp.
+#pragma once
+#include <ATen/ATen.h>
+#include <optional>
+
+namespace gptq_vllm {
+
+at::Tensor marlin_gemm(const at::Tensor& a, const at::Tensor& qweight, const at::Tensor& scales,
+                       const std::optional<at::Tensor>& qzeros, const std::optional<at::Tensor>& g_idx_sorted,
+                       int64_t bits, int64_t group_size);
+
+at::Tensor exllama_gemm(const at::Tensor& a, const at::Tensor& qweight, const std::optional<at::Tensor>& qzeros,
+                        const at::Tensor& scales, const std::optional<at::Tensor>& g_idx_sorted, int64_t bits,
+                        int64_t group_size);
+
+at::Tensor marlin_repack(const at::Tensor& qweight, const std::optional<at::Tensor>& perm, int64_t bits,
+                         int64_t size_k, int64_t size_n);
+
+at::Tensor exllama_shuffle(const at::Tensor& qweight, const std::optional<at::Tensor>& perm, int64_t bits,
+                           int64_t size_k);
+
+// out[M, N] (dtype of out) = sum over s of ws[s, M, N] (fp32): the split-K reduction, deterministic.
+void reduce_slices(const at::Tensor& ws, at::Tensor& out);
+
+// Multiprocessor count of the current device (cached per device).
+int sm_count();
+
+}  // namespace gptq_vllm

@@ -1,0 +1,189 @@
+"""Loader and thin Python wrappers for our CUDA kernels (csrc/), registered as `torch.ops.mygptq_cuda.*`.
+
+How the extension is found (first hit wins; nothing here touches CUDA at import time):
+  1. a prebuilt `gptq_vllm/_C*.so` from the pip source build on a CUDA machine
+     (`pip install --no-build-isolation -e .`, or `python setup.py build_ext --inplace`);
+  2. a JIT build with torch.utils.cpp_extension.load, cached under $GPTQ_VLLM_CACHE (default
+     ~/.cache/gptq_vllm/<torch version>-<cuda version>), done on the first call of `available()` on a
+     machine where CUDA is available and nvcc is found.  GPTQ_VLLM_JIT=0 disables it; GPTQ_VLLM_JIT=1 forces
+     a rebuild check even when a prebuilt library exists.  TORCH_CUDA_ARCH_LIST picks the targets (the
+     visible GPUs' by default).
+On a machine without CUDA `available()` is False and the wrappers raise.
+
+Ops (schemas in csrc/ops.cpp; fake implementations registered here so they trace under torch.compile):
+  marlin_gemm(a, qweight, scales, qzeros?, g_idx_sorted?, bits, group_size) -> [M, N_pad]
+  exllama_gemm(a, qweight, qzeros?, scales, g_idx_sorted?, bits, group_size) -> [M, N]
+  marlin_repack(qweight_gptq, perm?, bits, size_k, size_n) -> Marlin words [K/16, N*16*b/32]
+  exllama_shuffle(qweight_gptq, perm?, bits, size_k) -> ExLlama words (same shape as the GPTQ qweight)
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import threading
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_REPO_DIR = os.path.dirname(_PKG_DIR)
+_CSRC = os.path.join(_REPO_DIR, "csrc")
+SOURCES = ["ops.cpp", "marlin_gemm.cu", "exllama_gemm.cu", "repack.cu"]
+NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo",
+              "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+              "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+              "-U__CUDA_NO_HALF2_OPERATORS__"]
+CXX_FLAGS = ["-O3"]
+
+_lock = threading.Lock()
+_state: dict[str, object] = {"tried": False, "ok": False, "error": None, "path": None}
+
+
+def _ops_registered() -> bool:
+    try:
+        return hasattr(torch.ops.mygptq_cuda, "marlin_gemm")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _prebuilt() -> str | None:
+    hits = sorted(glob.glob(os.path.join(_PKG_DIR, "_C*.so")) + glob.glob(os.path.join(_PKG_DIR, "_C*.pyd")))
+    return hits[0] if hits else None
+
+
+def _cache_dir() -> str:
+    base = os.environ.get("GPTQ_VLLM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "gptq_vllm"))
+    tag = f"torch{torch.__version__}-cu{torch.version.cuda}".replace("+", "_")
+    path = os.path.join(base, tag)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def _jit_build() -> str:
+    from torch.utils import cpp_extension
+
+    if not os.path.isdir(_CSRC):
+        raise RuntimeError(f"no csrc/ next to the package ({_CSRC}): install from a source checkout or use the prebuilt build")
+    if cpp_extension.CUDA_HOME is None:
+        raise RuntimeError("CUDA_HOME / nvcc not found: cannot JIT-build the kernels")
+    cpp_extension.load(
+        name="gptq_vllm_C",
+        sources=[os.path.join(_CSRC, s) for s in SOURCES],
+        extra_cflags=CXX_FLAGS,
+        extra_cuda_cflags=NVCC_FLAGS,
+        build_directory=_cache_dir(),
+        is_python_module=False,
+        verbose=os.environ.get("GPTQ_VLLM_JIT_VERBOSE", "0") == "1",
+    )
+    return os.path.join(_cache_dir(), "gptq_vllm_C.so")
+
+
+def _load() -> None:
+    jit = os.environ.get("GPTQ_VLLM_JIT", "")
+    if _ops_registered():
+        _state["ok"] = True
+        return
+    if not torch.cuda.is_available():
+        _state["error"] = "CUDA is not available"
+        return
+    pre = _prebuilt()
+    if pre is not None and jit != "1":
+        torch.ops.load_library(pre)
+        _state["path"] = pre
+    elif jit != "0":
+        _state["path"] = _jit_build()
+    else:
+        _state["error"] = "no prebuilt gptq_vllm/_C library and GPTQ_VLLM_JIT=0"
+        return
+    _register_fakes()
+    _state["ok"] = _ops_registered()
+
+
+def available() -> bool:
+    """True when our CUDA ops are loaded (loads or JIT-builds them on first call; never raises)."""
+    if _state["tried"]:
+        return bool(_state["ok"])
+    with _lock:
+        if not _state["tried"]:
+            try:
+                _load()
+            except Exception as e:  # noqa: BLE001 - report and fall back to the reference path
+                _state["error"] = f"{type(e).__name__}: {e}"
+                logger.warning("gptq_vllm CUDA kernels unavailable: %s", _state["error"])
+            _state["tried"] = True
+    return bool(_state["ok"])
+
+
+def load_error() -> str | None:
+    return _state["error"]  # type: ignore[return-value]
+
+
+def library_path() -> str | None:
+    return _state["path"]  # type: ignore[return-value]
+
+
+# ---- fake (meta) implementations ---------------------------------------------------------------------
+
+_fakes_done = False
+
+
+def _register_fakes() -> None:
+    global _fakes_done
+    if _fakes_done or not _ops_registered():
+        return
+
+    @torch.library.register_fake("mygptq_cuda::marlin_gemm")
+    def _marlin_gemm_fake(a, qweight, scales, qzeros, g_idx_sorted, bits, group_size):
+        torch._check(a.size(1) == qweight.size(0) * 16)
+        return a.new_empty((a.size(0), scales.size(1)))
+
+    @torch.library.register_fake("mygptq_cuda::exllama_gemm")
+    def _exllama_gemm_fake(a, qweight, qzeros, scales, g_idx_sorted, bits, group_size):
+        return a.new_empty((a.size(0), scales.size(1)))
+
+    @torch.library.register_fake("mygptq_cuda::marlin_repack")
+    def _marlin_repack_fake(qweight, perm, bits, size_k, size_n):
+        return qweight.new_empty((size_k // 16, size_n * 16 * bits // 32))
+
+    @torch.library.register_fake("mygptq_cuda::exllama_shuffle")
+    def _exllama_shuffle_fake(qweight, perm, bits, size_k):
+        return qweight.new_empty(qweight.shape)
+
+    _fakes_done = True
+
+
+# ---- wrappers ------------------------------------------------------------------------------------------
+
+def _require() -> None:
+    if not available():
+        raise RuntimeError(f"gptq_vllm CUDA kernels are not available: {load_error()}")
+
+
+def marlin_gemm(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None,
+                g_idx_sorted: torch.Tensor | None, bits: int, group_size: int) -> torch.Tensor:
+    """a [M, K_pad] (fp16/bf16, gathered by perm, zero-padded) @ Marlin weight -> [M, N_pad] in a's dtype."""
+    _require()
+    return torch.ops.mygptq_cuda.marlin_gemm(a, qweight, scales, qzeros, g_idx_sorted, bits, group_size)
+
+
+def exllama_gemm(a: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor | None, scales: torch.Tensor,
+                 g_idx_sorted: torch.Tensor | None, bits: int, group_size: int) -> torch.Tensor:
+    """a [M, K] (gathered by perm) @ ExLlama weight (2/3/4/8-bit) -> [M, N] in a's dtype."""
+    _require()
+    return torch.ops.mygptq_cuda.exllama_gemm(a, qweight, qzeros, scales, g_idx_sorted, bits, group_size)
+
+
+def marlin_repack(qweight_gptq: torch.Tensor, perm: torch.Tensor | None, bits: int, size_k: int,
+                  size_n: int) -> torch.Tensor:
+    """GPTQ qweight [K*b/32, N] -> Marlin words (== formats.marlin.repack_gptq), rows taken in perm order."""
+    _require()
+    return torch.ops.mygptq_cuda.marlin_repack(qweight_gptq, perm, bits, size_k, size_n)
+
+
+def exllama_shuffle(qweight_gptq: torch.Tensor, perm: torch.Tensor | None, bits: int, size_k: int) -> torch.Tensor:
+    """GPTQ qweight -> ExLlama words (== formats.exllama.shuffle), rows taken in perm order."""
+    _require()
+    return torch.ops.mygptq_cuda.exllama_shuffle(qweight_gptq, perm, bits, size_k)

@@ -1,0 +1,42 @@
+"""Optional CUDA build of gptq_vllm._C (csrc/); all metadata lives in pyproject.toml.
+
+On a machine with torch + nvcc:  pip install --no-build-isolation -e .   (or: python setup.py build_ext --inplace)
+builds the kernels for sm_80, sm_89 and sm_90 (override with TORCH_CUDA_ARCH_LIST).  Anywhere else (no torch in
+the build environment, e.g. pip's isolated build, or no CUDA toolkit) nothing is compiled and the package installs
+as pure Python; gptq_vllm.kernels.cuda then JIT-builds on first use when CUDA is there.  GPTQ_VLLM_NO_CUDA=1 skips
+the build explicitly.
+"""
+
+import os
+
+from setuptools import setup
+
+
+def _ext_modules():
+    if os.environ.get("GPTQ_VLLM_NO_CUDA", "0") == "1":
+        return [], {}
+    try:
+        import torch  # noqa: F401
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except Exception:  # noqa: BLE001 - no torch in the build environment: pure-Python install
+        return [], {}
+    if CUDA_HOME is None:
+        return [], {}
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;8.9;9.0")
+    here = os.path.dirname(os.path.abspath(__file__))
+    sources = [os.path.join("csrc", s) for s in ("ops.cpp", "marlin_gemm.cu", "exllama_gemm.cu", "repack.cu")]
+    nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo",
+            "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+            "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+            "-U__CUDA_NO_HALF2_OPERATORS__"]
+    ext = CUDAExtension(
+        name="gptq_vllm._C",
+        sources=sources,
+        include_dirs=[os.path.join(here, "csrc")],
+        extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc},
+    )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _ext_modules()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

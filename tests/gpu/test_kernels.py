@@ -1,0 +1,343 @@
+"""Our CUDA kernels (csrc/, torch.ops.mygptq_cuda) against the format core's reference.
+
+Run on the GPU machine:  python -m pytest -q tests/gpu/test_kernels.py   (conftest skips it without CUDA).
+
+Tolerance (elementwise, rigorous up to the slack factor): the kernel output y and the fp32 reference r =
+x @ W (W dequantized exactly in fp32) differ by at most
+    (u_w + K * 2^-22) * (|x| @ |W|)  +  u_o * |r|  (+ 1e-6 absolute)
+  u_w = unit roundoff of the weights as the kernel multiplies them: the Marlin kernel rounds s*(q-z) once to
+        the activation dtype (u = 2^-11 fp16, 2^-8 bf16; q - z and s are exact), the ExLlama dequant+cuBLAS
+        path likewise; the ExLlama small-M path keeps W in fp32 (we still allow u_w);
+  K * 2^-22 covers fp32 accumulation (gamma_K = K * 2^-24 for a recursive sum; x4 for tensor-core
+        accumulation, whose internal alignment may truncate) and the split-K partial sums;
+  u_o = rounding of the output to fp16/bf16.
+x is exactly representable in its dtype and the scales are drawn representable in the activation dtype,
+so no other error enters.  A layout or index bug produces O(|r|) errors, orders of magnitude above this.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gptq_vllm.formats import act_order, bitpack, exllama, kernel_layout, marlin
+from gptq_vllm.formats.gptq import QuantizedWeight
+from gptq_vllm.formats.kernel_layout import Layout
+from gptq_vllm.formats.reference import dequantize, reference_matmul
+
+pytestmark = pytest.mark.gpu
+
+DTYPES = [torch.float16, torch.bfloat16]
+MS = [1, 7, 16, 64, 333, 2048]
+UNIT = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+
+
+@pytest.fixture(scope="module")
+def kern():
+    from gptq_vllm.kernels import cuda
+
+    if not cuda.available():
+        pytest.fail(f"CUDA kernels did not load: {cuda.load_error()}")
+    return cuda
+
+
+def make_weight(bits, group_size, sym, act, K, N, seed, dtype):
+    g = torch.Generator().manual_seed(seed)
+    ng = act_order.num_groups(K, group_size)
+    codes = torch.randint(0, 2**bits, (K, N), generator=g, dtype=torch.int32)
+    codes[0] = 0
+    codes[1] = 2**bits - 1
+    if sym:
+        zeros = torch.full((ng, N), 2 ** (bits - 1), dtype=torch.int32)
+    else:
+        zeros = torch.randint(0, 2**bits, (ng, N), generator=g, dtype=torch.int32)
+        zeros[0, 0] = 0
+        zeros[-1, -1] = 2**bits - 1
+    scales = (torch.rand(ng, N, generator=g) * 0.02 + 1e-3).to(dtype).to(torch.float32)
+    g_idx = act_order.default_g_idx(K, group_size)
+    if act and group_size != -1:
+        g_idx = g_idx[torch.randperm(K, generator=g)]
+    return QuantizedWeight(codes, scales, zeros, g_idx, bits, group_size, sym)
+
+
+def shard_of(full: QuantizedWeight, rows: int) -> QuantizedWeight:
+    """Row-parallel shard (input channels [0, rows)) of an act-order weight: scales of every group kept."""
+    return QuantizedWeight(full.codes[:rows].contiguous(), full.scales, full.zeros, full.g_idx[:rows].contiguous(),
+                           full.bits, full.group_size, full.sym)
+
+
+def gather(x: torch.Tensor, kw, k_pad: int) -> torch.Tensor:
+    """Zero-pad the activations to K_pad, then gather them by perm (which covers the padded rows too)."""
+    if k_pad > x.shape[1]:
+        x = torch.nn.functional.pad(x, (0, k_pad - x.shape[1]))
+    if kw.perm is not None:
+        x = x[:, kw.perm.to(x.device).long()]
+    return x.contiguous()
+
+
+def check_close(y: torch.Tensor, x: torch.Tensor, w: QuantizedWeight, what: str) -> None:
+    dev = y.device
+    W = dequantize(w, torch.float32).to(dev)
+    xf = x.float()
+    ref = reference_matmul(xf, w)  # fp32 in, fp32 out: x @ dequantize(w)
+    mag = xf.abs() @ W.abs()
+    K = W.shape[0]
+    u = UNIT[x.dtype]
+    tol = 1.25 * ((u + K * 2.0**-22) * mag + u * ref.abs()) + 1e-6
+    yf = y.float()
+    assert torch.isfinite(yf).all(), f"{what}: non-finite output"
+    err = (yf - ref).abs()
+    bad = err > tol
+    if bad.any():
+        i = int(bad.flatten().nonzero()[0])
+        r, c = divmod(i, ref.shape[1])
+        raise AssertionError(f"{what}: {int(bad.sum())} / {bad.numel()} elements off; first ({r}, {c}): "
+                             f"got {float(yf[r, c])}, want {float(ref[r, c])}, tol {float(tol[r, c])}; "
+                             f"max rel err {float((err / (mag + 1e-6)).max()):.3e}")
+
+
+def to_dev(kw, dev):
+    f = lambda t: None if t is None else t.to(dev)  # noqa: E731
+    return f(kw.qweight), f(kw.scales), f(kw.qzeros), f(kw.g_idx_sorted)
+
+
+# ---- Marlin-layout GEMM ---------------------------------------------------------------------------------
+
+MARLIN_CASES = [(b, g, s, a) for b in (4, 8) for g in (-1, 32, 64, 128) for s in (True, False) for a in (False, True)
+                if not (a and g == -1)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("bits,group_size,sym,act", MARLIN_CASES,
+                         ids=[f"b{b}-g{g}-{'sym' if s else 'asym'}-{'act' if a else 'noact'}" for b, g, s, a in MARLIN_CASES])
+def test_marlin_gemm(kern, bits, group_size, sym, act, dtype):
+    dev = torch.device("cuda")
+    K, N = 300, 200  # both need padding: K -> 384, N -> 256
+    w = make_weight(bits, group_size, sym, act, K, N, seed=bits * 100 + group_size + 7 * sym + 3 * act, dtype=dtype)
+    kw = kernel_layout.to_kernel(w, Layout.MARLIN, scale_dtype=dtype)
+    qw, sc, qz, gs = to_dev(kw, dev)
+    k_pad = qw.shape[0] * 16
+    assert (k_pad, sc.shape[1]) == marlin.padded_shape(K, N, group_size)
+    for M in MS:
+        x = torch.randn(M, K, generator=torch.Generator().manual_seed(M), dtype=torch.float32).to(dtype).to(dev)
+        y = kern.marlin_gemm(gather(x, kw, k_pad), qw, sc, qz, gs, bits, group_size)
+        assert y.shape == (M, sc.shape[1]) and y.dtype == dtype
+        check_close(y[:, :N], x, w, f"marlin M={M}")
+
+
+SHARD_CASES = [(b, g, s) for b in (4, 8) for g in (32, 128) for s in (True, False)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("bits,group_size,sym", SHARD_CASES,
+                         ids=[f"b{b}-g{g}-{'sym' if s else 'asym'}" for b, g, s in SHARD_CASES])
+def test_marlin_gemm_act_order_shard(kern, bits, group_size, sym, dtype):
+    """Row-parallel shard of an act-order layer: groups are no longer runs, the kernel takes g_idx_sorted."""
+    dev = torch.device("cuda")
+    full = make_weight(bits, group_size, sym, True, 512, 192, seed=11 + bits + group_size, dtype=dtype)
+    w = shard_of(full, 256)
+    kw = kernel_layout.to_kernel(w, Layout.MARLIN, scale_dtype=dtype)
+    assert kw.g_idx_sorted is not None and kw.perm is not None
+    qw, sc, qz, gs = to_dev(kw, dev)
+    for M in MS:
+        x = torch.randn(M, 256, generator=torch.Generator().manual_seed(M), dtype=torch.float32).to(dtype).to(dev)
+        y = kern.marlin_gemm(gather(x, kw, 256), qw, sc, qz, gs, bits, group_size)
+        check_close(y, x, w, f"marlin shard M={M}")
+
+
+@pytest.mark.parametrize("group_size", [48, 256])
+def test_marlin_gemm_other_group_sizes(kern, group_size):
+    dev = torch.device("cuda")
+    for bits, sym in ((4, True), (8, False)):
+        w = make_weight(bits, group_size, sym, False, 300, 130, seed=group_size + bits, dtype=torch.float16)
+        kw = kernel_layout.to_kernel(w, Layout.MARLIN, scale_dtype=torch.float16)
+        qw, sc, qz, gs = to_dev(kw, dev)
+        for M in (1, 33, 200):
+            x = torch.randn(M, 300, dtype=torch.float32).half().to(dev)
+            y = kern.marlin_gemm(gather(x, kw, qw.shape[0] * 16), qw, sc, qz, gs, bits, group_size)
+            check_close(y[:, :130], x, w, f"marlin G={group_size} b{bits} M={M}")
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_marlin_gemm_llama_shape(kern, bits):
+    """A real layer shape: several strips per block, split-K at small M, many groups."""
+    dev = torch.device("cuda")
+    K, N = 4096, 1536
+    w = make_weight(bits, 128, True, False, K, N, seed=5, dtype=torch.float16)
+    kw = kernel_layout.to_kernel(w, Layout.MARLIN, scale_dtype=torch.float16)
+    qw, sc, qz, gs = to_dev(kw, dev)
+    for M in (1, 16, 48, 100, 127, 256):
+        x = torch.randn(M, K, dtype=torch.float32).half().to(dev)
+        y = kern.marlin_gemm(x, qw, sc, qz, gs, bits, 128)
+        check_close(y, x, w, f"marlin 4096x1536 M={M}")
+
+
+# ---- ExLlama-layout GEMM --------------------------------------------------------------------------------
+
+EXL_CASES = [(b, g, s, a) for b in (2, 3, 4, 8) for g in (-1, 32, 128) for s in (True, False) for a in (False, True)
+             if not (a and g == -1)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("bits,group_size,sym,act", EXL_CASES,
+                         ids=[f"b{b}-g{g}-{'sym' if s else 'asym'}-{'act' if a else 'noact'}" for b, g, s, a in EXL_CASES])
+def test_exllama_gemm(kern, bits, group_size, sym, act, dtype):
+    dev = torch.device("cuda")
+    K, N = 300, 197  # K not a multiple of 32 (short last block), odd N
+    w = make_weight(bits, group_size, sym, act, K, N, seed=bits * 10 + group_size + 5 * sym + 2 * act, dtype=dtype)
+    kw = kernel_layout.to_kernel(w, Layout.EXLLAMA, scale_dtype=dtype)
+    qw, sc, qz, gs = to_dev(kw, dev)
+    for M in MS:
+        x = torch.randn(M, K, generator=torch.Generator().manual_seed(M), dtype=torch.float32).to(dtype).to(dev)
+        y = kern.exllama_gemm(gather(x, kw, K), qw, qz, sc, gs, bits, group_size)
+        assert y.shape == (M, N) and y.dtype == dtype
+        check_close(y, x, w, f"exllama M={M}")
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_exllama_gemm_act_order_shard(kern, bits):
+    dev = torch.device("cuda")
+    for sym in (True, False):
+        full = make_weight(bits, 64, sym, True, 640, 150, seed=bits + 3 * sym, dtype=torch.float16)
+        w = shard_of(full, 320)
+        kw = kernel_layout.to_kernel(w, Layout.EXLLAMA, scale_dtype=torch.float16)
+        assert kw.g_idx_sorted is not None
+        qw, sc, qz, gs = to_dev(kw, dev)
+        for M in (1, 16, 64):
+            x = torch.randn(M, 320, dtype=torch.float32).half().to(dev)
+            y = kern.exllama_gemm(gather(x, kw, 320), qw, qz, sc, gs, bits, 64)
+            check_close(y, x, w, f"exllama shard b{bits} M={M}")
+
+
+# ---- repack kernels: bit-exact against the format core ------------------------------------------------
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("with_perm", [False, True])
+def test_marlin_repack(kern, bits, with_perm):
+    K, N = 272, 192
+    codes = torch.randint(0, 2**bits, (K, N), dtype=torch.int32)
+    q = bitpack.pack_rows(codes, bits)
+    perm = torch.randperm(K).to(torch.int32) if with_perm else None
+    want = marlin.repack_gptq(q, bits, K, perm)
+    got = kern.marlin_repack(q.cuda(), None if perm is None else perm.cuda(), bits, K, N)
+    assert got.dtype == torch.int32 and torch.equal(got.cpu(), want)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("K", [300, 256])
+@pytest.mark.parametrize("with_perm", [False, True])
+def test_exllama_shuffle(kern, bits, K, with_perm):
+    N = 197
+    codes = torch.randint(0, 2**bits, (K, N), dtype=torch.int32)
+    q = bitpack.pack_rows(codes, bits)
+    perm = torch.randperm(K).to(torch.int32) if with_perm else None
+    want = exllama.shuffle(q, bits, K, perm)
+    got = kern.exllama_shuffle(q.cuda(), None if perm is None else perm.cuda(), bits, K)
+    assert torch.equal(got.cpu(), want)
+
+
+# ---- torch.library.opcheck ------------------------------------------------------------------------------
+
+def _marlin_args(bits, sym, act, M, dtype=torch.float16):
+    w = make_weight(bits, 64, sym, act, 256, 128, seed=3, dtype=dtype)
+    if act:
+        w = shard_of(make_weight(bits, 64, sym, True, 512, 128, seed=3, dtype=dtype), 256)
+    kw = kernel_layout.to_kernel(w, Layout.MARLIN, scale_dtype=dtype)
+    qw, sc, qz, gs = to_dev(kw, "cuda")
+    x = torch.randn(M, 256, dtype=dtype, device="cuda")
+    return (x, qw, sc, qz, gs, bits, 64)
+
+
+def _exllama_args(bits, sym, act, M, dtype=torch.float16):
+    w = make_weight(bits, 32, sym, act, 200, 70, seed=4, dtype=dtype)
+    kw = kernel_layout.to_kernel(w, Layout.EXLLAMA, scale_dtype=dtype)
+    qw, sc, qz, gs = to_dev(kw, "cuda")
+    x = torch.randn(M, 200, dtype=dtype, device="cuda")
+    return (x, qw, qz, sc, gs, bits, 32)
+
+
+@pytest.mark.parametrize("case", ["b4-sym-M1", "b8-asym-M40", "b4-asym-shard-M5", "bf16-b4-M64"])
+def test_opcheck_marlin_gemm(kern, case):
+    if case == "b4-sym-M1":
+        args = _marlin_args(4, True, False, 1)
+    elif case == "b8-asym-M40":
+        args = _marlin_args(8, False, False, 40)
+    elif case == "b4-asym-shard-M5":
+        args = _marlin_args(4, False, True, 5)
+    else:
+        args = _marlin_args(4, True, False, 64, torch.bfloat16)
+    torch.library.opcheck(torch.ops.mygptq_cuda.marlin_gemm.default, args)
+
+
+@pytest.mark.parametrize("bits,M", [(3, 1), (2, 9), (4, 40), (8, 3)])
+def test_opcheck_exllama_gemm(kern, bits, M):
+    torch.library.opcheck(torch.ops.mygptq_cuda.exllama_gemm.default, _exllama_args(bits, False, True, M))
+
+
+def test_opcheck_repacks(kern):
+    q = bitpack.pack_rows(torch.randint(0, 16, (128, 64), dtype=torch.int32), 4).cuda()
+    perm = torch.randperm(128).to(torch.int32).cuda()
+    torch.library.opcheck(torch.ops.mygptq_cuda.marlin_repack.default, (q, perm, 4, 128, 64))
+    torch.library.opcheck(torch.ops.mygptq_cuda.marlin_repack.default, (q, None, 4, 128, 64))
+    q3 = bitpack.pack_rows(torch.randint(0, 8, (100, 33), dtype=torch.int32), 3).cuda()
+    torch.library.opcheck(torch.ops.mygptq_cuda.exllama_shuffle.default, (q3, torch.randperm(100).int().cuda(), 3, 100))
+    torch.library.opcheck(torch.ops.mygptq_cuda.exllama_shuffle.default, (q3, None, 3, 100))
+
+
+# ---- CUDA graphs: capture + replay equals eager ---------------------------------------------------------
+
+def _graph_equals_eager(fn, x_static: torch.Tensor, fresh: list[torch.Tensor]):
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()  # warm-up outside capture
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y_static = fn()
+    for x in fresh:
+        x_static.copy_(x)
+        g.replay()
+        torch.cuda.synchronize()
+        eager = fn()
+        assert torch.equal(y_static, eager), f"graph replay differs from eager (max {float((y_static.float() - eager.float()).abs().max())})"
+
+
+@pytest.mark.parametrize("M", [1, 16, 100])
+def test_cuda_graph_marlin(kern, M):
+    args = list(_marlin_args(4, False, False, M))
+    x = args[0]
+    _graph_equals_eager(lambda: kern.marlin_gemm(x, *args[1:]), x, [torch.randn_like(x) for _ in range(2)])
+    args = list(_marlin_args(8, True, True, M))
+    x2 = args[0]
+    _graph_equals_eager(lambda: kern.marlin_gemm(x2, *args[1:]), x2, [torch.randn_like(x2) for _ in range(2)])
+
+
+@pytest.mark.parametrize("M", [1, 16, 100])
+def test_cuda_graph_exllama(kern, M):
+    args = list(_exllama_args(3, False, True, M))
+    x = args[0]
+    _graph_equals_eager(lambda: kern.exllama_gemm(x, *args[1:]), x, [torch.randn_like(x) for _ in range(2)])
+
+
+def test_cuda_graph_repack(kern):
+    q = bitpack.pack_rows(torch.randint(0, 16, (128, 64), dtype=torch.int32), 4).cuda()
+    perm = torch.randperm(128).to(torch.int32).cuda()
+    _graph_equals_eager(lambda: kern.marlin_repack(q, perm, 4, 128, 64), q,
+                        [bitpack.pack_rows(torch.randint(0, 16, (128, 64), dtype=torch.int32), 4).cuda()])
+    _graph_equals_eager(lambda: kern.exllama_shuffle(q, None, 4, 128), q,
+                        [bitpack.pack_rows(torch.randint(0, 16, (128, 64), dtype=torch.int32), 4).cuda()])
+
+
+def test_no_input_mutation_and_streams(kern):
+    """Ops run on the current (non-default) stream and leave their inputs untouched."""
+    args = _marlin_args(4, False, False, 8)
+    before = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        y = kern.marlin_gemm(*args)
+    s.synchronize()
+    for a, b in zip(args, before):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b)
+    assert torch.equal(y, kern.marlin_gemm(*args))
