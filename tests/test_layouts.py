@@ -211,9 +211,10 @@ def test_marlin_padding_dequantizes_to_zero():
     act_order.check_g_idx(padded.g_idx, 256, 64)
 
 
-def test_row_parallel_act_order_shard_keeps_global_groups():
+@pytest.mark.parametrize("N", [64, 100])
+def test_row_parallel_act_order_shard_keeps_global_groups(N):
     # A TP rank of a row-parallel act-order layer: half of K, global group ids, every group's scales.
-    full = make_weight(4, 32, True, True, K=256, N=64)
+    full = make_weight(4, 32, True, True, K=256, N=N)
     rows = torch.arange(128, 256)
     shard = QuantizedWeight(full.codes[rows], full.scales, full.zeros, full.g_idx[rows], 4, 32, True)
     shard.validate(shard=True)

@@ -9,10 +9,13 @@ Inside a tile the words are ordered so that one 32-bit load per thread gives eac
     of an n8 sub-tile; warp w owns the 16 columns 16*w .. 16*w+15 of the tile (two n8 sub-tiles).
 
 TILE_MAP[bits] lists, for every field of every word of a tile, the flat tile position k*64 + n it holds.
-pack gathers through it, unpack scatters through it: one definition, two directions.
+unpack scatters through it; pack produces the same words with strided byte moves (fast on huge weights),
+and the tests check it against a gather through TILE_MAP: one definition, two directions.
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 
@@ -69,6 +72,14 @@ def pack(codes: torch.Tensor, bits: int, perm: torch.Tensor | None = None) -> to
     """Codes [K, N] (rows taken in the order perm when given) -> Marlin words [K/16, N*16*b/32] int32."""
     K, N = codes.shape
     check_shape(K, N, bits)
+    if sys.byteorder == "little":
+        return _pack_bytewise(codes, bits, perm)
+    return _pack_tile_map(codes, bits, perm)
+
+
+def _pack_tile_map(codes: torch.Tensor, bits: int, perm: torch.Tensor | None) -> torch.Tensor:
+    """pack() by gathering every field through TILE_MAP (the definition; slow, int64)."""
+    K, N = codes.shape
     q = codes if perm is None else codes[perm.to(torch.int64)]
     tmap = TILE_MAP[bits].to(q.device)
     # [K, N] -> tiles [K/16, N/64, 1024] with flat index k*64 + n inside the tile.
@@ -79,6 +90,36 @@ def pack(codes: torch.Tensor, bits: int, perm: torch.Tensor | None = None) -> to
         words |= tiles[:, :, tmap[i]] << (bits * i)
     words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
     return words.reshape(K // TILE_K, -1)
+
+
+def _pack_bytewise(codes: torch.Tensor, bits: int, perm: torch.Tensor | None) -> torch.Tensor:
+    """pack() as strided byte moves (same words as TILE_MAP, checked by the tests; little-endian hosts).
+
+    In TILE_MAP's terms a tile position is row 8b + 2t_lo + a, column 16w + 8h + t_hi (lane t = 4t_hi +
+    t_lo, warp w).  4 bit: word 16t_hi + 4t_lo + w, field 4a + 2h + b, so byte 2a + h of the word is the
+    nibble pair (b=0, b=1).  8 bit: word 32t_hi + 8t_lo + 2w + h, byte 2a + b.
+    """
+    K, N = codes.shape
+    kt, nt = K // TILE_K, N // TILE_N
+    q = codes.to(torch.uint8)
+    if perm is not None:
+        q = torch.index_select(q, 0, perm.to(device=q.device, dtype=torch.int64))
+    if bits == 4:
+        rows = q.view(kt, 2, 8, N)  # [kt, b, (t_lo, a), n]
+        pairs = (rows[:, 0] | (rows[:, 1] << 4)).view(kt, 4, 2, N)  # [kt, t_lo, a, n]
+        planes = torch.zeros(kt, 4, N, 4, dtype=torch.uint8, device=q.device)
+        planes[..., 0] = pairs[:, :, 0]  # byte 2a + h with h = 0; h = 1 is shifted in below
+        planes[..., 2] = pairs[:, :, 1]
+        p = planes.view(kt, 4, N * 4).view(torch.int32).view(kt, 4, nt, 4, 2, 8)  # [kt, t_lo, nt, w, h, t_hi]
+        words = p[:, :, :, :, 0] | (p[:, :, :, :, 1] << 8)  # [kt, t_lo, nt, w, t_hi]
+        return words.permute(0, 2, 4, 1, 3).reshape(kt, -1)
+    rows = q.view(kt, 2, 4, 2, N)  # [kt, b, t_lo, a, n]
+    planes = torch.empty(kt, 4, N, 2, 2, dtype=torch.uint8, device=q.device)  # [kt, t_lo, n, a, b]
+    for a in range(2):
+        for b in range(2):
+            planes[:, :, :, a, b] = rows[:, b, :, a]
+    p = planes.view(kt, 4, N * 4).view(torch.int32).view(kt, 4, nt, 4, 2, 8)  # [kt, t_lo, nt, w, h, t_hi]
+    return p.permute(0, 2, 5, 1, 3, 4).reshape(kt, -1)
 
 
 def unpack(words: torch.Tensor, bits: int, in_features: int, out_features: int) -> torch.Tensor:
@@ -168,7 +209,8 @@ def pad(weight: QuantizedWeight, in_features: int, out_features: int) -> Quantiz
     if in_features < K or out_features < N:
         raise FormatError(f"cannot pad ({K}, {N}) down to ({in_features}, {out_features})")
     G = weight.group_size
-    ng_new = 1 if G == -1 else -(-in_features // G)
+    # A row-parallel act-order shard keeps the scales of every group of the full K: never drop rows.
+    ng_new = max(weight.scales.shape[0], 1 if G == -1 else -(-in_features // G))
     ng = weight.scales.shape[0]
     scales = torch.zeros(ng_new, out_features, dtype=weight.scales.dtype, device=weight.scales.device)
     scales[:ng, :N] = weight.scales
