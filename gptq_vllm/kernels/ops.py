@@ -1,0 +1,130 @@
+"""The `mygptq` torch custom ops: one GEMM per kernel layout, each with a fake (meta) implementation.
+
+vLLM compiles the model forward with torch.compile(fullgraph=True) on the GPU and on the CPU, so the
+linear method's `apply` is a single call of one of these ops, traced through its fake implementation.
+
+    mygptq::marlin_gemm(a, qweight, scales, qzeros?, perm?, g_idx_sorted?, bits, group_size, size_k, size_n)
+    mygptq::exllama_gemm(a, qweight, qzeros, scales, perm?, g_idx_sorted?, bits, group_size, size_k, size_n)
+
+a is [M, size_k] (the layer's K on this rank, unpadded) in fp16/bf16 (fp32 too on the CPU); the weight
+tensors are those of formats.kernel_layout.KernelWeight; the result is [M, size_n] in a's dtype.  Each op
+zero-pads a to the layout's rows (Marlin: qweight.shape[0] * 16) and gathers its columns by perm, then
+multiplies by the stored rows, so both implementations below see the same [M, K_rows] activations:
+
+  CPU   the reference math of the format core: from_kernel -> dequantize (rounded to a's dtype, as the
+        GPU kernels dequantize) -> fp32 matmul.  It does not depend on any kernel and is their oracle.
+  CUDA  gptq_vllm.kernels.cuda (the compiled kernels) when built, else the same reference math on the
+        GPU.  That fallback reads tensors back to the host while it validates, which a CUDA graph cannot
+        capture: it raises during capture and needs enforce_eager=True.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..formats import marlin
+from ..formats.kernel_layout import KernelWeight, Layout, from_kernel
+from ..formats.reference import dequantize
+
+NAMESPACE = "mygptq"
+
+MARLIN_GEMM_SCHEMA = (
+    "marlin_gemm(Tensor a, Tensor qweight, Tensor scales, Tensor? qzeros, Tensor? perm, Tensor? g_idx_sorted, "
+    "int bits, int group_size, SymInt size_k, SymInt size_n) -> Tensor"
+)
+EXLLAMA_GEMM_SCHEMA = (
+    "exllama_gemm(Tensor a, Tensor qweight, Tensor qzeros, Tensor scales, Tensor? perm, Tensor? g_idx_sorted, "
+    "int bits, int group_size, SymInt size_k, SymInt size_n) -> Tensor"
+)
+
+# FRAGMENT: the compiled extension may add ops of its own to the same namespace.
+_lib = torch.library.Library(NAMESPACE, "FRAGMENT")
+
+
+def _gather_rows(a: torch.Tensor, rows: int, perm: torch.Tensor | None) -> torch.Tensor:
+    """a [M, K] -> [M, rows]: zero-padded to the stored row count, columns taken in perm order."""
+    if a.shape[1] < rows:
+        a = F.pad(a, (0, rows - a.shape[1]))
+    if perm is not None:
+        a = a.index_select(1, perm)
+    return a.contiguous()
+
+
+def _reference_gemm(a_rows: torch.Tensor, kw: KernelWeight) -> torch.Tensor:
+    w = dequantize(from_kernel(kw), a_rows.dtype)
+    return (a_rows.float() @ w.float()).to(a_rows.dtype)
+
+
+def _marlin_weight(qweight, scales, qzeros, g_idx_sorted, bits, group_size) -> KernelWeight:
+    # The op sees the stored rows (already permuted and padded), so the weight is described as such.
+    return KernelWeight(layout=Layout.MARLIN, bits=bits, group_size=group_size, sym=qzeros is None,
+                        in_features=qweight.shape[0] * marlin.TILE_K, out_features=scales.shape[1],
+                        qweight=qweight, scales=scales, qzeros=qzeros, perm=None, g_idx_sorted=g_idx_sorted)
+
+
+def _exllama_weight(qweight, qzeros, scales, g_idx_sorted, bits, group_size, size_k) -> KernelWeight:
+    # ExLlama stores exact zeros for every layer, symmetric or not.
+    return KernelWeight(layout=Layout.EXLLAMA, bits=bits, group_size=group_size, sym=False,
+                        in_features=size_k, out_features=scales.shape[1],
+                        qweight=qweight, scales=scales, qzeros=qzeros, perm=None, g_idx_sorted=g_idx_sorted)
+
+
+def _refuse_capture(op: str) -> None:
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"mygptq::{op}: the CUDA kernels are not built, and the torch fallback cannot be captured in a "
+            f"CUDA graph; build gptq_vllm's CUDA extension or run vLLM with enforce_eager=True")
+
+
+def marlin_gemm_cpu(a, qweight, scales, qzeros, perm, g_idx_sorted, bits, group_size, size_k, size_n):
+    a_rows = _gather_rows(a, qweight.shape[0] * marlin.TILE_K, perm)
+    y = _reference_gemm(a_rows, _marlin_weight(qweight, scales, qzeros, g_idx_sorted, bits, group_size))
+    return y[:, :size_n].contiguous()
+
+
+def marlin_gemm_cuda(a, qweight, scales, qzeros, perm, g_idx_sorted, bits, group_size, size_k, size_n):
+    from . import cuda  # the extension is loaded on first use, never at import
+
+    a_rows = _gather_rows(a, qweight.shape[0] * marlin.TILE_K, perm)
+    if cuda.available():
+        y = cuda.marlin_gemm(a_rows, qweight, scales, qzeros, g_idx_sorted, bits, group_size)
+    else:
+        _refuse_capture("marlin_gemm")
+        y = _reference_gemm(a_rows, _marlin_weight(qweight, scales, qzeros, g_idx_sorted, bits, group_size))
+    return y[:, :size_n].contiguous()
+
+
+def exllama_gemm_cpu(a, qweight, qzeros, scales, perm, g_idx_sorted, bits, group_size, size_k, size_n):
+    a_rows = _gather_rows(a, size_k, perm)
+    y = _reference_gemm(a_rows, _exllama_weight(qweight, qzeros, scales, g_idx_sorted, bits, group_size, size_k))
+    return y[:, :size_n].contiguous()
+
+
+def exllama_gemm_cuda(a, qweight, qzeros, scales, perm, g_idx_sorted, bits, group_size, size_k, size_n):
+    from . import cuda
+
+    a_rows = _gather_rows(a, size_k, perm)
+    if cuda.available():
+        y = cuda.exllama_gemm(a_rows, qweight, qzeros, scales, g_idx_sorted, bits, group_size)
+    else:
+        _refuse_capture("exllama_gemm")
+        y = _reference_gemm(a_rows, _exllama_weight(qweight, qzeros, scales, g_idx_sorted, bits, group_size,
+                                                    size_k))
+    return y[:, :size_n].contiguous()
+
+
+def _gemm_fake(a, *args):
+    # Both schemas end in (..., size_k, size_n); the output is [M, size_n] in a's dtype.
+    return a.new_empty((a.shape[0], args[-1]))
+
+
+_lib.define(MARLIN_GEMM_SCHEMA)
+_lib.impl("marlin_gemm", marlin_gemm_cpu, "CPU")
+_lib.impl("marlin_gemm", marlin_gemm_cuda, "CUDA")
+torch.library.register_fake(f"{NAMESPACE}::marlin_gemm", _gemm_fake, lib=_lib)
+
+_lib.define(EXLLAMA_GEMM_SCHEMA)
+_lib.impl("exllama_gemm", exllama_gemm_cpu, "CPU")
+_lib.impl("exllama_gemm", exllama_gemm_cuda, "CUDA")
+torch.library.register_fake(f"{NAMESPACE}::exllama_gemm", _gemm_fake, lib=_lib)
