@@ -1,9 +1,19 @@
 """Atomic, sharded, streaming safetensors checkpoint writer.
 
-Tensors are added one at a time and flushed to a shard whenever the pending bytes reach the shard
-size, so memory stays bounded by one shard.  Everything goes to a hidden temporary directory beside
-the destination, which is renamed into place only by finish(); an exception (or close() without
-finish()) removes it, so a failed run never leaves a partial checkpoint.
+Tensors are added one at a time and written straight into the current shard file, so memory stays
+bounded by the tensor being written, whatever the size of the checkpoint.  A shard's JSON header is
+only known at its end, so its first HEADER_RESERVE bytes are kept free and the header is written there
+when the shard is closed (padded with spaces, which the safetensors format allows); a header that does
+not fit makes the shard be rewritten once behind a larger header.  A new shard starts before a tensor
+that would take the current one past max_shard_bytes.
+
+With background=True the file writes run on a worker thread (they release the GIL), so the caller's
+computation overlaps them; at most queue_bytes of tensors wait, and a write error surfaces at the next
+add() or at finish().
+
+Everything goes to a hidden temporary directory beside the destination, which is renamed into place only
+by finish(); an exception (or close() without finish()) removes it, so a failed run never leaves a
+partial checkpoint.
 """
 
 from __future__ import annotations
@@ -11,18 +21,65 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import tempfile
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+
+from .safetensors_dir import DTYPES
 
 DEFAULT_SHARD_BYTES = 4 * 2**30
+HEADER_RESERVE = 2**20  # bytes; about 6000 tensors per shard before the rewrite fallback
+SAFETENSORS_DTYPES = {dtype: code for code, dtype in DTYPES.items()}
+
+
+class _Shard:
+    """One safetensors file being written: data streamed after a reserved header region."""
+
+    def __init__(self, path: Path, metadata: dict[str, str]):
+        self.path = path
+        self.metadata = metadata
+        self.entries: dict[str, dict] = {}
+        self.nbytes = 0
+        self._file = open(path, "wb")
+        self._file.seek(8 + HEADER_RESERVE)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if tensor.dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"tensor {name!r}: dtype {tensor.dtype} cannot be stored in safetensors")
+        data = tensor.reshape(-1).view(torch.uint8).numpy()
+        self._file.write(memoryview(data))
+        self.entries[name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                              "data_offsets": [self.nbytes, self.nbytes + data.size]}
+        self.nbytes += data.size
+
+    def close(self) -> None:
+        header = json.dumps({"__metadata__": self.metadata, **self.entries}, separators=(",", ":")).encode()
+        if len(header) <= HEADER_RESERVE:
+            self._file.seek(0)
+            self._file.write(struct.pack("<Q", HEADER_RESERVE) + header.ljust(HEADER_RESERVE, b" "))
+            self._file.close()
+            return
+        self._file.close()
+        size = -(-len(header) // 8) * 8
+        rewritten = self.path.with_name(self.path.name + ".rewrite")
+        with open(self.path, "rb") as src, open(rewritten, "wb") as dst:
+            dst.write(struct.pack("<Q", size) + header.ljust(size, b" "))
+            src.seek(8 + HEADER_RESERVE)
+            shutil.copyfileobj(src, dst, 64 * 2**20)
+        os.replace(rewritten, self.path)
+
+    def abort(self) -> None:
+        self._file.close()
 
 
 class CheckpointWriter:
     def __init__(self, destination: str | os.PathLike, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                 overwrite: bool = False, metadata: dict[str, str] | None = None):
+                 overwrite: bool = False, metadata: dict[str, str] | None = None,
+                 background: bool = False, queue_bytes: int = 256 * 2**20):
         self.destination = Path(destination)
         if self.destination.exists() and not overwrite:
             raise FileExistsError(f"{self.destination}: already exists (pass overwrite to replace it)")
@@ -31,11 +88,14 @@ class CheckpointWriter:
         self.overwrite = overwrite
         self.max_shard_bytes = max_shard_bytes
         self.metadata = {"format": "pt", **(metadata or {})}
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
+        self._shard: _Shard | None = None
         self._shards: list[list[str]] = []
         self._names: set[str] = set()
         self.total_bytes = 0
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer") if background else None
+        self._queue: deque[tuple[Future, int]] = deque()
+        self._queued_bytes = 0
+        self.queue_bytes = queue_bytes
 
     def __enter__(self) -> "CheckpointWriter":
         return self
@@ -48,25 +108,39 @@ class CheckpointWriter:
             raise ValueError(f"tensor {name!r} written twice")
         self._names.add(name)
         t = tensor.detach().to("cpu").contiguous()
-        self._pending[name] = t
         nbytes = t.numel() * t.element_size()
-        self._pending_bytes += nbytes
         self.total_bytes += nbytes
-        if self._pending_bytes >= self.max_shard_bytes:
-            self._flush()
+        if self._pool is None:
+            self._write(name, t)
+            return
+        self._queue.append((self._pool.submit(self._write, name, t), nbytes))
+        self._queued_bytes += nbytes
+        while self._queue and (self._queued_bytes > self.queue_bytes or self._queue[0][0].done()):
+            self._wait_oldest()
+
+    def _wait_oldest(self) -> None:
+        future, nbytes = self._queue.popleft()
+        self._queued_bytes -= nbytes
+        future.result()
+
+    def _write(self, name: str, t: torch.Tensor) -> None:
+        nbytes = t.numel() * t.element_size()
+        if self._shard is not None and self._shard.nbytes and self._shard.nbytes + nbytes > self.max_shard_bytes:
+            self._close_shard()
+        if self._shard is None:
+            self._shard = _Shard(self.tmp / f"shard-{len(self._shards):05d}.safetensors", self.metadata)
+        self._shard.write(name, t)
 
     def add_all(self, tensors: dict[str, torch.Tensor]) -> None:
         for name, t in tensors.items():
             self.add(name, t)
 
-    def _flush(self) -> None:
-        if not self._pending:
+    def _close_shard(self) -> None:
+        if self._shard is None:
             return
-        index = len(self._shards)
-        save_file(self._pending, str(self.tmp / f"shard-{index:05d}.safetensors"), metadata=self.metadata)
-        self._shards.append(sorted(self._pending))
-        self._pending = {}
-        self._pending_bytes = 0
+        self._shard.close()
+        self._shards.append(sorted(self._shard.entries))
+        self._shard = None
 
     def write_json(self, filename: str, obj: dict) -> None:
         (self.tmp / filename).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
@@ -76,7 +150,9 @@ class CheckpointWriter:
 
     def finish(self) -> Path:
         """Name the shards HF-style, write the index (when sharded) and move the directory into place."""
-        self._flush()
+        while self._queue:
+            self._wait_oldest()
+        self._close_shard()
         n = len(self._shards)
         weight_map = {}
         for i, names in enumerate(self._shards):
@@ -93,6 +169,13 @@ class CheckpointWriter:
         return self.destination
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+            self._queue.clear()
+        if self._shard is not None:
+            self._shard.abort()
+            self._shard = None
         if self.tmp is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             self.tmp = None

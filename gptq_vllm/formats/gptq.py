@@ -97,7 +97,7 @@ class QuantizedWeight:
     def permute_rows(self, perm: torch.Tensor) -> "QuantizedWeight":
         """Rows (input channels) taken in the order perm; groups keep their meaning (formats.md §3.4 A)."""
         p = perm.to(torch.int64)
-        return replace(self, codes=self.codes[p], g_idx=self.g_idx[p])
+        return replace(self, codes=torch.index_select(self.codes, 0, p), g_idx=self.g_idx[p])
 
     def permute_cols(self, perm: torch.Tensor) -> "QuantizedWeight":
         """Output channels taken in the order perm (folding a consumer's act-order into this producer)."""

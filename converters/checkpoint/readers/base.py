@@ -1,0 +1,99 @@
+"""What every checkpoint reader offers: quantized modules as canonical QuantizedWeights, the rest as is.
+
+A reader knows which tensor names make up a quantized module (MODULE_TENSORS, found through the MARKERS
+that only quantized modules have) and how to decode them (`_load`).  Every error it raises names the
+file(s) holding the module, the tensor and what was expected.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import torch
+
+from gptq_vllm.formats.errors import FormatError
+from gptq_vllm.formats.gptq import QuantizedWeight
+
+from ..safetensors_dir import SafetensorsDir
+from .config import QuantConfig
+from .dynamic import ModuleParams
+
+
+class Checkpoint(ABC):
+    MODULE_TENSORS: tuple[str, ...] = ()  # suffixes of the tensors of one quantized module
+    MARKERS: tuple[str, ...] = ()  # suffixes that only quantized modules have
+
+    def __init__(self, path: Path, config: QuantConfig, tensors: SafetensorsDir):
+        self.path = path
+        self.config = config
+        self.tensors = tensors
+        self._modules: dict[str, list[str]] = {}
+        names = tensors.names()
+        for name in names:
+            module, _, suffix = name.rpartition(".")
+            if suffix in self.MARKERS:
+                self._modules.setdefault(module, [])
+        for name in names:
+            module, _, suffix = name.rpartition(".")
+            if module in self._modules and suffix in self.MODULE_TENSORS:
+                self._modules[module].append(name)
+        owned = {n for tensor_names in self._modules.values() for n in tensor_names}
+        self._passthrough = [n for n in names if n not in owned]
+
+    def modules(self) -> list[str]:
+        """Names of the quantized modules (e.g. model.layers.0.mlp.down_proj), in file order."""
+        return list(self._modules)
+
+    def module_tensors(self, module: str) -> list[str]:
+        return self._modules[module]
+
+    def passthrough(self) -> list[str]:
+        """Every tensor that is not part of a quantized module (embeddings, norms, biases, ...)."""
+        return list(self._passthrough)
+
+    def nbytes(self, names: list[str]) -> int:
+        return sum(self.tensors.tensor_nbytes(n) for n in names)
+
+    def where(self, module: str) -> str:
+        """The file(s) holding a module, for error messages."""
+        files = sorted({str(self.tensors.file_of(n)) for n in self._modules.get(module, [])})
+        return ", ".join(files) or str(self.path)
+
+    def get(self, module: str, suffix: str) -> torch.Tensor | None:
+        name = f"{module}.{suffix}"
+        return self.tensors.get(name) if name in self.tensors else None
+
+    def shape(self, module: str, suffix: str) -> tuple[int, ...] | None:
+        name = f"{module}.{suffix}"
+        return self.tensors.shape(name) if name in self.tensors else None
+
+    def params(self, module: str) -> ModuleParams:
+        p = self.config.params(module)
+        if p is None:
+            rule = self.config.dynamic.match(module)
+            raise FormatError(f"{self.where(module)}: {module} has quantized tensors, but the dynamic rule "
+                              f"{rule.pattern!r} says it is not quantized")
+        return p
+
+    def load(self, module: str, out_perm: torch.Tensor | None = None) -> QuantizedWeight:
+        """The module as a validated canonical weight; out_perm reorders its output channels (columns)."""
+        try:
+            return self._load(module, self.params(module), out_perm)
+        except FormatError as e:
+            if str(e).startswith(self.where(module)):
+                raise
+            raise FormatError(f"{self.where(module)}: {e}") from e
+
+    @abstractmethod
+    def _load(self, module: str, params: ModuleParams, out_perm: torch.Tensor | None) -> QuantizedWeight:
+        ...
+
+    @abstractmethod
+    def dims(self, module: str) -> tuple[int, int] | None:
+        """(in_features K, out_features N) from the tensor headers alone; None when they do not tell."""
+
+    def describe(self) -> dict:
+        """The detected format, for provenance and `inspect`."""
+        c = self.config
+        return {"quant_method": c.method, "dialect": c.dialect, "config_files": c.sources, "quantizer": c.quantizer}

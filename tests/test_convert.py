@@ -1,0 +1,176 @@
+"""convert -> verify for every source dialect and target; act-order folding; what DST contains."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors import safe_open
+
+from convert_sources import autogptq, compressed, float_model, gptqmodel, shard, transformers_style, tree_hash
+from converters.checkpoint.convert import convert
+from converters.checkpoint.emit import Target
+from converters.checkpoint.hub import resolve
+from converters.checkpoint.readers import open_checkpoint
+from converters.checkpoint.verify import verify
+from converters.cli import main
+from gptq_vllm.formats.act_order import act_order_perm, is_trivial
+from gptq_vllm.formats.errors import FormatError
+from gptq_vllm.formats.gptq import ZeroFormat
+from gptq_vllm.formats.kernel_layout import Layout
+from gptq_vllm.formats.reference import dequantize
+
+
+@pytest.fixture(scope="module")
+def fl(tmp_path_factory):
+    return float_model(tmp_path_factory.getbasetemp())
+
+
+SOURCES = {
+    "autogptq-v1-actorder-g128": lambda fl, d: autogptq(fl, d),
+    "gptqmodel-v2-dynamic": lambda fl, d: gptqmodel(fl, d),
+    "compressed-tensors-asym": lambda fl, d: compressed(fl, d),
+    "sharded-transformers-8bit": lambda fl, d: shard(transformers_style(fl, d, bits=8, group_size=32, desc_act=True)),
+}
+
+
+def tensors_of(directory):
+    out = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            out.update({k: h.get_tensor(k) for k in h.keys()})
+    return out
+
+
+@pytest.mark.parametrize("kind", list(SOURCES))
+def test_convert_then_verify(fl, tmp_path, kind):
+    src = SOURCES[kind](fl, tmp_path / "src")
+    before = tree_hash(src)
+    report = convert(resolve(str(src)), tmp_path / "dst", progress=False)
+    assert tree_hash(src) == before  # SRC never touched
+    ckpt = open_checkpoint(src)
+    act_order = {m for m in ckpt.modules() if not is_trivial(ckpt.load(m).g_idx, ckpt.load(m).group_size)}
+    assert report.modules == len(ckpt.modules()) and report.act_order_modules == len(act_order)
+    assert report.perms_absorbed == 2  # one down_proj per layer
+    assert report.perms_stored == len(act_order) - 2
+    result = verify(open_checkpoint(src), open_checkpoint(tmp_path / "dst"), progress=False)
+    assert result.ok, result.mismatches
+    assert result.absorbed == 2 and result.modules == report.modules
+
+    dst = tmp_path / "dst"
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (dst / f).read_bytes() == (src / f).read_bytes()
+    assert not (dst / "quantize_config.json").exists()
+    qcfg = json.loads((dst / "config.json").read_text())["quantization_config"]
+    assert qcfg["quant_method"] == "mygptq" and qcfg["checkpoint_format"] == "mygptq"
+    assert qcfg["layout"] == "marlin" and qcfg["desc_act"] is True
+    assert qcfg["meta"]["source"]["source"] == str(src.resolve())
+    assert qcfg["meta"]["converter"].startswith("gptq-vllm:")
+    names = tensors_of(dst)
+    assert not [n for n in names if n.endswith(("g_idx", "g_idx_sorted"))]
+    stored = {n.removesuffix(".perm") for n in names if n.endswith(".perm")}
+    assert stored == {m for m in act_order if not m.endswith("down_proj")}  # down_proj's absorbed into gate/up
+
+
+def test_absorbed_perm_is_exact_for_the_mlp(fl, tmp_path):
+    """silu(x W_gate) * (x W_up) @ W_down is unchanged when down's perm moves into gate/up columns."""
+    src = autogptq(fl, tmp_path / "src")
+    convert(resolve(str(src)), tmp_path / "dst", progress=False)
+    s, d = open_checkpoint(src), open_checkpoint(tmp_path / "dst")
+    mlp = "model.layers.1.mlp"
+    x = torch.randn(3, 128, dtype=torch.float64)
+
+    def run(ckpt):
+        w = {m: dequantize(ckpt.load(f"{mlp}.{m}"), torch.float64) for m in ("gate_proj", "up_proj", "down_proj")}
+        return (torch.nn.functional.silu(x @ w["gate_proj"]) * (x @ w["up_proj"])) @ w["down_proj"]
+
+    assert torch.allclose(run(s), run(d), rtol=1e-12, atol=1e-12)
+    # and the stored rows really are permuted (no gather left for down_proj)
+    g_idx = s.load(f"{mlp}.down_proj").g_idx
+    stored = d.load(f"{mlp}.down_proj")
+    assert torch.equal(stored.g_idx, g_idx[act_order_perm(g_idx).long()])
+
+
+@pytest.mark.parametrize("target", [Target.GPTQ_V1, Target.GPTQ_V2, Target.COMPRESSED_TENSORS])
+def test_export_targets_round_trip(fl, tmp_path, target):
+    src = autogptq(fl, tmp_path / "src")
+    convert(resolve(str(src)), tmp_path / "dst", target=target, progress=False)
+    dst = open_checkpoint(tmp_path / "dst")
+    assert dst.config.method == ("compressed-tensors" if target is Target.COMPRESSED_TENSORS else "gptq")
+    result = verify(open_checkpoint(src), dst, progress=False)
+    assert result.ok and result.absorbed == 0, result.mismatches
+    if target is not Target.COMPRESSED_TENSORS:
+        assert json.loads((tmp_path / "dst" / "quantize_config.json").read_text())["checkpoint_format"] == (
+            "gptq" if target is Target.GPTQ_V1 else "gptq_v2")
+
+
+def test_v1_v2_conversion_changes_only_qzeros(fl, tmp_path):
+    src = autogptq(fl, tmp_path / "src")
+    convert(resolve(str(src)), tmp_path / "v2", target=Target.GPTQ_V2, progress=False)
+    a, b = tensors_of(src), tensors_of(tmp_path / "v2")
+    assert a.keys() == b.keys()
+    differ = sorted({n.rpartition(".")[2] for n in a if not torch.equal(a[n], b[n])})
+    assert differ == ["qzeros"]
+
+
+def test_exllama_layout_for_3bit(fl, tmp_path):
+    src = transformers_style(fl, tmp_path / "src", bits=3, group_size=32, desc_act=True)
+    with pytest.raises(FormatError, match="this module is 3-bit; use --layout exllama"):
+        convert(resolve(str(src)), tmp_path / "bad", progress=False, layout=Layout.MARLIN)
+    assert not (tmp_path / "bad").exists()
+    convert(resolve(str(src)), tmp_path / "dst", progress=False)  # 3-bit defaults to exllama
+    assert json.loads((tmp_path / "dst" / "config.json").read_text())["quantization_config"]["layout"] == "exllama"
+    assert verify(open_checkpoint(src), open_checkpoint(tmp_path / "dst"), progress=False).ok
+
+
+def test_marlin_refuses_untileable_shapes(tmp_path):
+    from factory import build_model
+
+    fl = build_model(tmp_path / "float", hidden=96, intermediate=192, heads=3, kv_heads=3)
+    src = transformers_style(fl, tmp_path / "src", group_size=32)
+    with pytest.raises(FormatError, match=r"src/model.safetensors: model.layers.0.mlp.down_proj: the Marlin layout needs K % 128 == 0 "
+                                         r"and N % 64 == 0, got K=192, N=96; use --layout exllama"):
+        convert(resolve(str(src)), tmp_path / "dst", progress=False)
+    assert not (tmp_path / "dst").exists() and not list(tmp_path.glob(".dst.tmp-*"))
+
+
+def test_sharded_output_and_cli(fl, tmp_path):
+    src = gptqmodel(fl, tmp_path / "src")
+    result = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "dst"), "--shard-size", "200KB", "-q"])
+    assert result.exit_code == 0, result.output
+    assert "2 permutations absorbed into gate/up" in result.output
+    dst = tmp_path / "dst"
+    index = json.loads((dst / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1 and not (dst / "model.safetensors").exists()
+    qcfg = json.loads((dst / "config.json").read_text())["quantization_config"]
+    assert qcfg["dynamic"] == json.loads((src / "config.json").read_text())["quantization_config"]["dynamic"]
+    assert qcfg["meta"]["quantizer"][0] == "gptqmodel:4.1.0"
+    assert qcfg["meta"]["source"]["format"]["dialect"] == "gptqmodel"
+    assert "model.layers.1.self_attn.o_proj.weight" in index["weight_map"]  # left in float by "-:"
+    result = CliRunner().invoke(main, ["verify", str(src), str(dst), "-q"])
+    assert result.exit_code == 0 and "OK: 13 quantized modules" in result.output, result.output
+
+
+def test_existing_destination(fl, tmp_path):
+    src = autogptq(fl, tmp_path / "src")
+    (tmp_path / "dst").mkdir()
+    (tmp_path / "dst" / "keep").write_text("x")
+    result = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "dst"), "-q"])
+    assert result.exit_code == 1 and "already exists" in result.output
+    assert (tmp_path / "dst" / "keep").exists()
+    result = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "dst"), "-q", "--overwrite"])
+    assert result.exit_code == 0 and not (tmp_path / "dst" / "keep").exists()
+    result = CliRunner().invoke(main, ["convert", str(src), str(src / "inside"), "-q"])
+    assert result.exit_code == 1 and "must not be, contain or lie inside the source" in result.output
+
+
+def test_mislabelled_source_converts_with_override(fl, tmp_path):
+    src = transformers_style(fl, tmp_path / "src", zero_format=ZeroFormat.V2)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"]["checkpoint_format"] = "gptq"
+    (src / "config.json").write_text(json.dumps(cfg))
+    report = convert(resolve(str(src)), tmp_path / "dst", checkpoint_format=ZeroFormat.V2, progress=False)
+    assert report.act_order_modules == 0
+    meta = json.loads((tmp_path / "dst" / "config.json").read_text())["quantization_config"]["meta"]
+    assert meta["source"]["format"]["checkpoint_format_overridden"] is True
+    assert verify(open_checkpoint(src, ZeroFormat.V2), open_checkpoint(tmp_path / "dst"), progress=False).ok
