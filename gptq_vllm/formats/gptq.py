@@ -50,7 +50,8 @@ def sym_zero(bits: int) -> int:
 class QuantizedWeight:
     """One quantized linear layer in canonical, unpacked form.
 
-    codes [K, N] int32 in [0, 2^b); scales [NG, N] float; zeros [NG, N] int32 exact zeros in [0, 2^b);
+    codes [K, N] integer (int32, or uint8 where memory matters) in [0, 2^b); scales [NG, N] float;
+    zeros [NG, N] int32 exact zeros in [0, 2^b);
     g_idx [K] int32.  group_size is -1 for one group over all of K.
     """
 
