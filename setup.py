@@ -24,7 +24,8 @@ def _ext_modules():
         return [], {}
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;8.9;9.0")
     here = os.path.dirname(os.path.abspath(__file__))
-    sources = [os.path.join("csrc", s) for s in ("ops.cpp", "marlin_gemm.cu", "exllama_gemm.cu", "repack.cu")]
+    sources = [os.path.join("csrc", s) for s in ("ops.cpp", "marlin_gemm.cu", "marlin_inst_f16_b4.cu", "marlin_inst_f16_b8.cu",
+                                                      "marlin_inst_bf16_b4.cu", "marlin_inst_bf16_b8.cu", "exllama_gemm.cu", "repack.cu")]
     nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo",
             "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
             "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",

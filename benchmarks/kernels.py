@@ -7,7 +7,9 @@ each kernel is timed by replaying a CUDA graph that cycles through enough weight
     python benchmarks/kernels.py                       # full grid, writes benchmarks/results/kernels-<date>.json
     MS=1,16 SHAPES=8b.o,70b.down VARIANTS=base python benchmarks/kernels.py   # a quick subset
 
-Env: MS, SHAPES (comma lists), VARIANTS (comma list of base, act_order, bf16, w8, exllama; default all),
+Env: MS, SHAPES (comma lists), VARIANTS (comma list of base, act_order, act_order_gather, bf16, w8, exllama;
+default base,act_order,bf16,w8), SWEEP=1 (tuning: time the 4-bit kernel under forced split configurations
+instead of the grid; BITS=8 for 8-bit),
 OUT_JSON (output path), NO_VLLM=1 (skip vLLM even when importable).
 JSON: {"meta": {gpu, date, command, torch, vllm, copy_TBps}, "rows": [{shape, K, N, M, kernel, us, dtype, bits,
 group_size, act_order, weight_TBps, speedup_vs_fp16}]}.  Reference kernels: cublas_fp16, vllm_marlin,
@@ -89,7 +91,7 @@ def main() -> int:
     ms = [int(x) for x in os.environ.get("MS", "1,16,32,64,128,256,1024").split(",")]
     shapes = os.environ.get("SHAPES")
     shapes = {k: SHAPES[k] for k in shapes.split(",")} if shapes else SHAPES
-    variants = set(os.environ.get("VARIANTS", "base,act_order,bf16,w8,exllama").split(","))
+    variants = set(os.environ.get("VARIANTS", "base,act_order,bf16,w8").split(","))
     props = torch.cuda.get_device_properties(0)
     V = _vllm()
     print("device", props.name, "SMs", props.multi_processor_count, "torch", torch.__version__,
@@ -139,8 +141,13 @@ def main() -> int:
                 res.append(("mygptq_marlin", timed([lambda q=q, s=s: ours.marlin_gemm(x, q, s, None, None, 4, G)
                                                     for q, s in zip(mq, sc)]), q_bytes[4], "float16", 4, False))
             if "act_order" in variants:
-                # act-order absorbed into a row permutation: the only extra work is gathering x by perm.
+                # act-order absorbed into a row permutation; the kernel gathers x by perm while staging A
+                # (the optional perm argument, issue 7), so there is no separate index_select.
                 res.append(("mygptq_marlin_actorder",
+                            timed([lambda q=q, s=s: ours.marlin_gemm(x, q, s, None, None, 4, G, perm)
+                                   for q, s in zip(mq, sc)]), q_bytes[4], "float16", 4, True))
+            if "act_order_gather" in variants:
+                res.append(("mygptq_marlin_actorder_gather",
                             timed([lambda q=q, s=s: ours.marlin_gemm(x.index_select(1, perm), q, s, None, None, 4, G)
                                    for q, s in zip(mq, sc)]), q_bytes[4], "float16", 4, True))
             if "bf16" in variants:
@@ -193,6 +200,61 @@ def main() -> int:
     return 0
 
 
+def sweep() -> int:
+    """Tuning helper: for each shape and M, the automatic choice against forced (sb, cs) configurations."""
+    from gptq_vllm.kernels import cuda as ours
+
+    if not ours.available():
+        print("our kernels are not available:", ours.load_error())
+        return 1
+    dev = torch.device("cuda")
+    ms = [int(x) for x in os.environ.get("MS", "1,16,32,64").split(",")]
+    shapes = os.environ.get("SHAPES")
+    shapes = {k: SHAPES[k] for k in shapes.split(",")} if shapes else SHAPES
+    bits = int(os.environ.get("BITS", "4"))
+    cfgs = [(sb, cs) for sb in (1, 2, 4, 8) for cs in (1, 2, 4, 8)]
+    lines = []
+    for name, (K, N) in shapes.items():
+        qb = K * N * bits // 8 + (K // G) * N * 2
+        nq = max(1, min(64, math.ceil(L2_DEFEAT / qb)))
+        mq = [torch.randint(-2**31, 2**31 - 1, (K // 16, N * 2 * bits // 4), dtype=torch.int32, device=dev)
+              for _ in range(nq)]
+        sc = [(torch.rand(K // G, N, device=dev) * 0.01 + 0.001).half() for _ in range(nq)]
+        fw = [torch.randn(N, K, device=dev, dtype=torch.float16) * 0.02
+              for _ in range(max(1, min(16, math.ceil(L2_DEFEAT / (K * N * 2)))))]
+        for M in ms:
+            x = torch.randn(M, K, device=dev, dtype=torch.float16)
+            cub = timed([lambda w=w: torch.nn.functional.linear(x, w) for w in fw], iters=10)
+            fns = [lambda q=q, s=s: ours.marlin_gemm(x, q, s, None, None, bits, G) for q, s in zip(mq, sc)]
+            res = {}
+            ours.marlin_set_config(0, 0, 0, 0)
+            res["auto"] = timed(fns, iters=10)
+            if M >= 100:
+                ours.marlin_set_config(0, 0, 0, 1)
+                res["dense"] = timed(fns, iters=10)
+                ours.marlin_set_config(0, 0, 0, 100000)
+                res["skinny"] = timed(fns, iters=10)
+            else:
+                for sb, cs in cfgs:
+                    if (N // 64) % sb:
+                        continue
+                    ours.marlin_set_config(sb, cs, 1, 0)
+                    try:
+                        res[f"{sb}:{cs}"] = timed(fns, iters=10)
+                    except Exception as e:  # noqa: BLE001
+                        print("cfg", sb, cs, "failed", repr(e)[:120], flush=True)
+            ours.marlin_set_config(0, 0, 0, 0)
+            best = min((v, k) for k, v in res.items() if k != "auto")
+            line = (f"{name:12s} M={M:<5d} cublas {cub:7.1f}  auto {res['auto']:7.1f} ({cub / res['auto']:.2f}x, "
+                    f"{qb / res['auto'] / 1e6:.2f} TB/s)  best {best[1]} {best[0]:7.1f} ({cub / best[0]:.2f}x)")
+            print(line, " ".join(f"{k}={v:.1f}" for k, v in res.items()), flush=True)
+            lines.append(line)
+        del mq, sc, fw
+        torch.cuda.empty_cache()
+    print("\n".join(lines))
+    return 0
+
+
 def _table(rows):
     kernels = []
     for r in rows:
@@ -210,4 +272,4 @@ def _table(rows):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(sweep() if os.environ.get("SWEEP") == "1" else main())

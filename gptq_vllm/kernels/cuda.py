@@ -11,7 +11,7 @@ How the extension is found (first hit wins; nothing here touches CUDA at import 
 On a machine without CUDA `available()` is False and the wrappers raise.
 
 Ops (schemas in csrc/ops.cpp; fake implementations registered here so they trace under torch.compile):
-  marlin_gemm(a, qweight, scales, qzeros?, g_idx_sorted?, bits, group_size) -> [M, N_pad]
+  marlin_gemm(a, qweight, scales, qzeros?, g_idx_sorted?, bits, group_size, perm?=None) -> [M, N_pad]
   exllama_gemm(a, qweight, qzeros?, scales, g_idx_sorted?, bits, group_size) -> [M, N]
   marlin_repack(qweight_gptq, perm?, bits, size_k, size_n) -> Marlin words [K/16, N*16*b/32]
   exllama_shuffle(qweight_gptq, perm?, bits, size_k) -> ExLlama words (same shape as the GPTQ qweight)
@@ -31,7 +31,8 @@ logger = logging.getLogger(__name__)
 _PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _REPO_DIR = os.path.dirname(_PKG_DIR)
 _CSRC = os.path.join(_REPO_DIR, "csrc")
-SOURCES = ["ops.cpp", "marlin_gemm.cu", "exllama_gemm.cu", "repack.cu"]
+SOURCES = ["ops.cpp", "marlin_gemm.cu", "marlin_inst_f16_b4.cu", "marlin_inst_f16_b8.cu", "marlin_inst_bf16_b4.cu",
+           "marlin_inst_bf16_b8.cu", "exllama_gemm.cu", "repack.cu"]
 NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo",
               "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
               "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
@@ -136,8 +137,11 @@ def _register_fakes() -> None:
         return
 
     @torch.library.register_fake("mygptq_cuda::marlin_gemm")
-    def _marlin_gemm_fake(a, qweight, scales, qzeros, g_idx_sorted, bits, group_size):
-        torch._check(a.size(1) == qweight.size(0) * 16)
+    def _marlin_gemm_fake(a, qweight, scales, qzeros, g_idx_sorted, bits, group_size, perm=None):
+        if perm is None:
+            torch._check(a.size(1) == qweight.size(0) * 16)
+        else:
+            torch._check(a.size(1) <= qweight.size(0) * 16)
         return a.new_empty((a.size(0), scales.size(1)))
 
     @torch.library.register_fake("mygptq_cuda::exllama_gemm")
@@ -163,10 +167,26 @@ def _require() -> None:
 
 
 def marlin_gemm(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None,
-                g_idx_sorted: torch.Tensor | None, bits: int, group_size: int) -> torch.Tensor:
-    """a [M, K_pad] (fp16/bf16, gathered by perm, zero-padded) @ Marlin weight -> [M, N_pad] in a's dtype."""
+                g_idx_sorted: torch.Tensor | None, bits: int, group_size: int,
+                perm: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ Marlin weight -> [M, N_pad] in a's dtype.
+
+    Without perm: a is [M, K_pad] (fp16/bf16), already gathered by the act-order permutation and zero-padded.
+    With perm (int32 [K_pad], the format core's permutation over the padded rows): a is the raw [M, K_in]
+    activation (K_in <= K_pad); the kernel gathers column k of its A as a[:, perm[k]] (zero where
+    perm[k] >= K_in) while staging A, so neither the pad nor the index_select runs as a separate kernel.
+    """
     _require()
-    return torch.ops.mygptq_cuda.marlin_gemm(a, qweight, scales, qzeros, g_idx_sorted, bits, group_size)
+    if perm is None:
+        return torch.ops.mygptq_cuda.marlin_gemm(a, qweight, scales, qzeros, g_idx_sorted, bits, group_size)
+    return torch.ops.mygptq_cuda.marlin_gemm(a, qweight, scales, qzeros, g_idx_sorted, bits, group_size, perm)
+
+
+def marlin_set_config(sb: int = 0, cs: int = 0, slices: int = 0, dense_min_m: int = 0) -> None:
+    """Benchmark-only: force the Marlin GEMM's strips per block / cluster split / global slices / dense
+    threshold (0 = automatic, the default).  Process-global; not for production use."""
+    _require()
+    torch.ops.mygptq_cuda._marlin_set_config(sb, cs, slices, dense_min_m)
 
 
 def exllama_gemm(a: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor | None, scales: torch.Tensor,

@@ -86,12 +86,15 @@ def marlin_gemm_cpu(a, qweight, scales, qzeros, perm, g_idx_sorted, bits, group_
 def marlin_gemm_cuda(a, qweight, scales, qzeros, perm, g_idx_sorted, bits, group_size, size_k, size_n):
     from . import cuda  # the extension is loaded on first use, never at import
 
-    a_rows = _gather_rows(a, qweight.shape[0] * marlin.TILE_K, perm)
+    rows = qweight.shape[0] * marlin.TILE_K
     if cuda.available():
-        y = cuda.marlin_gemm(a_rows, qweight, scales, qzeros, g_idx_sorted, bits, group_size)
+        # With perm the kernel gathers and zero-pads the activations itself while it stages them.
+        a_in = a.contiguous() if perm is not None else _gather_rows(a, rows, None)
+        y = cuda.marlin_gemm(a_in, qweight, scales, qzeros, g_idx_sorted, bits, group_size, perm)
     else:
         _refuse_capture("marlin_gemm")
-        y = _reference_gemm(a_rows, _marlin_weight(qweight, scales, qzeros, g_idx_sorted, bits, group_size))
+        y = _reference_gemm(_gather_rows(a, rows, perm),
+                            _marlin_weight(qweight, scales, qzeros, g_idx_sorted, bits, group_size))
     return y[:, :size_n].contiguous()
 
 

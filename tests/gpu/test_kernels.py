@@ -123,6 +123,10 @@ def test_marlin_gemm(kern, bits, group_size, sym, act, dtype):
         y = kern.marlin_gemm(gather(x, kw, k_pad), qw, sc, qz, gs, bits, group_size)
         assert y.shape == (M, sc.shape[1]) and y.dtype == dtype
         check_close(y[:, :N], x, w, f"marlin M={M}")
+        if kw.perm is not None:
+            # Fused gather: the raw [M, K] activations and the permutation over the padded rows.
+            y2 = kern.marlin_gemm(x, qw, sc, qz, gs, bits, group_size, kw.perm.to(torch.int32).to(dev))
+            assert torch.equal(y2, y), f"marlin fused perm differs from gather + GEMM at M={M}"
 
 
 SHARD_CASES = [(b, g, s) for b in (4, 8) for g in (32, 128) for s in (True, False)]
@@ -143,6 +147,8 @@ def test_marlin_gemm_act_order_shard(kern, bits, group_size, sym, dtype):
         x = torch.randn(M, 256, generator=torch.Generator().manual_seed(M), dtype=torch.float32).to(dtype).to(dev)
         y = kern.marlin_gemm(gather(x, kw, 256), qw, sc, qz, gs, bits, group_size)
         check_close(y, x, w, f"marlin shard M={M}")
+        y2 = kern.marlin_gemm(x, qw, sc, qz, gs, bits, group_size, kw.perm.to(torch.int32).to(dev))
+        assert torch.equal(y2, y), f"marlin shard fused perm differs at M={M}"
 
 
 @pytest.mark.parametrize("group_size", [48, 256])
@@ -166,10 +172,30 @@ def test_marlin_gemm_llama_shape(kern, bits):
     w = make_weight(bits, 128, True, False, K, N, seed=5, dtype=torch.float16)
     kw = kernel_layout.to_kernel(w, Layout.MARLIN, scale_dtype=torch.float16)
     qw, sc, qz, gs = to_dev(kw, dev)
-    for M in (1, 16, 48, 100, 127, 256):
+    for M in (1, 16, 24, 48, 100, 127, 256):
         x = torch.randn(M, K, dtype=torch.float32).half().to(dev)
         y = kern.marlin_gemm(x, qw, sc, qz, gs, bits, 128)
         check_close(y, x, w, f"marlin 4096x1536 M={M}")
+
+
+@pytest.mark.parametrize("bits,sym", [(4, True), (8, False)])
+def test_marlin_gemm_forced_splits(kern, bits, sym):
+    """Every split path: strips per block, cluster (DSMEM) reduction, global slices, and the dense path."""
+    dev = torch.device("cuda")
+    K, N = 4096, 1536
+    w = make_weight(bits, 128, sym, False, K, N, seed=9, dtype=torch.float16)
+    kw = kernel_layout.to_kernel(w, Layout.MARLIN, scale_dtype=torch.float16)
+    qw, sc, qz, gs = to_dev(kw, dev)
+    try:
+        for M in (1, 5, 16, 24, 48, 100):
+            x = torch.randn(M, K, dtype=torch.float32).half().to(dev)
+            for sb, cs, slices, dense in ((1, 1, 1, 0), (2, 2, 1, 0), (8, 8, 1, 0), (4, 4, 2, 0), (1, 1, 4, 0),
+                                          (2, 8, 1, 0), (0, 0, 0, 1)):
+                kern.marlin_set_config(sb, cs, slices, dense)
+                y = kern.marlin_gemm(x, qw, sc, qz, gs, bits, 128)
+                check_close(y, x, w, f"marlin forced sb={sb} cs={cs} slices={slices} dense={dense} M={M}")
+    finally:
+        kern.marlin_set_config(0, 0, 0, 0)
 
 
 # ---- ExLlama-layout GEMM --------------------------------------------------------------------------------
