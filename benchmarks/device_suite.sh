@@ -14,7 +14,7 @@ for stage in "$@"; do
   echo "== $stage $(date +%T)"
   case $stage in
     install)  # our kernels built here for sm_90, then an editable install (vLLM finds the entry point)
-      { python setup.py build_ext --inplace && GPTQ_VLLM_NO_CUDA=1 pip install --no-deps --no-build-isolation -e .; } \
+      { python setup.py build_ext --inplace && GPTQ_VLLM_NO_CUDA=1 python -m pip install --no-deps --no-build-isolation -e .; } \
         > "$OUT/install.log" 2>&1 \
         && python -c "from gptq_vllm.kernels import cuda; assert cuda.available(), cuda.load_error()" \
         || { tail -30 "$OUT/install.log"; exit 1; } ;;

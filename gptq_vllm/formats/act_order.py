@@ -43,7 +43,7 @@ def check_g_idx(g_idx: torch.Tensor, in_features: int, group_size: int, name: st
     if lo < 0 or hi >= ng:
         raise FormatError(f"{name}: group ids span [{lo}, {hi}], expected [0, {ng - 1}] (K={in_features}, G={group_size})")
     counts = torch.bincount(g_idx.to(torch.int64), minlength=ng)
-    expected = torch.full((ng,), g, dtype=counts.dtype)
+    expected = torch.full((ng,), g, dtype=counts.dtype, device=counts.device)
     expected[-1] = in_features - g * (ng - 1)
     bad = (counts != expected).nonzero().flatten()
     if bad.numel():

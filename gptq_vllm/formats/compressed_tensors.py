@@ -67,7 +67,7 @@ def from_tensors(tensors: dict[str, torch.Tensor], prefix: str, bits: int, group
     if tuple(scale.shape) != (N, ng):
         raise FormatError(f"{prefix}.weight_scale: shape {tuple(scale.shape)}, expected ({N}, {ng})")
     if sym:
-        zeros = torch.full((ng, N), sym_zero(bits), dtype=torch.int32)
+        zeros = torch.full((ng, N), sym_zero(bits), dtype=torch.int32, device=scale.device)
     else:
         zp = get("weight_zero_point")
         zexp = (bitpack.packed_length(N, bits), ng)
@@ -75,7 +75,7 @@ def from_tensors(tensors: dict[str, torch.Tensor], prefix: str, bits: int, group
             raise FormatError(f"{prefix}.weight_zero_point: shape {tuple(zp.shape)}, expected {zexp}")
         zeros = bitpack.unpack_rows(zp, bits, N).t().contiguous()
     g_key = f"{prefix}.weight_g_idx"
-    g_idx = tensors[g_key].to(torch.int32) if g_key in tensors else default_g_idx(K, group_size)
+    g_idx = tensors[g_key].to(torch.int32) if g_key in tensors else default_g_idx(K, group_size, packed.device)
     w = QuantizedWeight(
         codes=bitpack.unpack_rows(packed.t().contiguous(), bits, K),
         scales=scale.t().contiguous(),
