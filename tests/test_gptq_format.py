@@ -7,7 +7,7 @@ import torch
 
 from gptq_vllm.formats import act_order, bitpack, gptq
 from gptq_vllm.formats.errors import FormatError, ZeroFormatError
-from gptq_vllm.formats.gptq import GPTQTensors, QuantizedWeight, ZeroFormat
+from gptq_vllm.formats.gptq import GPTQTensors, ZeroFormat
 from gptq_vllm.formats.reference import dequantize, reference_matmul
 
 from factory import random_weight as make_weight

@@ -10,7 +10,6 @@ cleanly on SIGTERM.
 from __future__ import annotations
 
 import fcntl
-import os
 import signal
 import socket
 import subprocess

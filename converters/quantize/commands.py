@@ -1,34 +1,177 @@
-"""CLI commands of the quantizer."""
+"""CLI commands of the quantizer: `gptq-convert quantize` and `gptq-convert eval`."""
 
 from __future__ import annotations
 
+import json
+import logging
+from pathlib import Path
+
 import click
+import torch
 
-from gptq_vllm.formats.gptq import ZeroFormat
+from ..checkpoint.emit import Target
+from .solver import ACT_ORDERS, QuantSpec
 
-from .rtn import quantize_checkpoint_rtn
+
+def resolve_model(model: str) -> Path:
+    """A local directory, or a Hub id found in the local Hugging Face cache (never downloaded here)."""
+    path = Path(model)
+    if path.is_dir():
+        return path
+    if path.exists() or model.count("/") != 1:
+        raise click.BadParameter(f"{model}: not a model directory nor a Hub id (owner/name)", param_hint="MODEL")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(model, local_files_only=True))
+    except LocalEntryNotFoundError:
+        raise click.BadParameter(f"{model}: not in the local Hugging Face cache; download it first "
+                                 f"(`hf download {model}`) on a machine with network access", param_hint="MODEL") from None
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise click.BadParameter("CUDA is not available on this machine", param_hint="--device")
+    return dev
+
+
+def _dtype(name: str) -> torch.dtype | None:
+    return None if name == "auto" else getattr(torch, name)
+
+
+def _dynamic(value: str | None, skip: tuple[str, ...]) -> dict | None:
+    dynamic = {}
+    if value:
+        text = Path(value[1:]).read_text() if value.startswith("@") else value
+        try:
+            dynamic = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise click.BadParameter(f"not JSON ({e})", param_hint="--dynamic") from None
+        if not isinstance(dynamic, dict):
+            raise click.BadParameter("expected a JSON object of regex -> overrides", param_hint="--dynamic")
+    dynamic.update({f"-:{pattern}": {} for pattern in skip})
+    return dynamic or None
+
+
+COMMON = [
+    click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto."),
+    click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
+                 show_default=True, help="Forward dtype (auto: the checkpoint's on CUDA, float32 on CPU)."),
+]
+
+
+def _common(f):
+    for option in reversed(COMMON):
+        f = option(f)
+    return f
 
 
 @click.command()
-@click.argument("model", type=click.Path(exists=True, file_okay=False))
+@click.argument("model")
 @click.argument("out", type=click.Path())
-@click.option("--bits", type=click.Choice(["2", "3", "4", "8"]), default="4", show_default=True,
-              help="Bits per weight code.")
+@click.option("--method", type=click.Choice(["gptq", "rtn"]), default="gptq", show_default=True,
+              help="GPTQ, or round-to-nearest (no calibration: the baseline).")
+@click.option("--bits", type=click.Choice(["2", "3", "4", "8"]), default="4", show_default=True)
 @click.option("--group-size", type=int, default=128, show_default=True,
               help="Input channels sharing one scale and zero; -1 for one group per output channel.")
 @click.option("--sym/--asym", default=True, show_default=True,
               help="Symmetric grid (zero fixed at 2^(bits-1)) or asymmetric (zero fitted per group).")
-@click.option("--format", "fmt", type=click.Choice(["gptq-v1", "gptq-v2"]), default="gptq-v1", show_default=True,
-              help="Zero-point convention of the written GPTQ checkpoint (v1 stores z-1, v2 stores z).")
+@click.option("--act-order", type=click.Choice(ACT_ORDERS), default="static", show_default=True,
+              help="Column order: none; static (decreasing Hessian diagonal, groups of the original layout, "
+                   "trivial g_idx); desc (same order, groups in that order: desc_act with a g_idx).")
+@click.option("--damp", type=float, default=0.01, show_default=True, help="Damping, relative to mean(diag H).")
+@click.option("--calib", "calib", multiple=True, type=click.Path(exists=True),
+              help="Calibration .txt/.jsonl file or directory (repeatable); default: the bundled corpus.")
+@click.option("--nsamples", type=int, default=128, show_default=True, help="Calibration rows.")
+@click.option("--seqlen", type=int, default=2048, show_default=True, help="Tokens per calibration row.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the calibration sampling.")
+@click.option("--format", "fmt", type=click.Choice([t.value for t in Target]), default="gptq-v1", show_default=True,
+              help="Checkpoint format (asymmetric gptq-v1 keeps zeros >= 1, since v1 stores z-1).")
+@click.option("--dynamic", help="GPTQModel-style per-module overrides, JSON or @file: "
+                                "{\"+:regex\": {\"bits\": 8, \"group_size\": 32}, \"-:regex\": {}}.")
+@click.option("--skip", multiple=True, help="Regex of modules kept in float (repeatable; same as -:regex).")
+@click.option("--lm-head", is_flag=True, help="Quantize lm_head too (refused when tied to the embeddings).")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Calibration rows per forward.")
+@_common
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-def quantize(model, out, bits, group_size, sym, fmt, overwrite):
-    """Quantize the float checkpoint MODEL (a local directory) into a GPTQ checkpoint OUT.
+@click.option("-v", "--verbose", is_flag=True, help="Log every layer's output error.")
+def quantize(model, out, method, bits, group_size, sym, act_order, damp, calib, nsamples, seqlen, seed, fmt,
+             dynamic, skip, lm_head, batch_size, device, dtype, overwrite, verbose):
+    """Quantize the float model MODEL (directory or cached Hub id) into the checkpoint OUT.
 
-    Round-to-nearest per group; OUT appears only when complete.
+    GPTQ layer by layer, the model streamed from its safetensors; OUT appears only when complete and
+    holds quantize_report.json (per-module loss, per-layer output error, time per stage).
     """
-    zero_format = ZeroFormat.V1 if fmt == "gptq-v1" else ZeroFormat.V2
-    path = quantize_checkpoint_rtn(model, out, int(bits), group_size, sym, zero_format, overwrite)
-    click.echo(f"wrote {path}")
+    from .calibration import build_calibration
+    from .pipeline import Job
+    from .pipeline import quantize as run
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    target = Target(fmt)
+    if target is Target.COMPRESSED_TENSORS and bits == "3":
+        raise click.BadParameter("compressed-tensors holds 2-, 4- or 8-bit weights", param_hint="--bits")
+    model_dir = resolve_model(model)
+    try:
+        spec = QuantSpec(int(bits), group_size, sym, act_order, damp)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    job = Job(model_dir=model_dir, out_dir=Path(out), spec=spec, target=target, dynamic=_dynamic(dynamic, skip),
+              lm_head=lm_head, method=method, device=resolve_device(device), dtype=_dtype(dtype),
+              batch_size=batch_size, overwrite=overwrite)
+    calibration = None
+    if method == "gptq":
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        calibration = build_calibration(tokenizer, list(calib), nsamples, seqlen, seed)
+    report = run(job, calibration)
+    errors = [layer["rel_error"] for layer in report["layers"]]
+    if errors:
+        click.echo(f"relative layer output error: mean {sum(errors) / len(errors):.4g}, max {max(errors):.4g}")
+    click.echo("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in report["seconds"].items()))
+    click.echo(f"wrote {out}")
 
 
-COMMANDS = [quantize]
+@click.command("eval")
+@click.argument("model")
+@click.option("--data", "data", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Text file, read whole and tokenized once (no BOS).")
+@click.option("--seqlen", type=int, default=512, show_default=True, help="Tokens per non-overlapping window.")
+@click.option("--base", help="The float model MODEL was quantized from: adds the per-layer relative output "
+                             "error of MODEL and of round-to-nearest (same settings) against it.")
+@click.option("--layer-windows", type=int, default=16, show_default=True,
+              help="Windows used for the per-layer report.")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the results here.")
+@_common
+def evaluate(model, data, seqlen, base, layer_windows, batch_size, json_out, device, dtype):
+    """Perplexity of MODEL (float or quantized: dequantized into transformers) on a text file."""
+    from .eval import layer_report, load_model, perplexity
+
+    dev = resolve_device(device)
+    model_dir = resolve_model(model)
+    from transformers import AutoTokenizer
+
+    lm = load_model(model_dir, dev, _dtype(dtype))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    text = Path(data).read_text(encoding="utf-8")
+    result = perplexity(lm, tokenizer, text, seqlen, batch_size)
+    click.echo(f"perplexity {result['ppl']:.4f} ({result['windows']} windows of {seqlen}, "
+               f"{result['tokens_scored']} tokens scored)")
+    if base:
+        base_lm = load_model(resolve_model(base), dev, _dtype(dtype))
+        rows = layer_report(base_lm, lm, tokenizer, text, seqlen, layer_windows, batch_size)
+        result["layers"] = rows
+        click.echo(f"{'layer':>5} {'rel. error':>12} {'rtn':>12} {'ratio':>7}")
+        for r in rows:
+            ratio = r["error"] / r["rtn_error"] if r["rtn_error"] else float("nan")
+            click.echo(f"{r['layer']:>5} {r['error']:>12.4g} {r['rtn_error']:>12.4g} {ratio:>7.3f}")
+    if json_out:
+        Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+COMMANDS = [quantize, evaluate]

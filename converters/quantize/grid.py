@@ -16,8 +16,13 @@ import torch
 MIN_SCALE = 2.0**-14
 
 
-def find_params(w: torch.Tensor, bits: int, sym: bool, scale_dtype: torch.dtype = torch.float16):
-    """Per-row grid for w [rows, cols]: (scale [rows] fp32, zero [rows] int32)."""
+def find_params(w: torch.Tensor, bits: int, sym: bool, scale_dtype: torch.dtype = torch.float16,
+                min_zero: int = 0):
+    """Per-row grid for w [rows, cols]: (scale [rows] fp32, zero [rows] int32).
+
+    min_zero=1 keeps asymmetric zeros storable in GPTQ v1 (which writes z-1): a row whose fitted zero
+    is 0 (all values >= 0) gets zero 1, i.e. one grid step below 0 and one less at the top.
+    """
     maxq = 2**bits - 1
     w = w.to(torch.float32)
     xmin = w.min(dim=1).values.clamp(max=0)
@@ -32,7 +37,7 @@ def find_params(w: torch.Tensor, bits: int, sym: bool, scale_dtype: torch.dtype 
     if sym:
         zero = torch.full_like(scale, 2 ** (bits - 1))
     else:
-        zero = torch.round(-xmin / scale).clamp(0, maxq)
+        zero = torch.round(-xmin / scale).clamp(min_zero, maxq)
     return scale, zero.to(torch.int32)
 
 

@@ -1,0 +1,155 @@
+"""`gptq-convert eval`: perplexity of a float or quantized checkpoint, and per-layer output error.
+
+Quantized checkpoints (GPTQ v1/v2, compressed-tensors, mygptq) are dequantized into the float
+transformers model through the format core (gptq_vllm.formats.reference), so the number measures the
+weights exactly as written, independent of any kernel.
+
+Perplexity protocol (the one of gutenberg-llama-27m's metrics.json): the text is read whole and
+tokenized once without special tokens, cut into non-overlapping windows of seqlen tokens (the
+remainder dropped), and perplexity is exp of the mean NLL over positions 1..seqlen-1 of every window.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gptq_vllm.formats import compressed_tensors, gptq
+from gptq_vllm.formats.kernel_layout import KernelWeight, from_kernel
+from gptq_vllm.formats.reference import dequantize
+
+from ..checkpoint.readers.config import load_quant_config
+from .capture import Checkpoint, decoder_layers, params_on_meta
+from .pipeline import ROUTER
+from .rtn import rtn_quantize
+
+
+def _has_quant_config(directory: Path) -> bool:
+    import json
+
+    cfg = json.loads((directory / "config.json").read_text())
+    return any(k in cfg for k in ("quantization_config", "compression_config")) or \
+        (directory / "quantize_config.json").exists()
+
+
+def _dequantized(tensors: dict[str, torch.Tensor], prefix: str, qc, params, K: int, N: int) -> torch.Tensor:
+    """The float weight [N, K] of one quantized module."""
+    if qc.method == "gptq":
+        t = gptq.GPTQTensors(*(tensors[f"{prefix}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")))
+        qw = gptq.unpack(t, params.bits, params.group_size, params.sym, qc.zero_format, K, prefix)
+    elif qc.method == "compressed-tensors":
+        qw = compressed_tensors.from_tensors(tensors, prefix, params.bits, params.group_size, params.sym)
+    else:
+        get = lambda k: tensors.get(f"{prefix}.{k}")  # noqa: E731
+        qw = from_kernel(KernelWeight(qc.layout, params.bits, params.group_size, params.sym, K, N, get("qweight"),
+                                      get("scales"), get("qzeros"), get("perm"), get("g_idx_sorted")))
+    return dequantize(qw).t()
+
+
+def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype | None = None):
+    """The transformers model of a float or quantized checkpoint (dequantized); model.quantized_modules
+    maps each quantized module to its (bits, group_size, sym)."""
+    import transformers
+    from transformers.initialization import no_init_weights
+
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    if dtype is None:
+        dtype = torch.float32 if device.type == "cpu" else torch.float16
+    quantized = _has_quant_config(model_dir)
+    qc = load_quant_config(model_dir) if quantized else None
+    for key in ("quantization_config", "compression_config"):
+        if hasattr(config, key):
+            delattr(config, key)  # we dequantize ourselves; transformers must not look for GPTQ backends
+    with no_init_weights(), params_on_meta():
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    ckpt = Checkpoint(model_dir)
+    tensors = ckpt.read(ckpt.names())
+    state: dict[str, torch.Tensor] = {}
+    model.quantized_modules = {}
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.Linear) or f"{name}.weight" in tensors or qc is None:
+            continue
+        if not any(k.startswith(f"{name}.") for k in tensors):
+            continue  # tied lm_head
+        params = qc.params(name)
+        state[f"{name}.weight"] = _dequantized(tensors, name, qc, params, mod.in_features, mod.out_features)
+        model.quantized_modules[name] = params
+        for key in [k for k in tensors if k.startswith(f"{name}.") and k != f"{name}.bias"]:
+            del tensors[key]
+    state.update(tensors)
+    missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
+    if config.get_text_config().tie_word_embeddings:
+        model.tie_weights()
+        missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise ValueError(f"{model_dir}: tensors missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model.to(device).eval()
+
+
+def windows(tokenizer, text: str, seqlen: int) -> torch.Tensor:
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
+    n = ids.numel() // seqlen
+    if n == 0:
+        raise ValueError(f"the text has {ids.numel()} tokens, fewer than one window of {seqlen}")
+    return ids[: n * seqlen].view(n, seqlen)
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, text: str, seqlen: int = 512, batch_size: int = 8) -> dict:
+    rows = windows(tokenizer, text, seqlen)
+    device = next(model.parameters()).device
+    nll = 0.0
+    for i in range(0, rows.shape[0], batch_size):
+        x = rows[i:i + batch_size].to(device)
+        logits = model(input_ids=x, use_cache=False).logits.float()
+        nll += float(F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten(), reduction="sum"))
+    scored = rows.shape[0] * (seqlen - 1)
+    return {"ppl": math.exp(nll / scored), "nll": nll / scored, "windows": rows.shape[0], "tokens_scored": scored}
+
+
+def _rtn_layer(layer: nn.Module, prefix: str, specs: dict) -> nn.Module:
+    """A copy of a float layer with every module quantized in the checkpoint rounded to nearest instead."""
+    out = copy.deepcopy(layer)
+    out._forward_hooks.clear()  # the copy must not re-enter layer_report's hook
+    for n, m in out.named_modules():
+        p = specs.get(f"{prefix}.{n}")
+        if isinstance(m, nn.Linear) and p is not None and not ROUTER.search(n):
+            w = dequantize(rtn_quantize(m.weight.float(), p.bits, p.group_size, p.sym)).t()
+            m.weight.data = w.to(m.weight.dtype)
+    return out
+
+
+@torch.no_grad()
+def layer_report(base, quant, tokenizer, text: str, seqlen: int, nwindows: int = 16, batch_size: int = 8) -> list[dict]:
+    """Per decoder layer: relative output error of the quantized layer and of RTN (same settings), both
+    fed the float model's inputs to that layer, so each number isolates that layer's quantization."""
+    rows = windows(tokenizer, text, seqlen)[:nwindows]
+    device = next(base.parameters()).device
+    name, layers = decoder_layers(base)
+    _, qlayers = decoder_layers(quant)
+    sums = [[0.0, 0.0, 0.0] for _ in layers]
+
+    def hook(i):
+        def after(module, args, kwargs, output):
+            ref = (output[0] if isinstance(output, tuple) else output).float()
+            rtn = _rtn_layer(module, f"{name}.{i}", quant.quantized_modules)
+            for k, layer in enumerate((qlayers[i], rtn)):
+                y = layer(*args, **kwargs)
+                y = (y[0] if isinstance(y, tuple) else y).float()
+                sums[i][k] += float((y - ref).pow(2).sum())
+            sums[i][2] += float(ref.pow(2).sum())
+        return after
+
+    handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        for i in range(0, rows.shape[0], batch_size):
+            base.base_model(input_ids=rows[i:i + batch_size].to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return [{"layer": i, "error": (q / r) ** 0.5, "rtn_error": (t / r) ** 0.5} for i, (q, t, r) in enumerate(sums)]

@@ -1,0 +1,196 @@
+"""`gptq-convert quantize` end to end on tiny models: exact checkpoints, formats, overrides, architectures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from click.testing import CliRunner
+
+from converters.checkpoint.emit import Target
+from converters.cli import main
+from converters.quantize import pipeline
+from converters.quantize.calibration import Calibration
+from converters.quantize.capture import ModelShell, decoder_layers
+from converters.quantize.eval import load_model
+from converters.quantize.pipeline import Job, quantize
+from converters.quantize.rtn import rtn_quantize
+from converters.quantize.solver import QuantSpec
+from factory import build_model
+from gptq_vllm.formats.reference import dequantize
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory) -> Path:
+    return build_model(tmp_path_factory.mktemp("llama") / "float", "llama", hidden=128, intermediate=256)
+
+
+def rows(n=16, t=64, seed=0, vocab=259) -> Calibration:  # every tiny vocab has the 256 bytes
+    return Calibration(torch.randint(3, vocab, (n, t), generator=torch.Generator().manual_seed(seed)), {"test": True})
+
+
+def run(model: Path, out: Path, calib=None, **kw) -> dict:
+    job = Job(model_dir=model, out_dir=out, overwrite=True, progress=False, **kw)
+    return quantize(job, calib if calib is not None or job.method == "rtn" else rows())
+
+
+@pytest.fixture
+def loop_q(monkeypatch):
+    """The Q of every module as the solver loop produced it (fp32), keyed by full module name."""
+    seen: dict[str, torch.Tensor] = {}
+    solve = pipeline._solve_group
+
+    def spy(layer, prefix, names, H, job, rules):
+        out = solve(layer, prefix, names, H, job, rules)
+        seen.update({f"{prefix}.{n}": sol.dequantize() for n, sol in out.items()})
+        return out
+
+    monkeypatch.setattr(pipeline, "_solve_group", spy)
+    return seen
+
+
+@pytest.mark.parametrize("target,spec", [
+    (Target.GPTQ_V1, QuantSpec(4, 128, True, "desc")),
+    (Target.GPTQ_V2, QuantSpec(3, 64, False, "static")),
+    (Target.GPTQ_V1, QuantSpec(4, 64, False, "none")),  # asymmetric v1: zeros kept >= 1
+    (Target.COMPRESSED_TENSORS, QuantSpec(8, -1, True, "desc")),
+    (Target.MYGPTQ, QuantSpec(4, 128, True, "desc")),
+    (Target.MYGPTQ, QuantSpec(2, 64, False, "static")),
+])
+def test_checkpoint_dequantizes_to_the_loops_q(llama, tmp_path, loop_q, target, spec):
+    run(llama, tmp_path / "q", target=target, spec=spec)
+    model = load_model(tmp_path / "q", CPU)
+    assert set(model.quantized_modules) == set(loop_q) and len(loop_q) == 14
+    state = model.state_dict()
+    for name, q in loop_q.items():
+        assert torch.equal(state[f"{name}.weight"], q), name
+
+
+def test_same_seed_gives_byte_identical_shards(llama, tmp_path):
+    for name in ("a", "b"):
+        run(llama, tmp_path / name, rows(seed=3), spec=QuantSpec(4, 64, True, "desc"))
+    files = sorted(p.name for p in (tmp_path / "a").glob("*.safetensors"))
+    assert files and all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+    run(llama, tmp_path / "c", rows(seed=4), spec=QuantSpec(4, 64, True, "desc"))
+    assert (tmp_path / "a" / files[0]).read_bytes() != (tmp_path / "c" / files[0]).read_bytes()
+
+
+def test_layers_are_solved_in_true_sequential_input_groups(llama):
+    shell = ModelShell(llama, CPU)
+    X, calls = shell.capture([rows(2).rows])
+    layer = shell.load_layer(0)
+    groups = pipeline.input_groups(layer, X[0], calls[2][0])
+    assert groups == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+                      ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+
+
+def _tiny(arch: str, path: Path, **extra) -> Path:
+    common = dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=256, **extra)
+    if arch == "opt":
+        cfg = transformers.OPTConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     ffn_dim=128, word_embed_proj_dim=64, max_position_embeddings=256)
+    elif arch == "gemma3_text":  # hybrid: a sliding-window layer (window 8) and a global one
+        cfg = transformers.Gemma3TextConfig(**common, num_key_value_heads=2, intermediate_size=128, head_dim=16,
+                                            sliding_window=8, layer_types=["sliding_attention", "full_attention"])
+    else:
+        cfg = transformers.AutoConfig.for_model(arch, **common, num_key_value_heads=2, intermediate_size=128)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen3", "opt", "gemma3_text"])
+def test_architectures_capture_kwargs_and_quantize(arch, tmp_path):
+    model_dir = _tiny(arch, tmp_path / "float")
+    calib = rows(4, 32)
+    # every layer is called with the kwargs the model itself passes (sliding vs global masks included)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+                                                              attn_implementation="sdpa").eval()
+    real: list[dict] = []
+    hooks = [layer.register_forward_pre_hook(lambda m, a, kw: real.append(kw), with_kwargs=True)
+             for layer in decoder_layers(model)[1]]
+    with torch.no_grad():
+        model.base_model(input_ids=calib.rows, use_cache=False)
+    for h in hooks:
+        h.remove()
+    _, calls = ModelShell(model_dir, CPU).capture([calib.rows])
+    for mine, theirs in zip(calls[4], real, strict=True):
+        assert mine["kwargs"].keys() == theirs.keys()
+        for key, value in theirs.items():
+            assert _same(mine["kwargs"][key], value), (arch, key)
+    report = run(model_dir, tmp_path / "q", calib, spec=QuantSpec(4, 32, True, "static"))
+    assert all(0 < layer["rel_error"] < 0.5 for layer in report["layers"])
+    assert len(report["layers"][0]["modules"]) in (6, 7)
+    load_model(tmp_path / "q", CPU)
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def test_dynamic_overrides_and_skips(llama, tmp_path, loop_q):
+    dynamic = {"-:.*layers\\.1\\.mlp\\.down_proj": {}, "+:.*v_proj": {"bits": 8, "group_size": 32}}
+    report = run(llama, tmp_path / "q", target=Target.GPTQ_V2, dynamic=dynamic)
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert cfg["dynamic"] == dynamic
+    assert "mlp.down_proj" not in report["layers"][1]["modules"]
+    assert report["layers"][0]["modules"]["self_attn.v_proj"]["bits"] == 8
+    model = load_model(tmp_path / "q", CPU)
+    assert "model.layers.1.mlp.down_proj" not in model.quantized_modules
+    assert model.quantized_modules["model.layers.0.self_attn.v_proj"].bits == 8
+    float_w = load_model(llama, CPU).state_dict()["model.layers.1.mlp.down_proj.weight"]
+    assert torch.equal(model.state_dict()["model.layers.1.mlp.down_proj.weight"], float_w)
+    for name, q in loop_q.items():
+        assert torch.equal(model.state_dict()[f"{name}.weight"], q), name
+
+
+def test_lm_head(llama, tmp_path):
+    report = run(llama, tmp_path / "q", lm_head=True, spec=QuantSpec(8, 64, True, "static"))
+    assert report["lm_head"]["damp"] is not None
+    model = load_model(tmp_path / "q", CPU)
+    assert "lm_head" in model.quantized_modules
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["lm_head"] is True
+
+
+def test_lm_head_refused_when_tied(tmp_path):
+    model_dir = _tiny("qwen3", tmp_path / "float", tie_word_embeddings=True)
+    with pytest.raises(ValueError, match="ties lm_head"):
+        run(model_dir, tmp_path / "q", lm_head=True)
+
+
+def test_rtn_method_is_round_to_nearest(llama, tmp_path):
+    run(llama, tmp_path / "q", method="rtn", target=Target.GPTQ_V2, spec=QuantSpec(4, 64, False))
+    model, ref = load_model(tmp_path / "q", CPU), load_model(llama, CPU)
+    w = ref.state_dict()["model.layers.0.mlp.up_proj.weight"]
+    expect = dequantize(rtn_quantize(w, 4, 64, False)).t()
+    assert torch.equal(model.state_dict()["model.layers.0.mlp.up_proj.weight"], expect)
+
+
+def test_cli_quantize_and_eval(llama, tmp_path):
+    text = tmp_path / "calib.txt"
+    text.write_text("The river ran past the mill and under the old stone bridge. " * 200)
+    runner = CliRunner()
+    res = runner.invoke(main, ["quantize", str(llama), str(tmp_path / "q"), "--calib", str(text), "--nsamples", "8",
+                               "--seqlen", "64", "--group-size", "64", "--act-order", "desc", "--format", "gptq-v1",
+                               "--skip", ".*o_proj"])
+    assert res.exit_code == 0, res.output
+    qcfg = json.loads((tmp_path / "q" / "quantize_config.json").read_text())
+    assert qcfg["desc_act"] is True and qcfg["dynamic"] == {"-:.*o_proj": {}}
+    assert qcfg["meta"]["calibration"]["nsamples"] == 8 and len(qcfg["meta"]["calibration"]["tokens_sha256"]) == 64
+    res = runner.invoke(main, ["eval", str(tmp_path / "q"), "--data", str(text), "--seqlen", "64",
+                               "--base", str(llama), "--layer-windows", "4"])
+    assert res.exit_code == 0, res.output
+    assert "perplexity" in res.output and "rtn" in res.output
+    res = runner.invoke(main, ["quantize", str(llama), str(tmp_path / "x"), "--bits", "3", "--format",
+                               "compressed-tensors"])
+    assert res.exit_code != 0 and "compressed-tensors holds" in res.output
