@@ -6,7 +6,8 @@
 2. Converts it with `gptq-convert convert` (Marlin layout, act-order folded offline).
 3. Loads, each in a fresh process and alternating, the source with in-tree `--quantization gptq`, the
    source with `mygptq` (repacked at load) and the converted checkpoint with `mygptq`; each load then
-   generates 8 tokens so a broken load cannot pass. Reports the engine construction time (eager, so
+   generates 8 tokens to show the engine runs (random weights: the tokens say nothing about correctness,
+   which tests/gpu covers). Reports the engine construction time (eager, so
    torch.compile and graph capture stay out of it) and vLLM's own "Loading weights took" figure; the
    best of --repeats. All files were just written, so every load reads from the page cache.
 """
