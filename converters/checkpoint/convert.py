@@ -14,8 +14,11 @@ layer's self_attn or mlp) are converted together, because act-order ties them (f
 
 from __future__ import annotations
 
+import ctypes
 import json
+import sys
 import time
+from contextlib import contextmanager
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -83,7 +86,7 @@ def convert(source: Source, destination: str | Path, target: Target = Target.MYG
     threads = torch.get_num_threads()
     torch.set_num_threads(COMPUTE_THREADS)
     try:
-        with CheckpointWriter(destination, shard_bytes, overwrite, background=True) as writer:
+        with _reused_heap(), CheckpointWriter(destination, shard_bytes, overwrite, background=True) as writer:
             _Converter(ckpt, source, writer, target, layout, report, progress).run()
             report.bytes_out = writer.total_bytes
             writer.finish()
@@ -91,6 +94,43 @@ def convert(source: Source, destination: str | Path, target: Target = Target.MYG
         torch.set_num_threads(threads)
     report.seconds = time.perf_counter() - start
     return report
+
+
+# glibc mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+_GLIBC_TRIM_THRESHOLD, _GLIBC_MMAP_MAX = 128 * 1024, 65536
+
+
+@contextmanager
+def _reused_heap():
+    """Keep freed tensor buffers in one glibc heap for reuse while converting (Linux/glibc; else no-op).
+
+    Every module allocates tens of MB of fresh buffers.  By default glibc serves each with its own mmap
+    and unmaps it on free, so every page is faulted in and zeroed by the kernel again: measured as about
+    a third of the converter's CPU time.  With one arena (worker threads' arenas would mmap blocks over
+    64 MB anyway), no mmap and no trimming, freed buffers are reused from the heap instead.  The peak
+    heap stays bounded by the modules in flight; it is trimmed back afterwards.
+    """
+    libc = None
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None)
+            libc.gnu_get_libc_version  # glibc only
+            mallopt, trim = libc.mallopt, libc.malloc_trim
+        except (OSError, AttributeError):
+            libc = None
+    if libc is None:
+        yield
+        return
+    mallopt(_M_ARENA_MAX, 1)
+    mallopt(_M_MMAP_MAX, 0)
+    mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+    try:
+        yield
+    finally:
+        mallopt(_M_MMAP_MAX, _GLIBC_MMAP_MAX)
+        mallopt(_M_TRIM_THRESHOLD, _GLIBC_TRIM_THRESHOLD)
+        trim(ctypes.c_size_t(0))
 
 
 def preflight(ckpt: Checkpoint, target: Target, layout: Layout | None) -> None:

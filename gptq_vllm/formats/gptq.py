@@ -90,8 +90,10 @@ class QuantizedWeight:
             check_g_idx(self.g_idx, K, self.group_size, f"{name}.g_idx")
         top = 2**self.bits
         for label, t in (("codes", self.codes), ("zeros", self.zeros)):
-            if t.numel() and (int(t.min()) < 0 or int(t.max()) >= top):
-                raise FormatError(f"{name}.{label}: values outside [0, {top - 1}]")
+            if t.numel():
+                lo, hi = (int(v) for v in torch.aminmax(t))  # one pass over the codes, not two
+                if lo < 0 or hi >= top:
+                    raise FormatError(f"{name}.{label}: values outside [0, {top - 1}]")
         if self.sym and not bool((self.zeros == sym_zero(self.bits)).all()):
             raise FormatError(f"{name}: symmetric weight whose zeros are not all {sym_zero(self.bits)}")
 

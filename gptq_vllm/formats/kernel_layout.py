@@ -18,7 +18,7 @@ which happens for row-parallel shards of act-order layers (vLLM's is_k_full = Fa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 
 import torch
@@ -74,9 +74,16 @@ def to_kernel(weight: QuantizedWeight, layout: Layout | None = None, scale_dtype
     K, N = weight.codes.shape
     perm = None
     w = weight
+    pack_perm = None  # rows marlin.pack gathers itself
     if not torch.equal(weight.g_idx, default_g_idx(K, weight.group_size, weight.g_idx.device)):
         perm = act_order_perm(weight.g_idx)
-        w = weight.permute_rows(perm)
+        unpadded = not pad or marlin.padded_shape(K, N, weight.group_size) == (K, N)
+        if layout is Layout.MARLIN and unpadded:
+            # Fast path (the converter's): marlin.pack takes the rows in perm order itself, without
+            # materialising the permuted codes; only g_idx is permuted here.
+            w, pack_perm = replace(weight, g_idx=weight.g_idx[perm.to(torch.int64)]), perm
+        else:
+            w = weight.permute_rows(perm)
     g_sorted = None if _groups_are_runs(w.g_idx, w.group_size) else w.g_idx.to(torch.int32)
     scales = w.scales if scale_dtype is None else w.scales.to(scale_dtype)
     if layout is Layout.MARLIN:
@@ -93,7 +100,7 @@ def to_kernel(weight: QuantizedWeight, layout: Layout | None = None, scale_dtype
         kp, np_ = w.codes.shape
         return KernelWeight(
             layout=layout, bits=w.bits, group_size=w.group_size, sym=w.sym, in_features=K, out_features=N,
-            qweight=marlin.pack(w.codes, w.bits),
+            qweight=marlin.pack(w.codes, w.bits, pack_perm),
             scales=marlin.permute_scales(scales, w.group_size, kp),
             qzeros=None if w.sym else marlin.pack_zeros(w.zeros, w.bits),
             perm=perm, g_idx_sorted=g_sorted,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import sys
 
+import numpy as np
 import torch
 
 from . import bitpack
@@ -102,17 +103,41 @@ def _pack_bytewise(codes: torch.Tensor, bits: int, perm: torch.Tensor | None) ->
     K, N = codes.shape
     kt, nt = K // TILE_K, N // TILE_N
     q = codes.to(torch.uint8)
+    if bits == 4:
+        if perm is None:
+            rows = q.view(kt, 2, 8, N)  # [kt, b, (t_lo, a), n]
+            low, high = rows[:, 0], rows[:, 1] << 4
+        else:
+            # The b = 0 and b = 1 rows of every tile are gathered separately, straight into the two
+            # halves of the nibble pairs: the permuted codes are never materialised.
+            p = perm.to(device=q.device, dtype=torch.int64).view(kt, 2, 8)
+            low = torch.index_select(q, 0, p[:, 0].reshape(-1)).view(kt, 8, N)
+            high = torch.index_select(q, 0, p[:, 1].reshape(-1)).view(kt, 8, N)
+            high <<= 4
+        pairs = (low | high).view(kt, 4, 2, N)  # [kt, t_lo, a, n]
+        if q.device.type == "cpu":
+            # numpy: one strided byte copy per byte 2a + h of the words, straight into place; faster than the
+            # torch steps below (measured on 4096x11008: 43 vs 46-55 ms; packing is most of the converter's time).
+            src = pairs.numpy().reshape(kt, 4, 2, nt, 4, 2, 8)  # [kt, t_lo, a, nt, w, h, t_hi]
+            dst = np.empty((kt, 4, nt, 8, 4, 2, 2), dtype=np.uint8)  # [kt, t_lo, nt, t_hi, w, a, h]
+            for a in range(2):
+                for h in range(2):
+                    dst[..., a, h] = src[:, :, a, :, :, h, :].transpose(0, 1, 2, 4, 3)
+            words = torch.from_numpy(dst).view(kt, 4, nt, 8, 16).view(torch.int32)  # [kt, t_lo, nt, t_hi, w]
+        else:
+            planes = torch.zeros(kt, 4, N, 4, dtype=torch.uint8, device=q.device)
+            planes[..., 0] = pairs[:, :, 0]  # byte 2a + h with h = 0; h = 1 is shifted in below
+            planes[..., 2] = pairs[:, :, 1]
+            p = planes.view(kt, 4, N * 4).view(torch.int32).view(kt, 4, nt, 4, 2, 8)  # [kt, t_lo, nt, w, h, t_hi]
+            words = torch.empty(kt, 4, nt, 8, 4, dtype=torch.int32, device=q.device)  # [kt, t_lo, nt, t_hi, w]
+            torch.bitwise_or(p[:, :, :, :, 0], p[:, :, :, :, 1] << 8, out=words.permute(0, 1, 2, 4, 3))
+        # Output order [kt, nt, t_hi, t_lo, w]: swap t_lo with (nt, t_hi) in whole 16-byte runs of the 4 w
+        # words, viewed as complex128 only to copy 16 bytes per element (no arithmetic: bits unchanged);
+        # 5x faster than an int32 permute whose inner runs are 4 elements long.
+        runs = words.view(kt, 4, nt * 8 * 4).view(torch.complex128)  # [kt, t_lo, (nt, t_hi)]
+        return runs.transpose(1, 2).contiguous().view(torch.int32).view(kt, -1)
     if perm is not None:
         q = torch.index_select(q, 0, perm.to(device=q.device, dtype=torch.int64))
-    if bits == 4:
-        rows = q.view(kt, 2, 8, N)  # [kt, b, (t_lo, a), n]
-        pairs = (rows[:, 0] | (rows[:, 1] << 4)).view(kt, 4, 2, N)  # [kt, t_lo, a, n]
-        planes = torch.zeros(kt, 4, N, 4, dtype=torch.uint8, device=q.device)
-        planes[..., 0] = pairs[:, :, 0]  # byte 2a + h with h = 0; h = 1 is shifted in below
-        planes[..., 2] = pairs[:, :, 1]
-        p = planes.view(kt, 4, N * 4).view(torch.int32).view(kt, 4, nt, 4, 2, 8)  # [kt, t_lo, nt, w, h, t_hi]
-        words = p[:, :, :, :, 0] | (p[:, :, :, :, 1] << 8)  # [kt, t_lo, nt, w, t_hi]
-        return words.permute(0, 2, 4, 1, 3).reshape(kt, -1)
     rows = q.view(kt, 2, 4, 2, N)  # [kt, b, t_lo, a, n]
     planes = torch.empty(kt, 4, N, 2, 2, dtype=torch.uint8, device=q.device)  # [kt, t_lo, n, a, b]
     for a in range(2):
