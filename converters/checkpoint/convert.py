@@ -109,7 +109,8 @@ def _reused_heap():
     and unmaps it on free, so every page is faulted in and zeroed by the kernel again: measured as about
     a third of the converter's CPU time.  With one arena (worker threads' arenas would mmap blocks over
     64 MB anyway), no mmap and no trimming, freed buffers are reused from the heap instead.  The peak
-    heap stays bounded by the modules in flight; it is trimmed back afterwards.
+    heap stays bounded by the modules in flight.  Afterwards mmap and trimming are restored and the heap
+    is trimmed; the one-arena limit stays (glibc fixes it once threads have used it).
     """
     libc = None
     if sys.platform.startswith("linux"):

@@ -81,16 +81,20 @@ def _unpack_rows_bytewise(packed: torch.Tensor, n: int, bits: int, dtype: torch.
     # reshape(-1), not contiguous(): a [rows, 1] transpose is "contiguous" with a last stride != 1.
     byte = packed.reshape(-1).view(torch.uint8).view(rows, m, 4)
     if byte.device.type == "cpu":
-        # numpy does this byte transpose 2x faster than torch's copy (measured: 14 vs 31 ms for 4096x11008).
-        byte = torch.from_numpy(np.ascontiguousarray(byte.numpy().transpose(0, 2, 1)))
-    else:
-        byte = byte.permute(0, 2, 1).contiguous()
+        # The same steps in numpy, whose byte transpose and uint8 ops are 1.5-2x faster than torch's here
+        # (measured: 21 vs 30 ms for a 4096x11008 unpack, a large part of the converter's time).
+        b = np.ascontiguousarray(byte.numpy().transpose(0, 2, 1))
+        out = np.empty((rows, 4, per_byte, m), dtype=np.uint8)
+        for i in range(per_byte):
+            if i == per_byte - 1 and i:  # the top field: the shift alone isolates it
+                np.right_shift(b, bits * i, out=out[:, :, i])
+            else:
+                np.bitwise_and(b >> (bits * i) if i else b, 2**bits - 1, out=out[:, :, i])
+        return torch.from_numpy(out).view(-1, m)[:n].to(dtype)
+    byte = byte.permute(0, 2, 1).contiguous()
     out = torch.empty(rows, 4, per_byte, m, dtype=torch.uint8, device=packed.device)
     for i in range(per_byte):
-        if i == per_byte - 1 and i:  # the top field: the shift alone isolates it (uint8)
-            torch.bitwise_right_shift(byte, bits * i, out=out[:, :, i])
-        else:
-            torch.bitwise_and(byte >> (bits * i) if i else byte, 2**bits - 1, out=out[:, :, i])
+        torch.bitwise_and(byte >> (bits * i) if i else byte, 2**bits - 1, out=out[:, :, i])
     return out.view(-1, m)[:n].to(dtype)
 
 

@@ -16,6 +16,7 @@ off-by-one of v1 lives in exactly two functions: encode_zeros and decode_zeros.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from enum import Enum
 
@@ -81,8 +82,12 @@ class QuantizedWeight:
             raise FormatError(f"{name}.scales: shape {tuple(self.scales.shape)}, expected ({ng}, {N})")
         if tuple(self.zeros.shape) != (ng, N):
             raise FormatError(f"{name}.zeros: shape {tuple(self.zeros.shape)}, expected ({ng}, {N})")
-        if not torch.isfinite(self.scales).all():
-            raise FormatError(f"{name}.scales: contains NaN or inf")
+        if self.scales.numel():
+            # min/max propagate NaN and show +-inf: one fast reduction instead of isfinite().all(), which is
+            # 10x slower on fp16.
+            lo, hi = (float(v) for v in torch.aminmax(self.scales.float()))
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                raise FormatError(f"{name}.scales: contains NaN or inf")
         if shard:
             if tuple(self.g_idx.shape) != (K,) or int(self.g_idx.min()) < 0 or int(self.g_idx.max()) >= ng:
                 raise FormatError(f"{name}.g_idx: expected ({K},) group ids in [0, {ng})")
