@@ -63,7 +63,6 @@ class Report:
     perms_stored: int = 0
     perms_absorbed: int = 0
     bytes_in: int = 0
-    bytes_out: int = 0
     seconds: float = 0.0
 
 
@@ -88,7 +87,6 @@ def convert(source: Source, destination: str | Path, target: Target = Target.MYG
     try:
         with _reused_heap(), CheckpointWriter(destination, shard_bytes, overwrite, background=True) as writer:
             _Converter(ckpt, source, writer, target, layout, report, progress).run()
-            report.bytes_out = writer.total_bytes
             writer.finish()
     finally:
         torch.set_num_threads(threads)

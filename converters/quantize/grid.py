@@ -46,6 +46,3 @@ def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bit
     q = torch.round(w.to(torch.float32) / scale.unsqueeze(1)) + zero.unsqueeze(1).to(torch.float32)
     return q.clamp(0, 2**bits - 1).to(torch.int32)
 
-
-def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    return scale.unsqueeze(1) * (codes.to(torch.float32) - zero.unsqueeze(1).to(torch.float32))

@@ -103,13 +103,19 @@ def to_dev(kw, dev):
 
 # ---- Marlin-layout GEMM ---------------------------------------------------------------------------------
 
-MARLIN_CASES = [(b, g, s, a) for b in (4, 8) for g in (-1, 32, 64, 128) for s in (True, False) for a in (False, True)
-                if not (a and g == -1)]
+def gemm_cases(bits: tuple[int, ...], group_sizes: tuple[int, ...]):
+    """bits x group x sym x act-order (act-order is a no-op with one group), with readable test ids."""
+    cases = [(b, g, s, a) for b in bits for g in group_sizes for s in (True, False) for a in (False, True)
+             if not (a and g == -1)]
+    ids = [f"b{b}-g{g}-{'sym' if s else 'asym'}-{'act' if a else 'noact'}" for b, g, s, a in cases]
+    return cases, ids
+
+
+MARLIN_CASES, MARLIN_IDS = gemm_cases((4, 8), (-1, 32, 64, 128))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
-@pytest.mark.parametrize("bits,group_size,sym,act", MARLIN_CASES,
-                         ids=[f"b{b}-g{g}-{'sym' if s else 'asym'}-{'act' if a else 'noact'}" for b, g, s, a in MARLIN_CASES])
+@pytest.mark.parametrize("bits,group_size,sym,act", MARLIN_CASES, ids=MARLIN_IDS)
 def test_marlin_gemm(kern, bits, group_size, sym, act, dtype):
     dev = torch.device("cuda")
     K, N = 300, 200  # both need padding: K -> 384, N -> 256
@@ -200,13 +206,11 @@ def test_marlin_gemm_forced_splits(kern, bits, sym):
 
 # ---- ExLlama-layout GEMM --------------------------------------------------------------------------------
 
-EXL_CASES = [(b, g, s, a) for b in (2, 3, 4, 8) for g in (-1, 32, 128) for s in (True, False) for a in (False, True)
-             if not (a and g == -1)]
+EXL_CASES, EXL_IDS = gemm_cases((2, 3, 4, 8), (-1, 32, 128))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
-@pytest.mark.parametrize("bits,group_size,sym,act", EXL_CASES,
-                         ids=[f"b{b}-g{g}-{'sym' if s else 'asym'}-{'act' if a else 'noact'}" for b, g, s, a in EXL_CASES])
+@pytest.mark.parametrize("bits,group_size,sym,act", EXL_CASES, ids=EXL_IDS)
 def test_exllama_gemm(kern, bits, group_size, sym, act, dtype):
     dev = torch.device("cuda")
     K, N = 300, 197  # K not a multiple of 32 (short last block), odd N
