@@ -24,13 +24,14 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from converters.checkpoint.writer import CheckpointWriter
 
-HIDDEN, INTERMEDIATE, VOCAB, BITS, GROUP = 4096, 11008, 32000, 4, 128
+BITS, GROUP = 4, 128
 V1_SYM_ZEROS = 0x77777777  # 2^(b-1) - 1 in every 4-bit field (formats.md §1.4)
 
 
@@ -45,36 +46,51 @@ def _gptq_module(K: int, N: int, perm: torch.Tensor, g: torch.Generator) -> dict
     }
 
 
-def generate(directory: Path, layers: int) -> int:
-    """Write the source checkpoint; returns its size in bytes."""
+@dataclass(frozen=True)
+class LlamaShape:
+    hidden: int = 4096
+    intermediate: int = 11008
+    vocab: int = 32000
+    heads: int = 32
+    kv_heads: int = 32
+
+
+LLAMA2_7B = LlamaShape()
+LLAMA3_8B = LlamaShape(hidden=4096, intermediate=14336, vocab=128256, heads=32, kv_heads=8)
+
+
+def generate(directory: Path, layers: int, shape: LlamaShape = LLAMA2_7B, act_order: bool = True) -> int:
+    """Write the source checkpoint (random codes; act-order with shared permutations, or plain groups);
+    returns its size in bytes."""
     g = torch.Generator().manual_seed(0)
-    shapes = {"self_attn": {"q_proj": (HIDDEN, HIDDEN), "k_proj": (HIDDEN, HIDDEN), "v_proj": (HIDDEN, HIDDEN),
-                            "o_proj": (HIDDEN, HIDDEN)},
-              "mlp": {"gate_proj": (HIDDEN, INTERMEDIATE), "up_proj": (HIDDEN, INTERMEDIATE),
-                      "down_proj": (INTERMEDIATE, HIDDEN)}}
+    H, I, V = shape.hidden, shape.intermediate, shape.vocab
+    kv = H // shape.heads * shape.kv_heads
+    shapes = {"self_attn": {"q_proj": (H, H), "k_proj": (H, kv), "v_proj": (H, kv), "o_proj": (H, H)},
+              "mlp": {"gate_proj": (H, I), "up_proj": (H, I), "down_proj": (I, H)}}
     with CheckpointWriter(directory, max_shard_bytes=2**40) as w:
-        w.add("model.embed_tokens.weight", (torch.randn(VOCAB, HIDDEN, generator=g) * 0.02).half())
+        w.add("model.embed_tokens.weight", (torch.randn(V, H, generator=g) * 0.02).half())
+        order = (lambda n: torch.randperm(n, generator=g)) if act_order else torch.arange
         for i in range(layers):
             # Modules reading the same input share one act-order permutation, as GPTQ produces.
-            shared = {"attn": torch.randperm(HIDDEN, generator=g), "mlp": torch.randperm(HIDDEN, generator=g)}
+            shared = {"attn": order(H), "mlp": order(H)}
             for parent, modules in shapes.items():
                 for name, (K, N) in modules.items():
                     key = "attn" if name in ("q_proj", "k_proj", "v_proj") else "mlp" if name in ("gate_proj", "up_proj") else None
-                    perm = shared[key] if key else torch.randperm(K, generator=g)
+                    perm = shared[key] if key else order(K)
                     for suffix, t in _gptq_module(K, N, perm, g).items():
                         w.add(f"model.layers.{i}.{parent}.{name}.{suffix}", t)
             for norm in ("input_layernorm", "post_attention_layernorm"):
-                w.add(f"model.layers.{i}.{norm}.weight", torch.ones(HIDDEN, dtype=torch.float16))
-        w.add("model.norm.weight", torch.ones(HIDDEN, dtype=torch.float16))
-        w.add("lm_head.weight", (torch.randn(VOCAB, HIDDEN, generator=g) * 0.02).half())
-        qcfg = {"bits": BITS, "group_size": GROUP, "desc_act": True, "sym": True, "damp_percent": 0.01,
+                w.add(f"model.layers.{i}.{norm}.weight", torch.ones(H, dtype=torch.float16))
+        w.add("model.norm.weight", torch.ones(H, dtype=torch.float16))
+        w.add("lm_head.weight", (torch.randn(V, H, generator=g) * 0.02).half())
+        qcfg = {"bits": BITS, "group_size": GROUP, "desc_act": act_order, "sym": True, "damp_percent": 0.01,
                 "true_sequential": True, "static_groups": False, "quant_method": "gptq", "checkpoint_format": "gptq",
                 "model_file_base_name": "model"}
         w.write_json("quantize_config.json", qcfg)
         w.write_json("config.json", {
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
-            "intermediate_size": INTERMEDIATE, "num_hidden_layers": layers, "num_attention_heads": 32,
-            "num_key_value_heads": 32, "vocab_size": VOCAB, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": H,
+            "intermediate_size": I, "num_hidden_layers": layers, "num_attention_heads": shape.heads,
+            "num_key_value_heads": shape.kv_heads, "vocab_size": V, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
             "torch_dtype": "float16", "tie_word_embeddings": False, "quantization_config": qcfg})
         size = w.total_bytes
         w.finish()

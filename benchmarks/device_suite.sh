@@ -4,6 +4,7 @@
 #   bash benchmarks/device_suite.sh install tests       # kernels, layouts vs vLLM, plugin TP 1, vllm serve
 #   bash benchmarks/device_suite.sh kernels quantize    # kernel grid vs cuBLAS/Marlin/Machete, quantizer speed
 #   bash benchmarks/device_suite.sh load                # converted vs source load time in vLLM
+#   bash benchmarks/device_suite.sh e2e                 # offline generation tok/s, mygptq vs in-tree gptq
 #   bash benchmarks/device_suite.sh install tp2         # on two GPUs: plugin TP 2 == TP 1
 set -uo pipefail
 : "${OUT:?set OUT to a directory for logs}"
@@ -23,7 +24,10 @@ for stage in "$@"; do
         | tee "$OUT/gpu-tests.log" | tail -8 || status=1 ;;
     kernels)
       OUT_JSON="$OUT/kernels.json" python benchmarks/kernels.py > "$OUT/kernels.log" 2>&1 || status=1
-      grep -E "^\|" "$OUT/kernels.log" | tail -70 ;;
+      grep -E "^\|" "$OUT/kernels.log" | tail -70
+      # large M: dequantize + cuBLAS against the skinny kernel (the DENSE_MIN_M choice)
+      SWEEP=1 MS=128,256 NO_VLLM=1 python benchmarks/kernels.py > "$OUT/kernels-dense-sweep.log" 2>&1 || status=1
+      grep "M=" "$OUT/kernels-dense-sweep.log" | tail -16 ;;
     quantize)
       python benchmarks/quantize_speed.py --out /tmp/qspeed > "$OUT/quantize-8b.log" 2>&1 || status=1
       python benchmarks/quantize_speed.py --out /tmp/qspeed-70b --layer-only 70b > "$OUT/quantize-70b.log" 2>&1 || status=1
@@ -32,6 +36,9 @@ for stage in "$@"; do
     load)
       python benchmarks/load_time.py --out "$OUT" > "$OUT/load_time.log" 2>&1 || status=1
       tail -25 "$OUT/load_time.log" ;;
+    e2e)
+      python benchmarks/e2e_throughput.py --out "$OUT" > "$OUT/e2e.log" 2>&1 || status=1
+      tail -40 "$OUT/e2e.log" ;;
     tp2)
       python -m pytest -q -p no:cacheprovider tests/gpu/test_plugin_gpu.py -rA 2>&1 | tee "$OUT/tp2.log" | tail -8 || status=1 ;;
     *) echo "unknown stage $stage"; exit 2 ;;

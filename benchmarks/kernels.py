@@ -9,7 +9,7 @@ each kernel is timed by replaying a CUDA graph that cycles through enough weight
 
 Env: MS, SHAPES (comma lists), VARIANTS (comma list of base, act_order, act_order_gather, bf16, w8, exllama;
 default base,act_order,bf16,w8), SWEEP=1 (tuning: time the 4-bit kernel under forced split configurations
-instead of the grid; BITS=8 for 8-bit),
+instead of the grid; BITS=8 for 8-bit, ROWS=8/16 to force the block-tile rows too, never dense),
 OUT_JSON (output path), NO_VLLM=1 (skip vLLM even when importable).
 JSON: {"meta": {gpu, date, command, torch, vllm, copy_TBps}, "rows": [{shape, K, N, M, kernel, us, dtype, bits,
 group_size, act_order, weight_TBps, speedup_vs_fp16}]}.  Reference kernels: cublas_fp16, vllm_marlin,
@@ -212,6 +212,7 @@ def sweep() -> int:
     shapes = os.environ.get("SHAPES")
     shapes = {k: SHAPES[k] for k in shapes.split(",")} if shapes else SHAPES
     bits = int(os.environ.get("BITS", "4"))
+    rows = int(os.environ.get("ROWS", "0"))  # force the block-tile rows of the tried configurations
     cfgs = [(sb, cs) for sb in (1, 2, 4, 8) for cs in (1, 2, 4, 8)]
     lines = []
     for name, (K, N) in shapes.items():
@@ -229,7 +230,7 @@ def sweep() -> int:
             res = {}
             ours.marlin_set_config(0, 0, 0, 0)
             res["auto"] = timed(fns, iters=10)
-            if M >= 100:
+            if M >= 100 and not rows:
                 ours.marlin_set_config(0, 0, 0, 1)
                 res["dense"] = timed(fns, iters=10)
                 ours.marlin_set_config(0, 0, 0, 100000)
@@ -238,7 +239,7 @@ def sweep() -> int:
                 for sb, cs in cfgs:
                     if (N // 64) % sb:
                         continue
-                    ours.marlin_set_config(sb, cs, 1, 0)
+                    ours.marlin_set_config(sb, cs, 1, 100000 if rows else 0, rows)  # forced rows: never dense
                     try:
                         res[f"{sb}:{cs}"] = timed(fns, iters=10)
                     except Exception as e:  # noqa: BLE001

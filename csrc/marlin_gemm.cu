@@ -31,11 +31,40 @@ namespace marlin {
 
 // Tuning override (benchmarks only): 0 = automatic.
 struct Override {
-  int sb = 0, cs = 0, slices = 0, dense_min_m = 0;
+  int sb = 0, cs = 0, slices = 0, dense_min_m = 0, tile_rows = 0;
 };
 Override& override_cfg() {
   static Override o;
   return o;
+}
+
+// Split choices measured on the H200 (132 SMs): for each Llama-3-8B/70B layer shape and batch bucket (M <= 8,
+// measured at M = 1; M <= 16, 32, 64, measured at that M), the fastest (strips per block, cluster ranks) of
+// the 16 tried by `SWEEP=1 MS=1,16 python benchmarks/kernels.py` and `SWEEP=1 ROWS=16 MS=32,64 ...`
+// (docs/kernel-tuning.md, 2026-11-22).  Other shapes, batch sizes and GPUs use the model in marlin_gemm().
+struct Tuned {
+  int K, N, M, sb, cs;
+};
+constexpr Tuned TUNED[] = {
+    // M <= 8
+    {4096, 6144, 8, 4, 4}, {4096, 4096, 8, 1, 2}, {4096, 28672, 8, 8, 4}, {14336, 4096, 8, 1, 2},
+    {8192, 10240, 8, 4, 4}, {8192, 8192, 8, 2, 2}, {8192, 57344, 8, 8, 2}, {28672, 8192, 8, 1, 2},
+    // M <= 16
+    {4096, 6144, 16, 4, 4}, {4096, 4096, 16, 8, 8}, {4096, 28672, 16, 8, 4}, {14336, 4096, 16, 4, 8},
+    {8192, 10240, 16, 8, 8}, {8192, 8192, 16, 2, 2}, {8192, 57344, 16, 8, 2}, {28672, 8192, 16, 2, 2},
+    // M <= 32
+    {4096, 6144, 32, 8, 4}, {4096, 4096, 32, 2, 2}, {4096, 28672, 32, 8, 2}, {14336, 4096, 32, 2, 2},
+    {8192, 10240, 32, 8, 8}, {8192, 8192, 32, 4, 2}, {8192, 57344, 32, 8, 1}, {28672, 8192, 32, 4, 2},
+    // M <= 64
+    {4096, 6144, 64, 8, 4}, {4096, 4096, 64, 4, 2}, {4096, 28672, 64, 8, 1}, {14336, 4096, 64, 4, 2},
+    {8192, 10240, 64, 8, 4}, {8192, 8192, 64, 4, 2}, {8192, 57344, 64, 8, 2}, {28672, 8192, 64, 4, 2},
+};
+const Tuned* tuned_split(int64_t K, int64_t N, int64_t M, int sms) {
+  if (sms != 132 || M > 64) return nullptr;
+  const int bucket = M <= 8 ? 8 : (M <= 16 ? 16 : (M <= 32 ? 32 : 64));
+  for (const Tuned& t : TUNED)
+    if (t.K == K && t.N == N && t.M == bucket) return &t;
+  return nullptr;
 }
 
 extern template void launch_bits<half, 4>(const Params&, int, dim3, int, size_t, cudaStream_t);
@@ -45,8 +74,11 @@ extern template void launch_bits<__nv_bfloat16, 8>(const Params&, int, dim3, int
 
 }  // namespace marlin
 
-void marlin_set_config(int64_t sb, int64_t cs, int64_t slices, int64_t dense_min_m) {
+void marlin_set_config(int64_t sb, int64_t cs, int64_t slices, int64_t dense_min_m, int64_t tile_rows) {
+  TORCH_CHECK(tile_rows == 0 || tile_rows == 8 || tile_rows == 16,
+              "marlin_set_config: tile_rows must be 0 (automatic), 8 or 16");
   auto& o = marlin::override_cfg();
+  o.tile_rows = static_cast<int>(tile_rows);
   o.sb = static_cast<int>(sb);
   o.cs = static_cast<int>(cs);
   o.slices = static_cast<int>(slices);
@@ -131,7 +163,10 @@ at::Tensor marlin_gemm(const at::Tensor& a_in, const at::Tensor& qweight, const 
                 ? reinterpret_cast<const uint32_t*>(qzeros->data_ptr<int>())
                 : nullptr;
   p.gidx = gidx.defined() ? gidx.data_ptr<int>() : nullptr;
-  p.perm = has_perm ? perm_in->data_ptr<int>() : nullptr;
+  // The kernel reads perm 8 entries (32 bytes) at a time.
+  const at::Tensor perm = !has_perm ? at::Tensor()
+                          : (reinterpret_cast<uintptr_t>(perm_in->data_ptr()) % 16 ? perm_in->clone() : *perm_in);
+  p.perm = has_perm ? perm.data_ptr<int>() : nullptr;
   p.M = static_cast<int>(M);
   p.K = static_cast<int>(K);
   p.N = static_cast<int>(N);
@@ -145,11 +180,11 @@ at::Tensor marlin_gemm(const at::Tensor& a_in, const at::Tensor& qweight, const 
 
   const Override& ov = override_cfg();
   const int dense_min_m = ov.dense_min_m > 0 ? ov.dense_min_m : DENSE_MIN_M_DEFAULT;
-  // The fused gather (A staged column by column through perm) pays only for M <= 8 (measured: at M = 16 it
-  // costs more than a separate pad + index_select); above that the activations are gathered here.
+  // The kernel gathers A through perm while staging it (8 columns per thread in flight) for M <= 8; above
+  // that one index_select here is faster (measured: the staged gather costs 1.3-2.6x the GEMM at M = 16-64).
   if (has_perm && (M > 8 || M >= dense_min_m)) {
     at::Tensor ag = a.size(1) == K ? a : at::constant_pad_nd(a, {0, K - a.size(1)}, 0);
-    a = ag.index_select(1, *perm_in).contiguous();
+    a = ag.index_select(1, perm).contiguous();
     p.A = a.data_ptr();
     p.perm = nullptr;
     p.lda = static_cast<int>(K);
@@ -173,39 +208,54 @@ at::Tensor marlin_gemm(const at::Tensor& a_in, const at::Tensor& qweight, const 
   }
 
   // ---- tile and split choice ----
-  const int mode = M <= 8 ? 0 : (M <= 16 ? 1 : (M <= 32 ? 2 : 4));
-  const int R = mode == 0 ? 8 : 16 * mode;
+  const int R = ov.tile_rows > 0 ? ov.tile_rows : (M <= 8 ? 8 : 16);
+  const int mb = R / 8;  // m8 blocks per block tile
   const int mblocks = static_cast<int>((M + R - 1) / R);
   const int NS = static_cast<int>(N / 64);
   const int KT = static_cast<int>(K / 16);
+  const int KR = (KT + RUN - 1) / RUN;  // runs along K
   const int sms = sm_count();
   const bool clusters = at::cuda::getCurrentDeviceProperties()->major >= 9;
-  const int rb = bits == 4 ? ring_bytes<4>() + sring_bytes<4>() : ring_bytes<8>() + sring_bytes<8>();
-  const int bps = mode >= 2 ? 1 : 2;  // co-resident blocks per SM (registers / shared memory)
-  // Candidates: strips per block sb (divides NS; the partial tile fits the ring's memory) x split parts
-  // (cluster ranks on sm_90).  Measured on the H200 (docs/kernel-tuning.md): about one full wave of
-  // co-resident blocks (bps per SM) is best; every extra split part costs a DSMEM reduction pass.
-  int best_sb = 1, best_parts = 1;
-  double best_score = 1e30;
-  const int max_parts = clusters ? 8 : 64;
-  for (int sb = 1; sb <= 8; sb *= 2) {
-    if (NS % sb || sb * R * RED_STRIDE * 4 > rb) continue;
-    for (int parts = 1; parts <= max_parts; parts *= 2) {
-      const int kpp = (KT + parts - 1) / parts;
-      if (parts > 1 && kpp < 2 * (WARPS / sb)) break;  // at least 2 k-tiles per warp
-      const double blocks = static_cast<double>(NS / sb) * parts * mblocks;
-      const double score = std::fabs(std::log2(blocks / (static_cast<double>(sms) * bps))) +
-                           0.25 * std::log2(static_cast<double>(parts)) + (mode >= 2 && sb == 1 ? 0.3 : 0.0);
-      if (score < best_score - 1e-9) {
-        best_score = score;
-        best_sb = sb;
-        best_parts = parts;
+  const int ring = (bits == 4 ? ring_bytes<4>() : ring_bytes<8>()) + sring_bytes();
+  const int kcmax = A_SMEM_BYTES / (2 * R);
+  auto kc_for = [&](int kpp) { return std::min(kcmax, (16 * kpp + 16 * RUN - 1) / (16 * RUN) * (16 * RUN)); };
+  auto smem_for = [&](int kpp) {  // ring + A chunk; the partial-sum tile reuses all of it at the end
+    return static_cast<size_t>(ring) + static_cast<size_t>(R) * (kc_for(kpp) + A_PAD) * 2;
+  };
+  auto fits = [&](int sb, int parts) {  // sb divides the strips, every warp gets a run, the partial tile fits
+    const int kpp = (KR + parts - 1) / parts * RUN;
+    return NS % sb == 0 && (parts == 1 || kpp / RUN >= WARPS / sb) &&
+           static_cast<size_t>(sb) * R * RED_STRIDE * 4 <= smem_for(kpp);
+  };
+  int sb = 0, parts = 0;
+  if (const Tuned* t = tuned_split(K, N, M, sms); t != nullptr && R == (M <= 8 ? 8 : 16) && clusters &&
+                                                  fits(t->sb, t->cs)) {
+    sb = t->sb;
+    parts = t->cs;
+  } else {
+    // Not in the table: the least predicted time over the candidates, from a log-linear model fitted to the
+    // 512 timings of those sweeps (M = 1/16/32/64; docs/kernel-tuning.md; its picks there cost 1.13x the best
+    // on average, 1.45x at worst): time ~ work^0.81 (strip-runs on the busiest SM), x1.11 per doubling of split parts, x1.21
+    // per doubling of k-phases (8 / sb), and the blocks per SM / short-grid terms.
+    double best = 1e30;
+    for (int sbc = 1; sbc <= 8; sbc *= 2) {
+      for (int pc = 1; pc <= (clusters ? 8 : 64); pc *= 2) {
+        if (!fits(sbc, pc)) continue;
+        const int64_t blocks = static_cast<int64_t>(NS / sbc) * pc * mblocks;
+        const int64_t per_sm = (blocks + sms - 1) / sms;  // blocks on the busiest SM
+        const double work = static_cast<double>(per_sm) * sbc * ((KR + pc - 1) / pc);
+        const double score = 0.808 * std::log(work) + 0.105 * std::log2(static_cast<double>(pc)) +
+                             0.19 * std::log2(static_cast<double>(WARPS / sbc)) - 0.207 * (per_sm > 1) +
+                             0.151 * std::log(static_cast<double>(per_sm)) - 0.11 * (2 * blocks < sms);
+        if (score < best - 1e-9) {
+          best = score;
+          sb = sbc;
+          parts = pc;
+        }
       }
     }
   }
-  int sb = ov.sb > 0 ? ov.sb : best_sb;
-  while (NS % sb || sb * R * RED_STRIDE * 4 > rb) sb /= 2;
-  int parts = best_parts;
+  if (ov.sb > 0) sb = ov.sb;
   int cs = 1, slices = 1;
   if (ov.cs > 0 || ov.slices > 0) {
     cs = std::max(1, ov.cs);
@@ -219,18 +269,17 @@ at::Tensor marlin_gemm(const at::Tensor& a_in, const at::Tensor& qweight, const 
     slices *= cs;
     cs = 1;
   }
-  p.sb = sb;
-  p.kpp = (KT + parts - 1) / parts;
   // keep the fp32 workspace modest
   while (slices > 1 && static_cast<int64_t>(slices) * M * N > (int64_t(1) << 26)) {
     slices /= 2;
     parts = cs * slices;
-    p.kpp = (KT + parts - 1) / parts;
   }
-  const int kcmax = A_SMEM_BYTES / (2 * R);
-  p.kc = std::min(kcmax, (16 * p.kpp + 127) / 128 * 128);
+  p.kpp = (KR + parts - 1) / parts * RUN;
+  while (sb > 1 && (NS % sb || static_cast<size_t>(sb) * R * RED_STRIDE * 4 > smem_for(p.kpp))) sb /= 2;
+  p.sb = sb;
+  p.kc = kc_for(p.kpp);
   p.slices = slices;
-  const size_t smem = static_cast<size_t>(rb) + static_cast<size_t>(R) * (p.kc + A_PAD) * 2;
+  const size_t smem = smem_for(p.kpp);
 
   at::Tensor ws;
   if (slices > 1) {
@@ -239,13 +288,13 @@ at::Tensor marlin_gemm(const at::Tensor& a_in, const at::Tensor& qweight, const 
   } else {
     p.C = out.data_ptr();
   }
-  dim3 grid(cs, NS / sb, mblocks * slices);
+  dim3 grid(cs, mblocks, (NS / sb) * slices);
   if (a.scalar_type() == at::kHalf) {
-    if (bits == 4) launch_bits<half, 4>(p, mode, grid, cs, smem, stream);
-    else launch_bits<half, 8>(p, mode, grid, cs, smem, stream);
+    if (bits == 4) launch_bits<half, 4>(p, mb, grid, cs, smem, stream);
+    else launch_bits<half, 8>(p, mb, grid, cs, smem, stream);
   } else {
-    if (bits == 4) launch_bits<__nv_bfloat16, 4>(p, mode, grid, cs, smem, stream);
-    else launch_bits<__nv_bfloat16, 8>(p, mode, grid, cs, smem, stream);
+    if (bits == 4) launch_bits<__nv_bfloat16, 4>(p, mb, grid, cs, smem, stream);
+    else launch_bits<__nv_bfloat16, 8>(p, mb, grid, cs, smem, stream);
   }
   if (slices > 1) reduce_slices(ws, out);
   return out;

@@ -12,7 +12,8 @@ namespace marlin {
 
 constexpr int THREADS = 256;           // 8 warps per block (GEMM and dequant kernels)
 constexpr int WARPS = THREADS / 32;
-constexpr int A_PAD = 8;               // halves of padding per staged A row: fragment loads hit 32 banks
+constexpr int A_PAD = 32;              // halves of padding per staged A row: rows r, r+1 are 64 B apart mod 128 B,
+                                       // so the 8 lanes of an LDS.128 phase (2 rows x 4 tig) hit 32 banks
 constexpr int RED_STRIDE = 72;         // floats per row of the partial-sum tile (64 + 8: fewer bank conflicts)
 constexpr int A_SMEM_BYTES = 32768;    // staged A chunk: rows x KC halves (KC chosen to fit)
 constexpr int DENSE_MIN_M_DEFAULT = 128;  // from this M on: fast dequantize + cuBLAS (tuned on the H200)
@@ -23,7 +24,7 @@ struct Params {
   const void* scales;     // [NG, N] Marlin-permuted, dtype of A
   const uint32_t* zeros;  // [NG, N*b/32] Marlin zero points, or nullptr (symmetric: z = 2^(b-1))
   const int* gidx;        // [K] group of each row (nondecreasing), or nullptr
-  const int* perm;        // [K] act-order gather: column k of the GEMM's A is a[:, perm[k]] (0 if >= lda), or nullptr
+  const int* perm;        // [K] act-order gather (16-byte aligned): column k of A is a[:, perm[k]] (0 if >= lda), or nullptr
   void* C;                // [M, N] output (slices == 1)
   float* ws;              // [slices, M, N] fp32 partials (slices > 1)
   int M, K, N;
@@ -33,7 +34,7 @@ struct Params {
   int single_perm;     // scales were permuted with SCALE_PERM_SINGLE (group_size == -1 or >= K)
   int scale_epilogue;  // one group and no g_idx: multiply the fp32 accumulators by the scales at the end
   int sb;              // 64-column strips per block (1, 2, 4, 8); divides N/64; 8/sb warps split K in a block
-  int kpp;             // k-tiles (16 rows) per split-K part; parts = cluster size x global slices
+  int kpp;             // k-tiles (16 rows) per split-K part, a multiple of RUN; parts = cluster size x global slices
   int kc;              // A columns staged per chunk (multiple of 128)
   int slices;          // global split-K slices (fp32 workspace + reduce kernel); 1 = write C directly
 };
@@ -231,116 +232,141 @@ __device__ __forceinline__ void dequant_rows(const Params& p, const int4* bq, in
 }
 
 // ---- asynchronous copies (cp.async, sm_80+) ---------------------------------------------------------
-__device__ __forceinline__ void cp_async16_cg(void* smem, const void* gmem) {
-  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
+// Shared-memory operands are 32-bit shared-window addresses, computed once per thread: the slot offsets
+// then fold into the instructions' immediates.  `bytes` < 16 zero-fills the rest (0: nothing is read).
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
-__device__ __forceinline__ void cp_async16_ca(void* smem, const void* gmem) {
-  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
+__device__ __forceinline__ void cp_async16_cg(uint32_t s, const void* gmem, int bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(bytes) : "memory");
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async16_ca(uint32_t s, const void* gmem, int bytes) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::); }
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
 
-// Ring depth (k-tiles in flight per warp) by bit width: 8 x 512 B (4-bit) / 6 x 1 KB (8-bit) per warp.
-template <int BITS> struct Ring { static constexpr int D = BITS == 4 ? 8 : 6; };
+// A warp's unit of work: a run of RUN consecutive k-tiles (128 rows) of one strip.  Its ring holds one run
+// (RUN slots), so the next run streams in while this one is consumed, and a group of >= 128 rows (aligned)
+// never changes inside a run: the group test and the scale load happen once per run.
+constexpr int RUN = 8;
 
-// Rows of the block tile: MODE 0 = "swapped" (M <= 8: C^T = W^T A^T, the weight fragments are the mma's A
-// operand, 8 activation rows its B operand: half the mma count of a 16-row tile), else 16 * MODE rows.
-template <int MODE> struct ModeRows { static constexpr int R = MODE == 0 ? 8 : 16 * MODE; };
+// The block tile has R = 8 * MB rows (MB = 1 for M <= 8, else 2; larger M loops over m-blocks of 16 rows) and
+// is computed "swapped": C^T = W^T A^T, the weight fragments are the mma's A operand (16 columns of C) and 8
+// activation rows its B operand, 4 mma per k-tile and m8 block.  (m16 tiles, with 8 mma per k-tile and m16
+// block, measured slower at every M from 17 to 64 on the H200: docs/kernel-tuning.md.)
 
 template <int BITS>
-__host__ __device__ constexpr int ring_bytes() { return WARPS * Ring<BITS>::D * 32 * 16 * (BITS / 4); }
-template <int BITS>
-__host__ __device__ constexpr int sring_bytes() { return WARPS * Ring<BITS>::D * 32 * 16; }
+__host__ __device__ constexpr int ring_bytes() { return WARPS * RUN * 32 * 16 * (BITS / 4); }
+__host__ __device__ constexpr int sring_bytes() { return WARPS * 32 * 16; }  // one 8-scale slot per lane
 
-template <int BITS, int MODE>
+template <int BITS, int MB>
 constexpr size_t max_smem() {
-  return static_cast<size_t>(ring_bytes<BITS>() + sring_bytes<BITS>()) +
-         static_cast<size_t>(ModeRows<MODE>::R) * (A_SMEM_BYTES / (2 * ModeRows<MODE>::R) + A_PAD) * 2;
+  return static_cast<size_t>(ring_bytes<BITS>() + sring_bytes()) +
+         static_cast<size_t>(8 * MB) * (A_SMEM_BYTES / (2 * 8 * MB) + A_PAD) * 2;
+}
+
+// Staged A layout: inside each pair of k-tiles (32 columns), lane tig's mma operands are 8 consecutive halves
+//   [tile t0: k 2tig, 2tig+1, 2tig+8, 2tig+9 | tile t1: the same],
+// so one 16-byte load gives a row's operands for two k-tiles.  Column c of a chunk sits at
+//   32 * (c / 32) + 8 * tig + 4 * t + 2 * h + e,  with t = (c / 16) % 2, k = c % 16 = 8h + 2tig + e.
+__device__ __forceinline__ int a_pos(int c) {
+  const int k = c & 15;
+  return (c & ~31) | (((k & 7) >> 1) << 3) | (((c >> 4) & 1) << 2) | ((k >> 3) << 1) | (k & 1);
 }
 
 // ---- the GEMM kernel ------------------------------------------------------------------------------------
 // Block = 8 warps = sb strips x kw = 8/sb k-phases; block tile = R rows x 64*sb columns; its k-tiles are the
-// range of one split-K part; warp (strip, phase) takes the part's k-tiles phase, phase + kw, ...
-// Every warp streams its own B tiles (and, at group starts, its lanes' 8 scales) through a private ring of
-// D shared-memory slots filled with cp.async: lane t copies, and later reads back, exactly its own 16/32
-// bytes, so a slot needs no barrier; D tiles are always in flight per warp.
-// A is staged per chunk of kc columns in shared memory (rows past M are zero), shared by the block's warps.
-// Partial sums: k-phases add into a shared-memory tile in a fixed order; split-K parts of one cluster
-// (sm_90 thread-block clusters along gridDim.x) are added through distributed shared memory in rank order,
-// each rank producing a slice of the output; global slices (gridDim.z) go through the fp32 workspace.
-// All orders are fixed: the result is deterministic.
-// GEN: general path (g_idx_sorted rows, zero points); GEN = false compiles them out (symmetric, plain groups).
-template <typename T, int BITS, int MODE, bool GEN>
-__global__ void __launch_bounds__(THREADS, MODE >= 2 ? 1 : 2) marlin_gemm_kernel(const Params p) {
+// range of one split-K part (a multiple of RUN tiles); warp (strip, phase) takes the part's runs phase,
+// phase + kw, ...  Every warp streams its own B tiles (and, per run, its lanes' 8 group scales) through a
+// private ring of RUN shared-memory slots filled with cp.async: lane t copies, and later reads back, exactly
+// its own 16/32 bytes, so a slot needs no barrier.  The loop over a run is unrolled: slot u is tile u of the
+// run, and right after slot u is read, tile u of the warp's next run is issued into it.
+// A is staged per chunk of kc columns in shared memory (rows past M and columns past K are zero), shared by
+// the block's warps.  Partial sums: k-phases add into a shared-memory tile in a fixed order; split-K parts of
+// one cluster (sm_90 thread-block clusters along gridDim.x) are added through distributed shared memory in
+// rank order, each rank producing a slice of the output; global slices (gridDim.z) go through the fp32
+// workspace.  All orders are fixed: the result is deterministic.
+// GEN = false: symmetric, no g_idx, one group per run (groups of a multiple of 128 rows, power-of-two tiles) or
+// a single group.  In the swapped modes the scales then multiply the fp32 sums of each run (exact products,
+// 16 FFMA per run instead of 16 HMUL2 per tile); in the m16 modes they multiply the weights per run.
+// GEN = true: g_idx_sorted rows, zero points, any group size (per-tile group test, scales per element).
+template <typename T, int BITS, int MB, bool GEN>
+__global__ void __launch_bounds__(THREADS, 2) marlin_gemm_kernel(const Params p) {
   using TT = TypeTraits<T>;
   using T2 = typename TT::T2;
-  constexpr int R = ModeRows<MODE>::R;
-  constexpr int D = Ring<BITS>::D;
-  constexpr int W4 = BITS / 4;      // 16-byte words per lane per k-tile
-  constexpr int TILE_I4 = 32 * W4;  // 16-byte words per 16x64 tile
-  constexpr int NACC = MODE == 0 ? 4 : MODE * 8;  // m16n8 accumulators per lane
+  constexpr int R = 8 * MB;
+  constexpr bool FOLD = !GEN;                   // scales applied to the fp32 sums of a run
+  constexpr int W4 = BITS / 4;                  // 16-byte words per lane per k-tile
+  constexpr int TILE_I4 = 32 * W4;              // 16-byte words per 16x64 tile
+  constexpr int NACC = 4 * MB;                  // m16n8 accumulators per lane
+  constexpr int UNROLL_PAIRS = FOLD ? RUN / 2 : 1;
 
   extern __shared__ __align__(16) unsigned char smem[];
-  int4* ring = reinterpret_cast<int4*>(smem);                                  // [WARPS][D][32][W4]
-  int4* sring = reinterpret_cast<int4*>(smem + ring_bytes<BITS>());            // [WARPS][D][32]
-  T* As = reinterpret_cast<T*>(smem + ring_bytes<BITS>() + sring_bytes<BITS>());  // [R][kc + A_PAD]
-  float* red = reinterpret_cast<float*>(smem);                                 // [sb][R][RED_STRIDE] (reuses ring)
+  int4* ring = reinterpret_cast<int4*>(smem);                                     // [WARPS][RUN][32][W4]
+  int4* sring = reinterpret_cast<int4*>(smem + ring_bytes<BITS>());               // [WARPS][32]
+  T* As = reinterpret_cast<T*>(smem + ring_bytes<BITS>() + sring_bytes());        // [R][kc + A_PAD], a_pos order
+  float* red = reinterpret_cast<float*>(smem);                                    // [sb][R][RED_STRIDE] (reuse)
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int gid = lane >> 2, tig = lane & 3;
   const int sb = p.sb, kw = WARPS / sb;
   const int sl = warp % sb, phase = warp / sb;
   const int NS = p.N / 64;
-  const int nt = blockIdx.y * sb + sl;
+  // Grid (cluster ranks, m-blocks, strip blocks x global slices): the m-blocks of one strip block are
+  // launched next to each other, so all but the first read its B tiles from L2.
+  const int sblock = blockIdx.z / p.slices;
+  const int nt = sblock * sb + sl;
   const int cs = gridDim.x;  // cluster size along x (1 without clusters)
-  const int mblock = blockIdx.z / p.slices, gslice = blockIdx.z % p.slices;
+  const int mblock = blockIdx.y, gslice = blockIdx.z % p.slices;
   const int m0 = mblock * R;
   const int mv = min(R, p.M - m0);  // valid rows of this block tile
   const int part = gslice * cs + blockIdx.x;
   const int KT = p.K / 16;
   const int kt_beg = part * p.kpp;
   const int kt_end = min(KT, kt_beg + p.kpp);
-  const int nj = kt_end > kt_beg + phase ? (kt_end - kt_beg - phase + kw - 1) / kw : 0;
+  const int nruns = kt_end > kt_beg ? (kt_end - kt_beg + RUN - 1) / RUN : 0;
+  const int nr = nruns > phase ? (nruns - phase + kw - 1) / kw : 0;  // this warp's runs
   const int astride = p.kc + A_PAD;
-  const bool grouped = (!GEN || p.gidx == nullptr) && p.group_rows > 0;  // scales per group, prefetched in the ring
-
-  int4* my_ring = ring + (warp * D) * 32 * W4 + lane * W4;
-  int4* my_sring = sring + (warp * D) * 32 + lane;
+  const bool ring_scales = !GEN && !p.scale_epilogue;  // one group per run: its scales ride in the ring
   const T* scales = reinterpret_cast<const T*>(p.scales);
-  const int tsh = p.tpg_shift, tpg = p.group_rows / 16;
-  auto grp = [&](int kt) { return tsh >= 0 ? (kt >> tsh) : kt / tpg; };
 
-  // Issue state (running pointers: no index arithmetic per tile beyond adds).
-  const int64_t istride = static_cast<int64_t>(kw) * NS * TILE_I4;
-  const int4* isrc = p.B + (static_cast<int64_t>(kt_beg + phase) * NS + nt) * TILE_I4 + lane * W4;
-  const T* ssrc = scales + nt * 64 + 8 * gid;
-  int ij = 0, ikt = kt_beg + phase, islot = 0, ig = -1;
-  auto issue = [&]() {
-    if (ij < nj) {
+  const int4* my_ring = ring + warp * RUN * TILE_I4 + lane * W4;  // slot u at my_ring + u * TILE_I4
+  const int4* my_sring = sring + warp * 32 + lane;
+  const uint32_t ring_s = smem_addr(my_ring), sring_s = smem_addr(my_sring);
+  // This lane's A operand row in m8 block mb: 8 mb + gid.
+  const T* arow[MB];
 #pragma unroll
-      for (int w = 0; w < W4; ++w) cp_async16_cg(my_ring + islot * 32 * W4 + w, isrc + w);
-      if (grouped) {
-        const int g = grp(ikt);
-        if (g != ig) {
-          cp_async16_ca(my_sring + islot * 32, ssrc + static_cast<int64_t>(g) * p.N);
-          ig = g;
-        }
-      }
+  for (int mb = 0; mb < MB; ++mb) arow[mb] = As + (8 * mb + gid) * astride + 8 * tig;
+
+  // Issue state: the warp's next run to stream (first k-tile ikt), running pointers.
+  const int64_t tstride = static_cast<int64_t>(NS) * TILE_I4;  // int4s between k-tiles of a strip
+  const int64_t rstride = static_cast<int64_t>(RUN) * kw * tstride;
+  const int4* isrc = p.B + static_cast<int64_t>(kt_beg + RUN * phase) * tstride + nt * TILE_I4 + lane * W4;
+  const T* ssrc = scales + nt * 64 + 8 * gid;
+  int ikt = kt_beg + RUN * phase, irun = 0;
+  auto issue = [&](int u) {  // tile u of the next run into slot u (zero-filled past K or past the last run)
+    const bool ok = irun < nr && ikt + u < kt_end;
+#pragma unroll
+    for (int w = 0; w < W4; ++w)
+      cp_async16_cg(ring_s + (u * TILE_I4 + w) * 16, ok ? isrc + u * tstride + w : p.B, ok ? 16 : 0);
+    if (u == 0 && ring_scales) {
+      const int g = ikt >> p.tpg_shift;
+      cp_async16_ca(sring_s, ok ? ssrc + static_cast<int64_t>(g) * p.N : scales, ok ? 16 : 0);
     }
-    cp_async_commit();  // one group per call, empty or not: wait_group<D-1> then covers the oldest tile
-    ++ij;
-    isrc += istride;
-    ikt += kw;
-    islot = islot + 1 == D ? 0 : islot + 1;
+    cp_async_commit();  // one group per tile: wait_group<RUN-1> then covers the oldest tile
+    if (u == RUN - 1) {
+      ++irun;
+      ikt += RUN * kw;
+      isrc += rstride;
+    }
   };
 
   // 1. Fill the ring, then zero the A rows past M (they stay zero for every chunk).
 #pragma unroll
-  for (int j = 0; j < D; ++j) issue();
+  for (int u = 0; u < RUN; ++u) issue(u);
   for (int id = threadIdx.x; id < (R - mv) * (astride / 8); id += THREADS) {
     const int r = mv + id / (astride / 8), c8 = id % (astride / 8);
     *reinterpret_cast<int4*>(As + r * astride + 8 * c8) = make_int4(0, 0, 0, 0);
@@ -360,97 +386,141 @@ __global__ void __launch_bounds__(THREADS, MODE >= 2 ? 1 : 2) marlin_gemm_kernel
   }
   int g_cur = -1;
   const T* A = reinterpret_cast<const T*>(p.A);
-  const int ct = p.kc / 16;  // k-tiles per chunk (multiple of 8, so chunks start at a phase-0 tile)
-  int j = 0, cslot = 0;
+  const int ct = p.kc / 16;  // k-tiles per chunk (a multiple of RUN)
+  int i = 0;                 // this warp's run index
   for (int c0 = kt_beg; c0 < kt_end; c0 += ct) {
-    // 2. Stage A[m0 : m0 + mv, 16 c0 : 16 min(c0 + ct, kt_end)) (the B ring keeps streaming meanwhile).
+    // 2. Stage A[m0 : m0 + mv, 16 c0 : 16 min(c0 + ct, kt_end)) in a_pos order (the B ring keeps streaming),
+    //    zero up to the end of the last run.
     const int cols = 16 * min(ct, kt_end - c0);
+    const int cols_run = min(p.kc, (cols + 16 * RUN - 1) / (16 * RUN) * (16 * RUN));
     __syncthreads();
     if (p.perm == nullptr) {
-      for (int id = threadIdx.x; id < mv * (cols / 8); id += THREADS) {
-        const int r = id / (cols / 8), c8 = id % (cols / 8);
-        *reinterpret_cast<int4*>(As + r * astride + 8 * c8) =
-            __ldg(reinterpret_cast<const int4*>(A + static_cast<int64_t>(m0 + r) * p.lda + 16 * c0 + 8 * c8));
+      // One item = a row's 32 columns (4 x 16 bytes in, 4 x 16 bytes out): output word 4 tig + 2t + h is
+      // input word 8t + 4h + tig (words = column pairs).
+      for (int id = threadIdx.x; id < mv * (cols / 32); id += THREADS) {
+        const int r = id / (cols / 32), pp = id % (cols / 32);
+        const int4* src = reinterpret_cast<const int4*>(A + static_cast<int64_t>(m0 + r) * p.lda + 16 * c0 + 32 * pp);
+        int4 v[4];
+#pragma unroll
+        for (int w = 0; w < 4; ++w) v[w] = __ldg(src + w);
+        const int* in = reinterpret_cast<const int*>(v);
+        int4* dst = reinterpret_cast<int4*>(As + r * astride + 32 * pp);
+#pragma unroll
+        for (int t4 = 0; t4 < 4; ++t4) dst[t4] = make_int4(in[t4], in[4 + t4], in[8 + t4], in[12 + t4]);
       }
     } else {
-      for (int c = threadIdx.x; c < cols; c += THREADS) {
-        const int src = __ldg(p.perm + 16 * c0 + c);
-        const bool in = static_cast<unsigned>(src) < static_cast<unsigned>(p.lda);
-        for (int r = 0; r < mv; ++r)
-          As[r * astride + c] = in ? A[static_cast<int64_t>(m0 + r) * p.lda + src] : TT::from_float(0.f);
+      // Gather through perm, 8 columns per item so that 8 independent loads are in flight per thread: columns
+      // 8 c8 .. 8 c8 + 7 share t and h (a_pos), so they land as 4 column pairs at a_pos(8 c8 + 2j).
+      for (int c8 = threadIdx.x; c8 < cols / 8; c8 += THREADS) {
+        const int4* pv = reinterpret_cast<const int4*>(p.perm + 16 * c0 + 8 * c8);
+        const int4 lo = __ldg(pv), hi = __ldg(pv + 1);
+        const int src[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+        for (int r = 0; r < mv; ++r) {
+          const T* arow_g = A + static_cast<int64_t>(m0 + r) * p.lda;
+          T v[8];
+#pragma unroll
+          for (int j = 0; j < 8; ++j)
+            v[j] = static_cast<unsigned>(src[j]) < static_cast<unsigned>(p.lda) ? __ldg(arow_g + src[j]) : TT::from_float(0.f);
+#pragma unroll
+          for (int j = 0; j < 4; ++j)
+            *reinterpret_cast<T2*>(As + r * astride + a_pos(8 * c8 + 2 * j)) = T2{v[2 * j], v[2 * j + 1]};
+        }
       }
+    }
+    for (int id = threadIdx.x; id < mv * ((cols_run - cols) / 8); id += THREADS) {
+      const int r = id / ((cols_run - cols) / 8), c8 = id % ((cols_run - cols) / 8);
+      *reinterpret_cast<int4*>(As + r * astride + cols + 8 * c8) = make_int4(0, 0, 0, 0);
     }
     __syncthreads();
 
-    // 3. This warp's k-tiles of the chunk.
-    const int jend = min(nj, (c0 + ct - kt_beg + kw - 1 - phase) / kw);
-    for (; j < jend; ++j) {
-      const int kt = kt_beg + phase + j * kw;
-      cp_async_wait<D - 1>();
-      int4 bq[W4];
+    // 3. This warp's runs inside the chunk.
+    for (; i < nr; ++i) {
+      const int kt0 = kt_beg + RUN * (phase + i * kw);
+      if (kt0 >= c0 + ct) break;
+      const int aoff = (kt0 - c0) * 16;  // the run's tile 0 in the chunk
+      float sf[8];  // FOLD: the run's scales at the lane's column gid of sub-tiles 0..7
+      float part_acc[FOLD ? NACC : 1][4];
+      if constexpr (FOLD) {
 #pragma unroll
-      for (int w = 0; w < W4; ++w) bq[w] = my_ring[cslot * 32 * W4 + w];
-      uint32_t bf[8][2];
-      bool per_row = false;
-      if (grouped) {
-        const int g = grp(kt);
-        if (g != g_cur) {
-          g_cur = g;
-          const int4 sv = my_sring[cslot * 32];
-          const T* s8 = reinterpret_cast<const T*>(&sv);
+        for (int q = 0; q < NACC; ++q)
 #pragma unroll
-          for (int s = 0; s < 8; ++s) gc.s2[s] = T2{s8[s], s8[s]};
+          for (int e = 0; e < 4; ++e) part_acc[q][e] = 0.f;
+      }
+      uint32_t af[MB][4];  // A operands of a tile pair (see a_pos)
+      // Fully unrolled in the lean swapped modes (slot offsets become immediates); by tile pairs elsewhere,
+      // where the wider state (zero points, 32-128 accumulators) would otherwise spill.
+#pragma unroll UNROLL_PAIRS
+      for (int pr = 0; pr < RUN / 2; ++pr) {
+#pragma unroll
+        for (int t = 0; t < 2; ++t) {
+          const int u = 2 * pr + t;  // slot = tile of the run
+          cp_async_wait<RUN - 1>();
+          int4 bq[W4];
+#pragma unroll
+          for (int w = 0; w < W4; ++w) bq[w] = my_ring[u * TILE_I4 + w];
+          if (u == 0 && ring_scales) {
+            const int4 sv = *my_sring;
+            const T* s8 = reinterpret_cast<const T*>(&sv);
+#pragma unroll
+            for (int s = 0; s < 8; ++s) {
+              if constexpr (FOLD) sf[s] = TT::to_float(s8[s]);
+              else gc.s2[s] = T2{s8[s], s8[s]};
+            }
+          }
+          if (t == 0) {
+#pragma unroll
+            for (int mb = 0; mb < MB; ++mb) {
+              const int4 v = *reinterpret_cast<const int4*>(arow[mb] + aoff + 32 * pr);
+              af[mb][0] = v.x; af[mb][1] = v.y; af[mb][2] = v.z; af[mb][3] = v.w;
+            }
+          }
+          // Refill the slot (its words are in registers now) with tile u of the next run.
+          issue(u);
+
+          uint32_t bf[8][2];
+          bool per_row = false;
           if constexpr (GEN) {
-            if (p.zeros != nullptr) {
-              const uint32_t* zrow = p.zeros + static_cast<int64_t>(g) * (p.N * BITS / 32);
+            const int kt = min(kt0 + u, kt_end - 1);  // tiles past K multiply zero columns of A
+            if (p.gidx != nullptr) {
+              const int ga = __ldg(p.gidx + kt * 16), gb = __ldg(p.gidx + kt * 16 + 15);
+              per_row = ga != gb;
+              if (!per_row && ga != g_cur) {
+                gc.load(p, ga, nt, gid);
+                g_cur = ga;
+              }
+            } else {
+              const int g = p.group_rows == 0 ? 0 : (p.tpg_shift >= 0 ? kt >> p.tpg_shift : kt / (p.group_rows / 16));
+              if (g != g_cur) {
+                gc.load(p, g, nt, gid);  // scales (unless in the epilogue) and zero points
+                g_cur = g;
+              }
+            }
+            if (per_row) dequant_rows<T, BITS>(p, bq, kt, nt, gid, tig, bf);
+          }
+          if (!per_row) dequant<T, BITS>(bq, gc, !FOLD && !p.scale_epilogue, bf);
+
+          const int h = 2 * t;  // this tile's words in the pair's operands
 #pragma unroll
-              for (int s = 0; s < 8; ++s) gc.set_zero(s, zero_point<BITS>(zrow, nt, s, gid));
+          for (int mb = 0; mb < MB; ++mb) {
+            const uint32_t b[2] = {af[mb][h], af[mb][h + 1]};
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+              const uint32_t a[4] = {bf[2 * q][0], bf[2 * q + 1][0], bf[2 * q][1], bf[2 * q + 1][1]};
+              if constexpr (FOLD) mma_16816<T>(a, b, part_acc[mb * 4 + q]);
+              else mma_16816<T>(a, b, acc[mb * 4 + q]);
             }
           }
         }
-      } else if constexpr (GEN) {
-        if (p.gidx != nullptr) {
-          const int ga = __ldg(p.gidx + kt * 16), gb = __ldg(p.gidx + kt * 16 + 15);
-          per_row = ga != gb;
-          if (!per_row && ga != g_cur) {
-            gc.load(p, ga, nt, gid);
-            g_cur = ga;
-          }
-        } else if (g_cur < 0) {
-          if (p.zeros != nullptr) gc.load(p, 0, nt, gid);  // one group: zeros only (scales in the epilogue)
-          g_cur = 0;
-        }
       }
-      if (GEN && per_row) dequant_rows<T, BITS>(p, bq, kt, nt, gid, tig, bf);
-      else dequant<T, BITS>(bq, gc, !p.scale_epilogue, bf);
-      // Refill the slot (its words are in registers now).
-      issue();
-      cslot = cslot + 1 == D ? 0 : cslot + 1;
-
-      const T* ak = As + (kt - c0) * 16 + 2 * tig;
-      if constexpr (MODE == 0) {
-        uint32_t b[2];
-        b[0] = *reinterpret_cast<const uint32_t*>(ak + gid * astride);
-        b[1] = *reinterpret_cast<const uint32_t*>(ak + gid * astride + 8);
+      if constexpr (FOLD) {
+        // Row n of a swapped accumulator is column 16q + gid (+8 for e >= 2): sub-tile 2q (2q + 1).
 #pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          const uint32_t a[4] = {bf[2 * q][0], bf[2 * q + 1][0], bf[2 * q][1], bf[2 * q + 1][1]};
-          mma_16816<T>(a, b, acc[q]);
-        }
-      } else {
+        for (int q = 0; q < NACC; ++q)
 #pragma unroll
-        for (int mi = 0; mi < MODE; ++mi) {
-          if (mi * 16 < mv) {
-            uint32_t a[4];
-            const T* base = ak + (mi * 16 + gid) * astride;
-            a[0] = *reinterpret_cast<const uint32_t*>(base);
-            a[1] = *reinterpret_cast<const uint32_t*>(base + 8 * astride);
-            a[2] = *reinterpret_cast<const uint32_t*>(base + 8);
-            a[3] = *reinterpret_cast<const uint32_t*>(base + 8 * astride + 8);
-#pragma unroll
-            for (int s = 0; s < 8; ++s) mma_16816<T>(a, bf[s], acc[mi * 8 + s]);
+          for (int e = 0; e < 4; ++e) {
+            const float s = ring_scales ? sf[2 * (q % 4) + (e >> 1)] : 1.f;
+            acc[q][e] = fmaf(part_acc[q][e], s, acc[q][e]);
           }
-        }
       }
     }
   }
@@ -462,19 +532,14 @@ __global__ void __launch_bounds__(THREADS, MODE >= 2 ? 1 : 2) marlin_gemm_kernel
     if (phase == ph) {
       float* rs = red + sl * R * RED_STRIDE;
 #pragma unroll
-      for (int i = 0; i < NACC; ++i)
+      for (int q = 0; q < NACC; ++q)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          int row, col;
-          if constexpr (MODE == 0) {
-            row = 2 * tig + (e & 1);
-            col = 16 * i + gid + 8 * (e >> 1);
-          } else {
-            row = (i / 8) * 16 + gid + 8 * (e >> 1);
-            col = 8 * (i % 8) + 2 * tig + (e & 1);
-          }
+          // C^T fragment: its row is column n of C, its column row m of C.
+          const int row = 8 * (q / 4) + 2 * tig + (e & 1);
+          const int col = 16 * (q % 4) + gid + 8 * (e >> 1);
           float* r = rs + row * RED_STRIDE + col;
-          *r = ph == 0 ? acc[i][e] : *r + acc[i][e];
+          *r = ph == 0 ? acc[q][e] : *r + acc[q][e];
         }
     }
     __syncthreads();
@@ -514,7 +579,7 @@ __global__ void __launch_bounds__(THREADS, MODE >= 2 ? 1 : 2) marlin_gemm_kernel
       v0 = red[off];
       v1 = red[off + 1];
     }
-    const int ntc = blockIdx.y * sb + s;
+    const int ntc = sblock * sb + s;
     if (p.scale_epilogue) {
       v0 *= TT::to_float(scales[scale_pos(ntc, col / 8, col % 8, p.single_perm)]);
       v1 *= TT::to_float(scales[scale_pos(ntc, col / 8, col % 8 + 1, p.single_perm)]);
@@ -586,15 +651,15 @@ __global__ void __launch_bounds__(THREADS) marlin_dequant_kernel(const Params p,
   }
 }
 
-template <typename T, int BITS, int MODE, bool GEN>
-void launch_mode(const Params& p, dim3 grid, int cs, size_t smem, cudaStream_t stream) {
-  auto kern = marlin_gemm_kernel<T, BITS, MODE, GEN>;
+template <typename T, int BITS, int MB, bool GEN>
+void launch_mb(const Params& p, dim3 grid, int cs, size_t smem, cudaStream_t stream) {
+  auto kern = marlin_gemm_kernel<T, BITS, MB, GEN>;
   static bool attr_done[64] = {false};
   int dev = 0;
   C10_CUDA_CHECK(cudaGetDevice(&dev));
   if (dev >= 64 || !attr_done[dev]) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(max_smem<BITS, MODE>())));
+                                        static_cast<int>(max_smem<BITS, MB>())));
     if (dev < 64) attr_done[dev] = true;
   }
   cudaLaunchConfig_t cfg = {};
@@ -612,21 +677,19 @@ void launch_mode(const Params& p, dim3 grid, int cs, size_t smem, cudaStream_t s
   C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kern, p));
 }
 
-template <typename T, int BITS, bool GEN>
-void launch_gen(const Params& p, int mode, dim3 grid, int cs, size_t smem, cudaStream_t stream) {
-  switch (mode) {
-    case 0: launch_mode<T, BITS, 0, GEN>(p, grid, cs, smem, stream); break;
-    case 1: launch_mode<T, BITS, 1, GEN>(p, grid, cs, smem, stream); break;
-    case 2: launch_mode<T, BITS, 2, GEN>(p, grid, cs, smem, stream); break;
-    default: launch_mode<T, BITS, 4, GEN>(p, grid, cs, smem, stream); break;
-  }
+// The lean instantiation needs one group per run: a single group, or groups of a power-of-two multiple of RUN
+// k-tiles (g128, g256, ...) with runs starting at multiples of RUN (kpp is one).
+__host__ inline bool needs_general(const Params& p) {
+  const bool run_groups = p.group_rows == 0 || (p.tpg_shift >= 3);
+  return p.gidx != nullptr || p.zeros != nullptr || !run_groups;
 }
 
 // Defined (explicitly instantiated) in marlin_inst_<dtype>_b<bits>.cu, so the kernels build in parallel.
 template <typename T, int BITS>
-void launch_bits(const Params& p, int mode, dim3 grid, int cs, size_t smem, cudaStream_t stream) {
-  if (p.gidx != nullptr || p.zeros != nullptr) launch_gen<T, BITS, true>(p, mode, grid, cs, smem, stream);
-  else launch_gen<T, BITS, false>(p, mode, grid, cs, smem, stream);
+void launch_bits(const Params& p, int mb, dim3 grid, int cs, size_t smem, cudaStream_t stream) {
+  const bool gen = needs_general(p);
+  if (mb == 1) gen ? launch_mb<T, BITS, 1, true>(p, grid, cs, smem, stream) : launch_mb<T, BITS, 1, false>(p, grid, cs, smem, stream);
+  else gen ? launch_mb<T, BITS, 2, true>(p, grid, cs, smem, stream) : launch_mb<T, BITS, 2, false>(p, grid, cs, smem, stream);
 }
 
 }  // namespace marlin

@@ -182,11 +182,12 @@ def marlin_gemm(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qz
     return torch.ops.mygptq_cuda.marlin_gemm(a, qweight, scales, qzeros, g_idx_sorted, bits, group_size, perm)
 
 
-def marlin_set_config(sb: int = 0, cs: int = 0, slices: int = 0, dense_min_m: int = 0) -> None:
+def marlin_set_config(sb: int = 0, cs: int = 0, slices: int = 0, dense_min_m: int = 0, tile_rows: int = 0) -> None:
     """Benchmark-only: force the Marlin GEMM's strips per block / cluster split / global slices / dense
-    threshold (0 = automatic, the default).  Process-global; not for production use."""
+    threshold / block-tile rows (8 or 16) (0 = automatic, the default).
+    Process-global; not for production use."""
     _require()
-    torch.ops.mygptq_cuda._marlin_set_config(sb, cs, slices, dense_min_m)
+    torch.ops.mygptq_cuda._marlin_set_config(sb, cs, slices, dense_min_m, tile_rows)
 
 
 def exllama_gemm(a: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor | None, scales: torch.Tensor,

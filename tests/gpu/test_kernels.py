@@ -195,13 +195,14 @@ def test_marlin_gemm_forced_splits(kern, bits, sym):
     try:
         for M in (1, 5, 16, 24, 48, 100):
             x = torch.randn(M, K, dtype=torch.float32).half().to(dev)
-            for sb, cs, slices, dense in ((1, 1, 1, 0), (2, 2, 1, 0), (8, 8, 1, 0), (4, 4, 2, 0), (1, 1, 4, 0),
-                                          (2, 8, 1, 0), (0, 0, 0, 1)):
-                kern.marlin_set_config(sb, cs, slices, dense)
+            for sb, cs, slices, dense, rows in ((1, 1, 1, 0, 0), (2, 2, 1, 0, 0), (8, 8, 1, 0, 0), (4, 4, 2, 0, 0),
+                                                (1, 1, 4, 0, 0), (2, 8, 1, 0, 0), (0, 0, 0, 1, 0), (2, 2, 1, 0, 8),
+                                                (4, 2, 1, 0, 16), (1, 2, 2, 0, 16)):
+                kern.marlin_set_config(sb, cs, slices, dense, rows)
                 y = kern.marlin_gemm(x, qw, sc, qz, gs, bits, 128)
-                check_close(y, x, w, f"marlin forced sb={sb} cs={cs} slices={slices} dense={dense} M={M}")
+                check_close(y, x, w, f"marlin forced sb={sb} cs={cs} slices={slices} dense={dense} rows={rows} M={M}")
     finally:
-        kern.marlin_set_config(0, 0, 0, 0)
+        kern.marlin_set_config(0, 0, 0, 0, 0)
 
 
 # ---- ExLlama-layout GEMM --------------------------------------------------------------------------------
