@@ -18,12 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from child import emit, run_child  # noqa: E402
 from convert_speed import LLAMA3_8B, generate  # noqa: E402
 
 RUN_SCRIPT = """
@@ -51,11 +51,8 @@ print("RESULT " + json.dumps(result))
 
 
 def run(model: Path, quantization: str, batches: list[int], repeats: int) -> dict:
-    proc = subprocess.run([sys.executable, "-c", RUN_SCRIPT, str(model), quantization, json.dumps(batches),
-                           str(repeats)], capture_output=True, text=True, timeout=1200)
-    if proc.returncode:
-        raise SystemExit(f"{quantization} run failed:\n{proc.stderr[-4000:]}")
-    return json.loads(next(line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")))
+    return run_child(RUN_SCRIPT, [str(model), quantization, json.dumps(batches), str(repeats)],
+                     f"{quantization} run", 1200)[0]
 
 
 def main() -> None:
@@ -80,11 +77,7 @@ def main() -> None:
         if "gptq" in results and "mygptq" in results:
             report["mygptq_over_gptq"] = {b: round(results["mygptq"][str(b)]["tok_per_s"] /
                                                    results["gptq"][str(b)]["tok_per_s"], 3) for b in batches}
-        text = json.dumps(report, indent=2)
-        print(text)
-        if args.out:
-            args.out.mkdir(parents=True, exist_ok=True)
-            (args.out / "e2e_throughput.json").write_text(text)
+        emit(report, args.out, "e2e_throughput.json")
     finally:
         shutil.rmtree(args.workdir, ignore_errors=True)
 

@@ -15,15 +15,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from child import emit, run_child  # noqa: E402
 from convert_speed import generate, run_convert  # noqa: E402
 
 LOAD_SCRIPT = """
@@ -39,12 +38,8 @@ print("RESULT " + json.dumps({"engine_s": load_s, "tokens": list(out[0].outputs[
 
 
 def load_once(model: Path, quantization: str) -> dict:
-    proc = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, str(model), quantization],
-                          capture_output=True, text=True, timeout=900)
-    if proc.returncode:
-        raise SystemExit(f"load of {model} with {quantization} failed:\n{proc.stderr[-4000:]}")
-    result = json.loads(next(line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")))
-    m = re.search(r"Loading weights took ([\d.]+) seconds", proc.stderr + proc.stdout)
+    result, log = run_child(LOAD_SCRIPT, [str(model), quantization], f"load of {model} with {quantization}", 900)
+    m = re.search(r"Loading weights took ([\d.]+) seconds", log)
     result["weights_s"] = float(m.group(1)) if m else None
     return result
 
@@ -77,11 +72,7 @@ def main() -> None:
             "runs": runs,
             "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         }
-        text = json.dumps(report, indent=2)
-        print(text)
-        if args.out:
-            args.out.mkdir(parents=True, exist_ok=True)
-            (args.out / "load_time.json").write_text(text)
+        emit(report, args.out, "load_time.json")
     finally:
         shutil.rmtree(args.workdir, ignore_errors=True)
 
