@@ -34,6 +34,10 @@ SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab
     "70b": (8192, 28672, 1, 64, 8, 128256),
     "tiny": (256, 512, 2, 4, 2, 1024),
 }
+# Depth of the model a shape stands for, for the depth-scaled init of o_proj/down_proj (std 0.02/sqrt(2*depth)):
+# the one 70B-shaped layer is a layer of an 80-layer model, not of a 1-layer one (whose residual branches
+# would be sqrt(80) times too large against the residual stream).
+DEPTH = {"70b": 80}
 
 
 def build(model_dir: Path, shape: str, dtype: torch.dtype, device: str) -> None:
@@ -52,6 +56,7 @@ def build(model_dir: Path, shape: str, dtype: torch.dtype, device: str) -> None:
         return (torch.randn(*shape, generator=g, device=device) * std).to(dtype).cpu()
 
     hd = hidden // heads
+    out_std = 0.02 / (2 * DEPTH.get(shape, layers)) ** 0.5
 
     def shards():  # generated one at a time
         yield {"model.embed_tokens.weight": rand(vocab, hidden)}
@@ -63,10 +68,10 @@ def build(model_dir: Path, shape: str, dtype: torch.dtype, device: str) -> None:
                 f"{p}.self_attn.q_proj.weight": rand(heads * hd, hidden),
                 f"{p}.self_attn.k_proj.weight": rand(kv * hd, hidden),
                 f"{p}.self_attn.v_proj.weight": rand(kv * hd, hidden),
-                f"{p}.self_attn.o_proj.weight": rand(hidden, heads * hd, std=0.02 / (2 * layers) ** 0.5),
+                f"{p}.self_attn.o_proj.weight": rand(hidden, heads * hd, std=out_std),
                 f"{p}.mlp.gate_proj.weight": rand(inter, hidden),
                 f"{p}.mlp.up_proj.weight": rand(inter, hidden),
-                f"{p}.mlp.down_proj.weight": rand(hidden, inter, std=0.02 / (2 * layers) ** 0.5),
+                f"{p}.mlp.down_proj.weight": rand(hidden, inter, std=out_std),
             }
         yield {"model.norm.weight": torch.ones(hidden, dtype=dtype), "lm_head.weight": rand(vocab, hidden)}
 
@@ -118,6 +123,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-fused-check", action="store_true")
+    ap.add_argument("--mse", type=float, default=0.0, help="MSE clipping search norm (gptq-convert quantize --mse)")
     ap.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     shape = "tiny" if args.tiny else (args.layer_only or "8b")
@@ -145,7 +151,7 @@ def main() -> None:
     rows = torch.randint(0, vocab, (args.nsamples, args.seqlen), generator=torch.Generator().manual_seed(0))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    job = Job(model_dir=model_dir, out_dir=args.out / f"quantized-{shape}", spec=QuantSpec(4, 128, True, "static"),
+    job = Job(model_dir=model_dir, out_dir=args.out / f"quantized-{shape}", spec=QuantSpec(4, 128, True, "static", mse=args.mse),
               target=Target.GPTQ_V1, device=device, dtype=dtype if device.type == "cuda" else None,
               batch_size=args.batch_size, overwrite=True)
     t0 = time.perf_counter()
@@ -154,13 +160,16 @@ def main() -> None:
     layers = SHAPES[shape][2]
     result = {
         "shape": shape, "hidden_intermediate_layers_heads_kv_vocab": SHAPES[shape], "nsamples": args.nsamples,
-        "seqlen": args.seqlen, "dtype": args.dtype, "device": torch.cuda.get_device_name() if device.type == "cuda"
+        "seqlen": args.seqlen, "mse": args.mse, "dtype": args.dtype, "device": torch.cuda.get_device_name() if device.type == "cuda"
         else "cpu", "torch": torch.__version__, "total_s": round(total, 2),
         "seconds": {k: round(v, 2) for k, v in report["seconds"].items()},
         "per_layer_s": round(total / layers, 2),
         "gpu_peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if device.type == "cuda" else None,
         "host_peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2),
         "mean_rel_layer_error": sum(r["rel_error"] for r in report["layers"]) / len(report["layers"]),
+        # per layer: a random model's layer 0 has by far the largest error (its output is almost all residual
+        # branch; deeper layers add to a growing residual stream), so one 70B layer compares with layer 0 only
+        "rel_layer_errors": [round(r["rel_error"], 4) for r in report["layers"]],
         "fallbacks": [f"{r['layer']}.{n}" for r in report["layers"] for n, m in r["modules"].items() if m["fallback"]],
     }
     if shape == "70b":

@@ -45,6 +45,9 @@ _FOREIGN_FORMATS = {
 _DYNAMIC_KEYS = {"bits", "group_size", "sym", "desc_act"}
 _DYNAMIC_FORMAT_KEYS = {"format", "checkpoint_format", "quant_method", "method", "pack_dtype"}
 
+# g_idx of one expert in a per-expert checkpoint (model.layers.0.block_sparse_moe.experts.3.w1.g_idx)
+EXPERT_G_IDX = re.compile(r"\.experts\.\d+\.[^.]+\.g_idx$")
+
 
 @dataclass(frozen=True)
 class LayerScheme:
@@ -200,10 +203,12 @@ class MyGPTQConfig(QuantizationConfig):
 
     @staticmethod
     def get_checkpoint_weight_mapper():
-        # vLLM >= 0.33 drops `.g_idx` from the weight stream by default; act-order needs it.
+        # vLLM >= 0.33 drops `.g_idx` from the weight stream by default; act-order needs it for linear
+        # layers.  MoE experts go to vLLM's in-tree GPTQ MoE method, which has no g_idx parameter (it
+        # refuses act-order checkpoints): their trivial g_idx is dropped, as vLLM itself does.
         from vllm.model_executor.models.utils import WeightsMapper
 
-        return WeightsMapper()
+        return WeightsMapper(orig_to_new_regex={EXPERT_G_IDX: None})
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
         if self.modules_in_block_to_quantize:

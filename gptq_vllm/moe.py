@@ -23,9 +23,31 @@ def is_moe_layer(layer: torch.nn.Module) -> bool:
     return experts_cls is not None and isinstance(layer, experts_cls)
 
 
+def experts_scheme(config: "MyGPTQConfig", prefix: str):
+    """The scheme of the experts layer `prefix`, or None when its experts are stored unquantized.
+
+    Checkpoints store the experts one module per expert and projection (prefix.3.w1, prefix.3.down_proj),
+    so a list of quantized modules names those, never `prefix` itself.  The layer runs all its experts
+    as one kernel, so they must share one scheme.
+    """
+    if not config.modules_in_block_to_quantize:
+        return config.layer_scheme(prefix)
+    from .config import module_matches
+
+    schemes = set()
+    for entry in config.modules_in_block_to_quantize:
+        head, sep, expert = f".{entry}".rpartition(".experts.")
+        if sep and module_matches(prefix, f"{head}.experts".lstrip(".")):
+            schemes.add(config.layer_scheme(f"{prefix}.{expert}"))
+    if len(schemes) > 1:
+        raise ValueError(f"mygptq: MoE layer {prefix}: its experts are stored with different schemes "
+                         f"({', '.join(sorted(map(str, schemes)))}); vLLM runs them as one layer")
+    return schemes.pop() if schemes else None
+
+
 def unsupported_reasons(config: "MyGPTQConfig", prefix: str) -> list[str]:
     """Why vLLM's in-tree GPTQ MoE method cannot serve these experts (empty: it can)."""
-    scheme = config.layer_scheme(prefix)
+    scheme = experts_scheme(config, prefix)
     if scheme is None:
         return []
     reasons = []
@@ -39,7 +61,7 @@ def unsupported_reasons(config: "MyGPTQConfig", prefix: str) -> list[str]:
 
 
 def get_moe_method(config: "MyGPTQConfig", layer: torch.nn.Module, prefix: str):
-    if config.layer_scheme(prefix) is None:
+    if experts_scheme(config, prefix) is None:
         return None  # skipped by the config: vLLM loads the experts unquantized
     reasons = unsupported_reasons(config, prefix)
     if reasons:

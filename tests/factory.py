@@ -1,9 +1,9 @@
 """Small real models and GPTQ checkpoints built locally for the tests (there is no model hub here).
 
-build_model writes a random-init Llama- or Qwen2-style model with a real byte-level BPE tokenizer
-trained by `tokenizers`; write_gptq writes a GPTQ checkpoint of it (RTN codes, optionally with an
-act-order g_idx shared by the modules that read the same input, like real GPTQ output) together with
-the dequantized float model that transformers can run as the reference.
+build_model writes a random-init Llama- or Qwen2-style model (build_moe: Mixtral, Qwen2-MoE, Qwen3-MoE)
+with a real byte-level BPE tokenizer trained by `tokenizers`; write_gptq writes a GPTQ checkpoint of it
+(RTN codes, optionally with an act-order g_idx shared by the modules that read the same input, like real
+GPTQ output) together with the dequantized float model that transformers can run as the reference.
 """
 
 from __future__ import annotations
@@ -82,6 +82,49 @@ def build_model(directory: str | Path, arch: str = "llama", hidden: int = 128, l
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.08)
+    model.to(dtype).save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+MOE_ARCHS = {  # model_type: (class, config keys of expert count and expert width)
+    "mixtral": ("MixtralForCausalLM", "num_local_experts", "intermediate_size"),
+    "qwen2_moe": ("Qwen2MoeForCausalLM", "num_experts", "moe_intermediate_size"),
+    "qwen3_moe": ("Qwen3MoeForCausalLM", "num_experts", "moe_intermediate_size"),
+}
+
+
+def build_moe(directory: str | Path, arch: str = "mixtral", hidden: int = 64, layers: int = 2, experts: int = 4,
+              top_k: int = 2, intermediate: int = 64, router_offsets: dict[int, float] | None = None, seed: int = 0,
+              dtype: torch.dtype = torch.float16) -> Path:
+    """A random-init sparse MoE causal LM (transformers 5 fused experts, saved per expert as on the Hub).
+
+    router_offsets {expert: c} add c to that expert's router logit on every token, so tests can starve
+    an expert: every token embedding gets a constant channel 0 (so the normed router input there is
+    ~sqrt(hidden) on every token), and the expert's router row reads it with weight c / sqrt(hidden).
+    """
+    import transformers
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = build_tokenizer(directory)
+    cls_name, n_key, i_key = MOE_ARCHS[arch]
+    extra = {"shared_expert_intermediate_size": 2 * intermediate, "norm_topk_prob": True} if arch == "qwen2_moe" else {}
+    config = transformers.AutoConfig.for_model(
+        arch, vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, num_experts_per_tok=top_k, max_position_embeddings=2048, bos_token_id=0,
+        eos_token_id=1, pad_token_id=2, tie_word_embeddings=False, architectures=[cls_name],
+        **{n_key: experts, i_key: intermediate}, **extra)
+    torch.manual_seed(seed)
+    model = getattr(transformers, cls_name)(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.08)
+        if router_offsets:
+            model.model.embed_tokens.weight[:, 0] = 1.0  # ~12x the other channels: dominates the RMS norm
+            for layer in model.model.layers:
+                for e, c in router_offsets.items():
+                    layer.mlp.gate.weight[e, 0] = c / hidden**0.5
     model.to(dtype).save_pretrained(directory, safe_serialization=True)
     return directory
 

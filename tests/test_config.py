@@ -6,6 +6,7 @@ import json
 import pickle
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -193,6 +194,31 @@ def test_vllm_model_config_takes_mygptq_for_a_gptq_checkpoint(tmp_path):
 def test_checkpoint_weight_mapper_keeps_g_idx():
     names = ["model.layers.0.self_attn.q_proj.g_idx", "model.layers.0.self_attn.q_proj.qweight"]
     assert MyGPTQConfig.get_checkpoint_weight_mapper().apply_list(names) == names
+
+
+def test_checkpoint_weight_mapper_drops_the_g_idx_of_experts_only():
+    # vLLM's GPTQ MoE method (experts are delegated to it) has no g_idx; our linear layers need theirs
+    keep = ["model.layers.0.self_attn.q_proj.g_idx", "model.layers.0.block_sparse_moe.experts.3.w1.qweight",
+            "model.layers.0.mlp.shared_expert.down_proj.g_idx"]
+    drop = ["model.layers.0.block_sparse_moe.experts.3.w1.g_idx", "model.layers.1.mlp.experts.10.down_proj.g_idx"]
+    assert MyGPTQConfig.get_checkpoint_weight_mapper().apply_list(keep + drop) == keep
+
+
+def test_moe_layers_take_the_scheme_of_their_listed_experts():
+    from gptq_vllm.moe import experts_scheme
+
+    c = parse({**AUTOGPTQ, "desc_act": False, "dynamic": {r"+:.*layers\.1\..*": {"bits": 8}}})
+    c.modules_in_block_to_quantize = [f"model.layers.{i}.block_sparse_moe.experts.{e}.{p}"
+                                      for i in range(2) for e in range(4) for p in ("w1", "w2", "w3")]
+    assert experts_scheme(c, "model.layers.0.block_sparse_moe.experts") == c.base
+    assert experts_scheme(c, "model.layers.1.block_sparse_moe.experts") == replace(c.base, bits=8)
+    assert experts_scheme(c, "model.layers.2.block_sparse_moe.experts") is None  # not listed: float experts
+    c.modules_in_block_to_quantize = ["mlp.experts.0.gate_proj", "self_attn.q_proj"]  # optimum: block-relative
+    assert experts_scheme(c, "model.layers.0.mlp.experts") == c.base
+    mixed = parse({**AUTOGPTQ, "desc_act": False, "dynamic": {r"+:.*experts\.1\..*": {"bits": 8}}})
+    mixed.modules_in_block_to_quantize = [f"model.layers.0.mlp.experts.{e}.down_proj" for e in range(2)]
+    with pytest.raises(ValueError, match="experts are stored with different schemes"):
+        experts_scheme(mixed, "model.layers.0.mlp.experts")
 
 
 def test_quantized_modules_are_read_from_the_checkpoint(tmp_path):

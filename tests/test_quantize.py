@@ -61,6 +61,8 @@ def loop_q(monkeypatch):
     (Target.COMPRESSED_TENSORS, QuantSpec(8, -1, True, "desc")),
     (Target.MYGPTQ, QuantSpec(4, 128, True, "desc")),
     (Target.MYGPTQ, QuantSpec(2, 64, False, "static")),
+    (Target.GPTQ_V1, QuantSpec(4, 32, False, "desc", mse=2.4)),  # MSE grids fitted inside blocks, zeros >= 1
+    (Target.COMPRESSED_TENSORS, QuantSpec(4, 128, True, "static", mse=2.4)),
 ])
 def test_checkpoint_dequantizes_to_the_loops_q(llama, tmp_path, loop_q, target, spec):
     run(llama, tmp_path / "q", target=target, spec=spec)
@@ -69,6 +71,11 @@ def test_checkpoint_dequantizes_to_the_loops_q(llama, tmp_path, loop_q, target, 
     state = model.state_dict()
     for name, q in loop_q.items():
         assert torch.equal(state[f"{name}.weight"], q), name
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    if target is Target.COMPRESSED_TENSORS:
+        assert cfg["config_groups"]["group_0"]["weights"]["observer"] == ("mse" if spec.mse else "minmax")
+    else:
+        assert cfg["meta"]["mse"] == spec.mse
 
 
 def test_same_seed_gives_byte_identical_shards(llama, tmp_path):
@@ -168,12 +175,14 @@ def test_lm_head_refused_when_tied(tmp_path):
         run(model_dir, tmp_path / "q", lm_head=True)
 
 
-def test_rtn_method_is_round_to_nearest(llama, tmp_path):
-    run(llama, tmp_path / "q", method="rtn", target=Target.GPTQ_V2, spec=QuantSpec(4, 64, False))
+@pytest.mark.parametrize("mse", [0.0, 2.4])
+def test_rtn_method_is_round_to_nearest(llama, tmp_path, mse):
+    run(llama, tmp_path / "q", method="rtn", target=Target.GPTQ_V2, spec=QuantSpec(4, 64, False, mse=mse))
     model, ref = load_model(tmp_path / "q", CPU), load_model(llama, CPU)
     w = ref.state_dict()["model.layers.0.mlp.up_proj.weight"]
-    expect = dequantize(rtn_quantize(w, 4, 64, False)).t()
+    expect = dequantize(rtn_quantize(w, 4, 64, False, mse=mse)).t()
     assert torch.equal(model.state_dict()["model.layers.0.mlp.up_proj.weight"], expect)
+    assert json.loads((tmp_path / "q" / "quantize_config.json").read_text())["meta"]["mse"] == mse
 
 
 def test_cli_quantize_and_eval(llama, tmp_path):
@@ -182,10 +191,11 @@ def test_cli_quantize_and_eval(llama, tmp_path):
     runner = CliRunner()
     res = runner.invoke(main, ["quantize", str(llama), str(tmp_path / "q"), "--calib", str(text), "--nsamples", "8",
                                "--seqlen", "64", "--group-size", "64", "--act-order", "desc", "--format", "gptq-v1",
-                               "--skip", ".*o_proj"])
+                               "--skip", ".*o_proj", "--mse", "2.4"])
     assert res.exit_code == 0, res.output
     qcfg = json.loads((tmp_path / "q" / "quantize_config.json").read_text())
-    assert qcfg["desc_act"] is True and qcfg["dynamic"] == {"-:.*o_proj": {}}
+    assert qcfg["desc_act"] is True and qcfg["dynamic"] == {"-:.*o_proj": {}} and qcfg["meta"]["mse"] == 2.4
+    assert "--mse" in runner.invoke(main, ["quantize", "--help"]).output
     assert qcfg["meta"]["calibration"]["nsamples"] == 8 and len(qcfg["meta"]["calibration"]["tokens_sha256"]) == 64
     res = runner.invoke(main, ["eval", str(tmp_path / "q"), "--data", str(text), "--seqlen", "64",
                                "--base", str(llama), "--layer-windows", "4"])

@@ -7,6 +7,7 @@ import logging
 import pytest
 import torch
 
+from converters.quantize.grid import find_params
 from converters.quantize.hessian import Hessian
 from converters.quantize.rtn import rtn_quantize
 from converters.quantize.solver import QuantSpec, gptq_solve, hessian_factor
@@ -15,11 +16,12 @@ from gptq_vllm.formats.reference import dequantize
 
 # --- test-only reference: Algorithm 1 of Frantar et al. (2022) as the IST-DASLab code runs it -------------
 # Written from the paper and quantizer.md §1 (not from our solver): explicit chol -> inverse -> chol,
-# dead columns zeroed, groups either static (original W) or fitted at each group start.  One documented
-# difference from the original: scales are rounded to fp16 before use (our storage convention), and group
+# dead columns zeroed, groups either static (original W) or fitted at each group start, optionally with
+# the MSE clipping search (norm, grid 100, maxshrink 0.8).  One documented difference from the original:
+# scales are rounded to fp16 before use (our storage convention), also inside the MSE search, and group
 # parameters may be taken from the in-block updated columns (the P1 fix) or from the stale outer W.
 
-def ref_params(x, bits, sym):
+def ref_params(x, bits, sym, norm=0.0):
     maxq = 2**bits - 1
     x = x.float()
     xmin = torch.clamp(x.min(1).values, max=0)
@@ -29,12 +31,27 @@ def ref_params(x, bits, sym):
         xmin = torch.where(xmin < 0, -xmax, xmin)
     both = (xmin == 0) & (xmax == 0)
     xmin[both], xmax[both] = -1.0, 1.0
-    scale = ((xmax - xmin) / maxq).clamp(min=2.0**-14).half().float()
-    zero = torch.full_like(scale, (maxq + 1) / 2) if sym else torch.round(-xmin / scale)
+
+    def grid(lo, hi):
+        scale = ((hi - lo) / maxq).clamp(min=2.0**-14).half().float()
+        zero = torch.full_like(scale, (maxq + 1) / 2) if sym else torch.round(-lo / scale)
+        return scale, zero
+
+    scale, zero = grid(xmin, xmax)
+    if norm:
+        best = torch.full_like(scale, float("inf"))
+        for i in range(80):
+            s1, z1 = grid((1 - i / 100) * xmin, (1 - i / 100) * xmax)
+            q = s1.unsqueeze(1) * (torch.clamp(torch.round(x / s1.unsqueeze(1)) + z1.unsqueeze(1), 0, maxq)
+                                   - z1.unsqueeze(1))
+            err = (q - x).abs().pow(norm).sum(1)
+            take = err < best
+            best[take], scale[take], zero[take] = err[take], s1[take], z1[take]
     return scale.double(), zero.double()
 
 
-def reference_gptq(W, H, bits, gs, sym, actorder, static_groups, blocksize=128, percdamp=0.01, p1_fix=True):
+def reference_gptq(W, H, bits, gs, sym, actorder, static_groups, blocksize=128, percdamp=0.01, p1_fix=True,
+                   norm=0.0):
     maxq = 2**bits - 1
     W, H = W.double().clone(), H.double().clone()
     C = W.shape[1]
@@ -42,14 +59,14 @@ def reference_gptq(W, H, bits, gs, sym, actorder, static_groups, blocksize=128, 
     H[dead, dead] = 1
     W[:, dead] = 0
     if static_groups:
-        groups = [ref_params(W[:, i:i + gs], bits, sym) for i in range(0, C, gs)]
+        groups = [ref_params(W[:, i:i + gs], bits, sym, norm) for i in range(0, C, gs)]
     perm = torch.argsort(torch.diag(H), descending=True) if actorder else torch.arange(C)
     W, H = W[:, perm], H[perm][:, perm]
     H += percdamp * torch.mean(torch.diag(H)) * torch.eye(C, dtype=H.dtype)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     codes = torch.zeros_like(W, dtype=torch.int64)
     losses = torch.zeros(W.shape[0], dtype=torch.float64)
-    scale, zero = ref_params(W, bits, sym)
+    scale, zero = ref_params(W, bits, sym, norm)
     for i1 in range(0, C, blocksize):
         i2 = min(i1 + blocksize, C)
         W1, Err1, Hinv1 = W[:, i1:i2].clone(), torch.zeros(W.shape[0], i2 - i1, dtype=W.dtype), Hinv[i1:i2, i1:i2]
@@ -60,7 +77,7 @@ def reference_gptq(W, H, bits, gs, sym, actorder, static_groups, blocksize=128, 
                     scale, zero = groups[int(perm[i1 + i]) // gs]
                 elif (i1 + i) % gs == 0:
                     src = torch.cat([W1[:, i:], W[:, i2:]], 1) if p1_fix else W[:, i1 + i:]
-                    scale, zero = ref_params(src[:, :gs], bits, sym)
+                    scale, zero = ref_params(src[:, :gs], bits, sym, norm)
             q = torch.clamp(torch.round(w / scale) + zero, 0, maxq)
             codes[:, i1 + i] = q.long()
             qf = scale * (q - zero)
@@ -103,6 +120,73 @@ def test_matches_reference_transcription_fp64(act_order, gs, sym, bits):
                                  static_groups=act_order == "static")
     assert torch.equal(sol.codes.long(), codes)
     torch.testing.assert_close(sol.loss, loss, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("act_order,gs,sym,bits", [("desc", 128, True, 4), ("desc", 32, False, 3),
+                                                   ("static", 64, True, 4), ("none", -1, False, 4), ("none", 64, True, 2)])
+def test_mse_search_matches_reference_transcription_fp64(act_order, gs, sym, bits):
+    W, H, _ = correlated_layer(seed=bits * 11 + (gs % 89))
+    W[:4, ::37] *= 6  # a few outliers per row, so the search clips somewhere
+    sol = gptq_solve(W, H, QuantSpec(bits, gs, sym, act_order, mse=2.4), dtype=torch.float64)
+    codes, loss = reference_gptq(W, H, bits, gs, sym, actorder=act_order != "none",
+                                 static_groups=act_order == "static", norm=2.4)
+    assert torch.equal(sol.codes.long(), codes)
+    torch.testing.assert_close(sol.loss, loss, rtol=1e-6, atol=0)
+    minmax = gptq_solve(W, H, QuantSpec(bits, gs, sym, act_order), dtype=torch.float64)
+    assert not torch.equal(sol.scales, minmax.scales)  # the option is not ignored
+
+
+def lp_error(w, scale, zero, bits, norm):
+    """Per row sum |Q(w) - w|^norm of the grid (scale, zero), in fp64."""
+    w, s, z = w.double(), scale.double().unsqueeze(1), zero.double().unsqueeze(1)
+    return (s * (torch.clamp(torch.round(w / s) + z, 0, 2**bits - 1) - z) - w).abs().pow(norm).sum(1)
+
+
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("rows", ["normal", "heavy"])
+def test_mse_search_never_worse_than_min_max(rows, bits, sym):
+    g = torch.Generator().manual_seed(bits + 10 * sym)
+    w = torch.randn(256, 128, generator=g) * 0.02
+    if rows == "heavy":  # Student-t with 2 degrees of freedom, and a few rows of one sign only
+        w = w / (torch.randn(256, 128, generator=g).pow(2) + torch.randn(256, 128, generator=g).pow(2)).div(2).sqrt()
+        w[:16] = w[:16].abs()
+    w[-1] = 0  # an all-zero row keeps the [-1, 1] convention
+    for min_zero in ([0] if sym else [0, 1]):
+        s0, z0 = find_params(w, bits, sym, min_zero=min_zero)
+        s, z = find_params(w, bits, sym, min_zero=min_zero, mse=2.4)
+        assert torch.equal(s, s.half().float()) and int(z.min()) >= min_zero and int(z.max()) <= 2**bits - 1
+        full, searched = lp_error(w, s0, z0, bits, 2.4), lp_error(w, s, z, bits, 2.4)
+        assert (searched <= full * (1 + 1e-5)).all()
+        assert torch.equal(s[-1], s0[-1]) and torch.equal(z[-1], z0[-1])
+        if bits < 8:  # below 8 bits, clipping pays off on most rows (observed: 82-100 %, sum 0.46-0.94x)
+            assert float((searched < full).float().mean()) > 0.75 and float(searched.sum() / full.sum()) < 0.96
+        # the chosen grid is the best of the candidate ranges p * [min, max], p = 1.00 ... 0.21 (fp64 scoring)
+        xmin, xmax = w.min(1).values.clamp(max=0), w.max(1).values.clamp(min=0)
+        if sym:
+            xmax = torch.maximum(-xmin, xmax)
+            xmin = torch.where(xmin < 0, -xmax, xmin)
+        xmin[-1], xmax[-1] = -1, 1
+        best = torch.full((256,), float("inf"), dtype=torch.float64)
+        for i in range(80):
+            p = 1 - i / 100
+            sc = ((p * xmax - p * xmin) / (2**bits - 1)).clamp(min=2.0**-14).half().float()
+            zc = torch.full_like(sc, 2 ** (bits - 1)) if sym else torch.round(-p * xmin / sc).clamp(min_zero, 2**bits - 1)
+            best = torch.minimum(best, lp_error(w, sc, zc, bits, 2.4))
+        torch.testing.assert_close(searched, best, rtol=1e-5, atol=0)
+
+
+def test_mse_changes_rtn_and_is_refused_when_negative():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(64, 256, generator=g) * 0.02
+    w[:, ::29] *= 8
+    plain, searched = rtn_quantize(w, 4, 128, True), rtn_quantize(w, 4, 128, True, mse=2.4)
+    err = lambda qw: float((dequantize(qw).t() - w).pow(2).sum())  # noqa: E731
+    assert err(searched) < err(plain)
+    s, _ = find_params(w[:, 128:], 4, True, mse=2.4)
+    assert torch.equal(searched.scales[1], s.half())
+    with pytest.raises(ValueError, match="mse"):
+        QuantSpec(mse=-1.0)
 
 
 def test_p1_fix_is_what_differs_from_the_stale_reference():
@@ -251,9 +335,12 @@ import sys, torch
 sys.path.insert(0, {tests!r})
 from test_solver import correlated_layer
 from converters.quantize.solver import QuantSpec, gptq_solve
-for order, gs, sym, bits in [("none", 32, False, 4), ("static", 64, True, 3), ("desc", -1, True, 4)]:
+# with mse, groups fitted by the caller go through the kernel's tables; groups the kernel would fit
+# itself (smaller than the block, none/desc) must make the solver fall back to the eager loop
+for order, gs, sym, bits, mse in [("none", 32, False, 4, 0), ("static", 64, True, 3, 0), ("desc", -1, True, 4, 0),
+                                  ("desc", 128, True, 4, 2.4), ("static", 64, False, 3, 2.4), ("none", 32, False, 4, 2.4)]:
     W, H, _ = correlated_layer(rows=16, cols=256, seed=bits)
-    spec = QuantSpec(bits, gs, sym, order, min_zero=0 if sym else 1)
+    spec = QuantSpec(bits, gs, sym, order, min_zero=0 if sym else 1, mse=mse)
     a = gptq_solve(W.float(), H.float(), spec, fused=False)
     b = gptq_solve(W.float(), H.float(), spec, fused=True)
     assert torch.equal(a.codes, b.codes) and torch.equal(a.scales, b.scales) and torch.equal(a.zeros, b.zeros), spec

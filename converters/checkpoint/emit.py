@@ -49,8 +49,10 @@ def module_tensors(weight: QuantizedWeight, prefix: str, target: Target, layout:
 
 def quantization_config(target: Target, bits: int, group_size: int, sym: bool, desc_act: bool,
                         layout: Layout | None = None, ignore: list[str] | None = None,
-                        dynamic: dict | None = None, lm_head: bool = False, meta: dict | None = None) -> dict:
-    """config.json["quantization_config"] for a checkpoint written in `target`."""
+                        dynamic: dict | None = None, lm_head: bool = False, meta: dict | None = None,
+                        observer: str = "minmax") -> dict:
+    """config.json["quantization_config"] for a checkpoint written in `target` (observer: how the
+    group grids were chosen, "minmax" or "mse"; compressed-tensors records it, the others have meta)."""
     if target in (Target.GPTQ_V1, Target.GPTQ_V2):
         fmt = ZeroFormat.V1 if target is Target.GPTQ_V1 else ZeroFormat.V2
         return gptq_quantization_config(bits, group_size, sym, desc_act, fmt, lm_head=lm_head,
@@ -67,7 +69,7 @@ def quantization_config(target: Target, bits: int, group_size: int, sym: bool, d
                 "weights": {"num_bits": bits, "type": "int", "symmetric": sym,
                             "strategy": "channel" if group_size == -1 else "group",
                             "group_size": None if group_size == -1 else group_size,
-                            "actorder": "group" if desc_act else None, "dynamic": False, "observer": "minmax"},
+                            "actorder": "group" if desc_act else None, "dynamic": False, "observer": observer},
             }},
         }
     cfg = {

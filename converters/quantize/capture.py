@@ -9,6 +9,9 @@ layer's forward replaced by a recorder: whatever the model computes per layer (t
 window mask, the RoPE tuple, position ids) is what each layer is later called with, so hybrid models
 (Gemma 2/3 sliding and global layers) get the right kwargs without per-model code.  The last recorder
 stops the forward, so the final norm and the LM head never run.
+
+Tensor names: a parameter is read under its own name or its Hub spelling (moe_names.stored_name), and
+fused MoE expert parameters are assembled from the per-expert weights transformers 5 saves.
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from torch import nn
+
+from .moe import fused_experts
+from .moe_names import ExpertNames, resolve, stored_name
 
 
 class StopForward(Exception):
@@ -106,6 +112,12 @@ class ModelShell:
             self.model = transformers.AutoModelForCausalLM.from_config(self.config, dtype=dtype)
         self.model.eval()
         self.layers_name, self.layers = decoder_layers(self.model)
+        names = set(self.ckpt.names())
+        self.experts: dict[str, ExpertNames] = {}  # full module name -> where the checkpoint stores its experts
+        for i, layer in enumerate(self.layers):
+            for n in fused_experts(layer):
+                module = f"{self.layer_prefix(i)}.{n}"
+                self.experts[module] = resolve(module, names, self.config.model_type)
         for name, buf in list(self.model.named_buffers()):
             if not name.startswith(self.layers_name + "."):
                 self._set(name, buf.to(device), buffer=True)
@@ -126,7 +138,21 @@ class ModelShell:
             mod._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
 
     def _load(self, names: list[str]) -> None:
-        for name, t in self.ckpt.read(names, self.device).items():
+        known = set(self.ckpt.names())
+        per_expert = {}  # fused expert parameter -> (its ExpertNames, number of experts)
+        for name in names:
+            experts = self.experts.get(name.rpartition(".")[0])
+            if experts is not None and not experts.fused:
+                per_expert[name] = (experts, self.model.get_parameter(name).shape[0])
+        plain = {n: stored_name(n, known) or n for n in names if n not in per_expert}  # absent: read says why
+        wanted = set(plain.values())
+        for name, (experts, num) in per_expert.items():
+            wanted.update(experts.sources(name.rpartition(".")[2], num))
+        tensors = self.ckpt.read(sorted(wanted), self.device)
+        for name, src in plain.items():
+            self._set(name, tensors[src].to(self.dtype))
+        for name, (experts, num) in per_expert.items():
+            t = experts.assemble(name.rpartition(".")[2], num, lambda m: tensors[f"{m}.weight"])
             self._set(name, t.to(self.dtype))
 
     def _unload(self, names: list[str]) -> None:

@@ -84,6 +84,11 @@ def _common(f):
               help="Column order: none; static (decreasing Hessian diagonal, groups of the original layout, "
                    "trivial g_idx); desc (same order, groups in that order: desc_act with a g_idx).")
 @click.option("--damp", type=float, default=0.01, show_default=True, help="Damping, relative to mean(diag H).")
+@click.option("--mse", type=float, default=2.4, show_default=True,
+              help="Norm of the MSE clipping search of each group's scale and zero (GPTQModel's mse; 2.4 in "
+                   "the reference tools): per row the range is shrunk to p x [min, max], p = 1.00, 0.99, ... "
+                   "0.21, keeping the p with the least sum |Q(w) - w|^norm. 0: min-max, as AutoGPTQ and "
+                   "GPTQModel do by default. GPTQ and RTN.")
 @click.option("--calib", "calib", multiple=True, type=click.Path(exists=True),
               help="Calibration .txt/.jsonl file or directory (repeatable); default: the bundled corpus.")
 @click.option("--nsamples", type=int, default=128, show_default=True, help="Calibration rows.")
@@ -99,7 +104,7 @@ def _common(f):
 @_common
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("-v", "--verbose", is_flag=True, help="Log every layer's output error.")
-def quantize(model, out, method, bits, group_size, sym, act_order, damp, calib, nsamples, seqlen, seed, fmt,
+def quantize(model, out, method, bits, group_size, sym, act_order, damp, mse, calib, nsamples, seqlen, seed, fmt,
              dynamic, skip, lm_head, batch_size, device, dtype, overwrite, verbose):
     """Quantize the float model MODEL (directory or cached Hub id) into the checkpoint OUT.
 
@@ -116,7 +121,7 @@ def quantize(model, out, method, bits, group_size, sym, act_order, damp, calib, 
         raise click.BadParameter("compressed-tensors holds 2-, 4- or 8-bit weights", param_hint="--bits")
     model_dir = resolve_model(model)
     try:
-        spec = QuantSpec(int(bits), group_size, sym, act_order, damp)
+        spec = QuantSpec(int(bits), group_size, sym, act_order, damp, mse=mse)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     job = Job(model_dir=model_dir, out_dir=Path(out), spec=spec, target=target, dynamic=_dynamic(dynamic, skip),

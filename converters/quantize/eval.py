@@ -25,6 +25,8 @@ from gptq_vllm.formats.reference import dequantize
 
 from ..checkpoint.readers.config import load_quant_config
 from .capture import Checkpoint, decoder_layers, params_on_meta
+from .moe import fused_experts
+from .moe_names import FUSED, ExpertNames, resolve, stored_name
 from .pipeline import ROUTER
 from .rtn import rtn_quantize
 
@@ -51,9 +53,38 @@ def _dequantized(tensors: dict[str, torch.Tensor], prefix: str, qc, params, K: i
     return dequantize(qw).t()
 
 
+def _experts_state(model, tensors: dict[str, torch.Tensor], qc, quantized_modules: dict) -> dict[str, torch.Tensor]:
+    """The fused expert parameters of the model, from per-expert tensors (dequantized where quantized) or
+    fused ones; consumes what it uses from tensors.  model.expert_names records where each came from."""
+    state = {}
+    model.expert_names = {}
+    for name, mod in fused_experts(model).items():
+        names = resolve(name, tensors, model.config.model_type)
+        model.expert_names[name] = names
+        for param in FUSED:
+            fused = getattr(mod, param)
+            if names.fused:
+                state[f"{name}.{param}"] = tensors.pop(f"{name}.{param}")
+                continue
+            rows, K = fused.shape[1] // len(names.projections(param)), fused.shape[2]
+
+            def weight(m: str, rows=rows, K=K) -> torch.Tensor:
+                if f"{m}.weight" in tensors:
+                    return tensors.pop(f"{m}.weight")
+                params = qc.params(m)
+                quantized_modules[m] = params
+                w = _dequantized(tensors, m, qc, params, K, rows)
+                for key in [k for k in tensors if k.startswith(f"{m}.")]:
+                    del tensors[key]
+                return w
+
+            state[f"{name}.{param}"] = names.assemble(param, fused.shape[0], weight)
+    return state
+
+
 def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype | None = None):
     """The transformers model of a float or quantized checkpoint (dequantized); model.quantized_modules
-    maps each quantized module to its (bits, group_size, sym)."""
+    maps each quantized module (checkpoint name; experts one per expert) to its (bits, group_size, sym)."""
     import transformers
     from transformers.initialization import no_init_weights
 
@@ -81,6 +112,11 @@ def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype | None 
         model.quantized_modules[name] = params
         for key in [k for k in tensors if k.startswith(f"{name}.") and k != f"{name}.bias"]:
             del tensors[key]
+    state.update(_experts_state(model, tensors, qc, model.quantized_modules))
+    for key in model.state_dict():  # tensors saved under their Hub names (Mixtral's block_sparse_moe.gate)
+        stored = stored_name(key, tensors) if key not in state else None
+        if stored is not None:
+            state[key] = tensors.pop(stored)
     state.update(tensors)
     missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
     if config.get_text_config().tie_word_embeddings:
@@ -112,15 +148,24 @@ def perplexity(model, tokenizer, text: str, seqlen: int = 512, batch_size: int =
     return {"ppl": math.exp(nll / scored), "nll": nll / scored, "windows": rows.shape[0], "tokens_scored": scored}
 
 
-def _rtn_layer(layer: nn.Module, prefix: str, specs: dict) -> nn.Module:
+def _rtn_layer(layer: nn.Module, prefix: str, specs: dict, expert_names: dict[str, ExpertNames]) -> nn.Module:
     """A copy of a float layer with every module quantized in the checkpoint rounded to nearest instead."""
+    rtn = lambda w, p: dequantize(rtn_quantize(w.float(), p.bits, p.group_size, p.sym)).t().to(w.dtype)  # noqa: E731
     out = copy.deepcopy(layer)
     out._forward_hooks.clear()  # the copy must not re-enter layer_report's hook
     for n, m in out.named_modules():
         p = specs.get(f"{prefix}.{n}")
         if isinstance(m, nn.Linear) and p is not None and not ROUTER.search(n):
-            w = dequantize(rtn_quantize(m.weight.float(), p.bits, p.group_size, p.sym)).t()
-            m.weight.data = w.to(m.weight.dtype)
+            m.weight.data = rtn(m.weight, p)
+    for n, m in fused_experts(out).items():
+        names = expert_names[f"{prefix}.{n}"]
+        for param in FUSED:
+            fused = getattr(m, param).data
+            for e in range(fused.shape[0]):
+                for k, rows in zip(names.projections(param), fused[e].chunk(len(names.projections(param)))):
+                    p = specs.get(names.expert(e, k))
+                    if p is not None:
+                        rows.copy_(rtn(rows, p))
     return out
 
 
@@ -137,7 +182,7 @@ def layer_report(base, quant, tokenizer, text: str, seqlen: int, nwindows: int =
     def hook(i):
         def after(module, args, kwargs, output):
             ref = (output[0] if isinstance(output, tuple) else output).float()
-            rtn = _rtn_layer(module, f"{name}.{i}", quant.quantized_modules)
+            rtn = _rtn_layer(module, f"{name}.{i}", quant.quantized_modules, quant.expert_names)
             for k, layer in enumerate((qlayers[i], rtn)):
                 y = layer(*args, **kwargs)
                 y = (y[0] if isinstance(y, tuple) else y).float()

@@ -12,10 +12,14 @@ For each decoder layer, with only that layer materialized on the compute device:
   4. a replay through the quantized layer gives the next layer's inputs, and the relative output error
      against the float outputs is logged;
   5. the layer's tensors are packed from the loop's codes and streamed to the checkpoint writer.
+MoE experts (transformers-5 fused parameters) join the groups as two pseudo-modules per experts module,
+`experts.gate_up_proj` (reading the block input) and `experts.down_proj`, solved per expert against
+routed Hessians (moe.py) and written per expert under the checkpoint's names (moe_names.py).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -31,9 +35,11 @@ from tqdm import tqdm
 from ..checkpoint.emit import Target, module_tensors, quantization_config
 from ..checkpoint.safetensors_dir import NON_WEIGHT_FILES
 from ..checkpoint.writer import CheckpointWriter
+from . import moe
 from .calibration import Calibration
 from .capture import ModelShell, StopForward
 from .hessian import Hessian
+from .moe_names import LEAVES, ExpertNames, split_fused
 from .rtn import rtn_quantize
 from .solver import QuantSpec, Solution, gptq_solve
 from .targets import quantizable_module
@@ -136,20 +142,32 @@ def _forward(layer: nn.Module, x: torch.Tensor, call: dict) -> torch.Tensor:
 
 
 def input_groups(layer: nn.Module, x: torch.Tensor, call: dict) -> list[list[str]]:
-    """Names of the layer's nn.Linear modules grouped by the tensor they read, in execution order."""
-    seen: list[tuple[torch.Tensor, list[str]]] = []  # the tensors stay referenced: no address reuse
+    """Names of the layer's nn.Linear modules grouped by the tensor they read, in execution order.
 
-    def hook(name):
-        def pre(_module, args):
-            for t, names in seen:
-                if t is args[0]:
-                    names.append(name)
-                    return
-            seen.append((args[0], [name]))
+    Fused MoE experts count as two modules: `<experts>.gate_up_proj` reads the experts' input, and
+    `<experts>.down_proj` reads a tensor of its own, computed inside the experts call.
+    """
+    seen: list[tuple[object, list[str]]] = []  # the tensors stay referenced: no address reuse
+
+    def add(t, name):
+        for known, names in seen:
+            if known is t:
+                names.append(name)
+                return
+        seen.append((t, [name]))
+
+    def linear(name):
+        return lambda _module, args: add(args[0], name)
+
+    def experts(name):
+        def pre(_module, args, kwargs):
+            add(moe.hidden_states(args, kwargs), f"{name}.gate_up_proj")
+            add(object(), f"{name}.down_proj")
         return pre
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layer.named_modules()
+    handles = [m.register_forward_pre_hook(linear(n)) for n, m in layer.named_modules()
                if isinstance(m, nn.Linear) and not ROUTER.search(n)]
+    handles += [m.register_forward_pre_hook(experts(n), with_kwargs=True) for n, m in moe.fused_experts(layer).items()]
     try:
         with torch.no_grad():
             _forward(layer, x, call)
@@ -159,71 +177,118 @@ def input_groups(layer: nn.Module, x: torch.Tensor, call: dict) -> list[list[str
     return [names for _, names in seen]
 
 
-def _solve_group(layer: nn.Module, prefix: str, names: list[str], H: torch.Tensor, job: Job,
+def _rtn_solution(W: torch.Tensor, spec: QuantSpec) -> Solution:
+    """Rows rounded to nearest, as a Solution (for rows with no Hessian: an expert that saw no token)."""
+    qw = rtn_quantize(W, spec.bits, spec.group_size, spec.sym, min_zero=spec.min_zero, mse=spec.mse)
+    return Solution(qw.codes.t().contiguous(), qw.scales.to(torch.float32), qw.zeros, qw.g_idx,
+                    torch.zeros(W.shape[0], device=W.device), None, spec)
+
+
+def _solve_parts(prefix: str, parts: list[tuple[str, torch.Tensor]], H: torch.Tensor | None, job: Job,
                  rules: list[Rule]) -> dict[str, Solution]:
-    """Solve the modules reading one input: rows stacked per spec, weights replaced by their Q."""
-    by_spec: dict[QuantSpec, list[str]] = defaultdict(list)
-    for n in names:
+    """Solve weights that read one input (name, weight rows): stacked per spec, each overwritten by its
+    Q in place; H None rounds to nearest."""
+    by_spec: dict[QuantSpec, list[tuple[str, torch.Tensor]]] = defaultdict(list)
+    for n, w in parts:
         spec = job.module_spec(f"{prefix}.{n}", rules)
         if spec is not None:
-            by_spec[spec].append(n)
+            by_spec[spec].append((n, w))
     out = {}
     for spec, group in by_spec.items():
-        mods = [layer.get_submodule(n) for n in group]
-        sol = gptq_solve(torch.cat([m.weight for m in mods]).to(torch.float32), H, spec)
+        W = torch.cat([w for _, w in group]).to(torch.float32)
+        sol = gptq_solve(W, H, spec) if H is not None else _rtn_solution(W, spec)
         start = 0
-        for n, m in zip(group, mods):
-            part = sol.rows(start, start + m.out_features)
-            start += m.out_features
-            m.weight.copy_(part.dequantize().to(m.weight.dtype))
+        for n, w in group:
+            part = sol.rows(start, start + w.shape[0])
+            start += w.shape[0]
+            w.copy_(part.dequantize().to(w.dtype))
             out[n] = part
     return out
 
 
-def _module_record(sol: Solution, tokens: int) -> dict:
+def _solve_group(layer: nn.Module, prefix: str, names: list[str], H: torch.Tensor, job: Job,
+                 rules: list[Rule]) -> dict[str, Solution]:
+    """Solve the nn.Linear modules reading one input: rows stacked per spec, weights replaced by their Q."""
+    return _solve_parts(prefix, [(n, layer.get_submodule(n).weight) for n in names], H, job, rules)
+
+
+def _module_record(sol: Solution, tokens: int, fallback: str | None = None) -> dict:
+    """fallback: "rtn" whenever the rows were rounded to nearest, else the expert rule applied ("shrink")."""
     s = sol.spec
-    return {"loss": float(sol.loss.sum()), "damp": sol.damp, "fallback": None if sol.damp is not None else "rtn",
-            "tokens": tokens, "bits": s.bits, "group_size": s.group_size, "sym": s.sym, "act_order": s.act_order}
+    return {"loss": float(sol.loss.sum()) if tokens else None, "damp": sol.damp,
+            "fallback": "rtn" if sol.damp is None else fallback, "tokens": tokens, "bits": s.bits,
+            "group_size": s.group_size, "sym": s.sym, "act_order": s.act_order}
 
 
 def quantize_layer(layer: nn.Module, prefix: str, X: list[torch.Tensor], calls: dict[int, dict], job: Job,
-                   rules: list[Rule], timer: Timer) -> tuple[dict[str, Solution], dict]:
-    """GPTQ of one decoder layer in place; X (the layer inputs per batch) becomes its quantized outputs."""
+                   rules: list[Rule], timer: Timer,
+                   expert_names: dict[str, ExpertNames] | None = None) -> tuple[dict[str, Solution], dict]:
+    """GPTQ of one decoder layer in place; X (the layer inputs per batch) becomes its quantized outputs.
+
+    expert_names: checkpoint names of the layer's fused experts modules, by name within the layer
+    (default: per expert under the module, gate_proj/up_proj/down_proj).
+    """
     call = lambda x: calls[x.shape[0]]  # noqa: E731
+    experts = moe.fused_experts(layer)
+    names_of = {n: (expert_names or {}).get(n) or ExpertNames(f"{prefix}.{n}", f"{prefix}.{n}", LEAVES, True)
+                for n in experts}
     groups = input_groups(layer, X[0], call(X[0]))
     solutions: dict[str, Solution] = {}
     record: dict = {"modules": {}}
     found = {n for names in groups for n in names}
-    left = [n for n, p in layer.named_parameters() if p.dim() >= 2 and n.rpartition(".")[0] not in found
-            and not ROUTER.search(n.rpartition(".")[0])]
-    if left:  # e.g. fused MoE experts (3-D parameters), which this quantizer does not handle
+    left = [n for n, p in layer.named_parameters() if p.dim() >= 2 and n not in found
+            and n.rpartition(".")[0] not in found and not ROUTER.search(n.rpartition(".")[0])]
+    if left:  # e.g. experts in a layout moe.fused_experts does not take (biases, interleaved, transposed)
         log.warning("%s: not nn.Linear, kept in float: %s", prefix, ", ".join(left))
         record["float"] = left
+    routed_tokens: dict[str, list[int]] = {}  # experts module -> tokens per expert (same routing for both stages)
     Y: list[torch.Tensor] = []
     for k, names in enumerate(groups):
-        first = layer.get_submodule(names[0])
-        acc = Hessian(first.in_features, X[0].device)
+        stage = {n: n.rpartition(".") for n in names if n.rpartition(".")[0] in experts}  # (owner, ".", stage)
+        captures = {n: moe.RoutedHessians(experts[o], st, moe.starved(routed_tokens[o], experts[o].down_proj.shape[2])
+                                          if st == "down_proj" else set()) for n, (o, _, st) in stage.items()}
+        first = names[0]
+        acc = None  # the all-token H of the group's input; a down_proj group's input is per expert
+        if first not in stage:
+            acc = Hessian(layer.get_submodule(first).in_features, X[0].device)
+        elif stage[first][2] == "gate_up_proj":
+            acc = Hessian(experts[stage[first][0]].gate_up_proj.shape[2], X[0].device)
+        seen: set[str] = set()
 
-        def pre(_module, args, acc=acc, stop=k > 0):
-            acc.add(args[0])
-            if stop:
-                raise StopForward
+        def hook(name, shared, acc=acc, captures=captures, members=frozenset(names), stop=k > 0, seen=seen):
+            def pre(_module, args, kwargs):
+                if shared:
+                    acc.add(moe.hidden_states(args, kwargs))
+                if name in captures:
+                    captures[name].add(args, kwargs)
+                seen.add(name)
+                if stop and seen >= members:  # every reader of this input has seen it: the rest is not needed
+                    raise StopForward
+            return pre
 
-        handle = first.register_forward_pre_hook(pre)
+        handles = [(experts[stage[n][0]] if n in stage else layer.get_submodule(n)).register_forward_pre_hook(
+            hook(n, acc is not None and n == first), with_kwargs=True) for n in names]
         with timer("hessians"), torch.no_grad():
             for x in X:
+                seen.clear()
                 try:
                     y = _forward(layer, x, call(x))
                     Y.append(y)  # only the first (full) pass gets here: the float outputs
                 except StopForward:
                     pass
-        handle.remove()
+        for h in handles:
+            h.remove()
         with timer("solve"), torch.no_grad():
-            tokens = acc.tokens
-            solved = _solve_group(layer, prefix, names, acc.finalize(), job, rules)
-            del acc
-        for n, sol in solved.items():
-            record["modules"][n] = _module_record(sol, tokens)
+            H = acc.finalize() if acc is not None else None
+            linear = [n for n in names if n not in stage]
+            solved = _solve_group(layer, prefix, linear, H, job, rules) if linear else {}
+            for n, sol in solved.items():
+                record["modules"][n] = _module_record(sol, acc.tokens)
+            for n, cap in captures.items():
+                owner, _, st = stage[n]
+                solved.update(_solve_experts(experts[owner], names_of[owner], owner, st, cap, H, routed_tokens,
+                                             prefix, job, rules, record))
+            del acc, captures
         solutions.update(solved)
     err = ref = 0.0
     with timer("replay"), torch.no_grad():
@@ -236,14 +301,41 @@ def quantize_layer(layer: nn.Module, prefix: str, X: list[torch.Tensor], calls: 
     return solutions, record
 
 
-def _layer_tensors(names: list[str], solutions: dict[str, Solution], prefix: str, job: Job, ckpt) -> dict:
-    """Everything the checkpoint holds under one prefix: packed modules, the rest copied."""
+def _solve_experts(module: nn.Module, names: ExpertNames, owner: str, stage: str, cap: "moe.RoutedHessians",
+                   H_all: torch.Tensor | None, routed_tokens: dict[str, list[int]], prefix: str, job: Job,
+                   rules: list[Rule], record: dict) -> dict[str, Solution]:
+    """Every expert's rows of one stage, each against its routed (or shrunk) H; the report gets the
+    token counts and the experts that took a fallback."""
+    tokens = cap.tokens
+    if stage == "gate_up_proj":
+        routed_tokens[owner] = tokens
+        log.info("%s.%s: calibration tokens per expert %s", prefix, owner, tokens)
+    elif tokens != routed_tokens[owner]:  # the router reads the block input, which no expert weight changes
+        raise RuntimeError(f"{prefix}.{owner}: routing changed between the gate/up and down passes")
+    summary = record.setdefault("experts", {}).setdefault(owner, {"tokens": tokens, "rtn": [], "shrink": {}})
+    out = {}
+    for e in moe.expert_solves(module, names, prefix, stage, cap, H_all):
+        solved = _solve_parts(prefix, e.parts, e.H, job, rules)
+        for n, sol in solved.items():
+            record["modules"][n] = _module_record(sol, e.tokens, e.fallback)
+        if e.fallback == "rtn" and e.expert not in summary["rtn"]:
+            summary["rtn"].append(e.expert)
+        elif e.fallback == "shrink":
+            summary["shrink"].setdefault(stage, []).append(e.expert)
+        out.update(solved)
+    return out
+
+
+def _layer_tensors(names: list[str], solutions: dict[str, Solution], prefix: str, job: Job, ckpt,
+                   model_type: str) -> dict:
+    """Everything the checkpoint holds under one prefix: packed modules, the rest copied (fused experts
+    of the source split per expert, the names everything is written under)."""
     out = {}
     quantized = {f"{prefix}.{n}.weight": f"{prefix}.{n}" for n in solutions}
-    rest = [n for n in names if n not in quantized]
     for name, module in quantized.items():
         out.update(module_tensors(solutions[module[len(prefix) + 1:]].weight(), module, job.target))
-    out.update(ckpt.read(rest))
+    rest = split_fused(ckpt.read([n for n in names if n not in quantized]), model_type)
+    out.update({n: t for n, t in rest.items() if n not in quantized})
     return out
 
 
@@ -254,7 +346,8 @@ def _config(job: Job, rules: list[Rule], meta: dict) -> dict:
             raise ValueError("per-module bit overrides cannot be written as compressed-tensors here; "
                              "use --format gptq-v1/gptq-v2/mygptq, or only skip rules")
         ignore = ([] if job.lm_head else ["lm_head"]) + [f"re:{r.pattern.pattern}" for r in rules if r.skip]
-        return quantization_config(job.target, s.bits, s.group_size, s.sym, s.act_order == "desc", ignore=ignore)
+        return quantization_config(job.target, s.bits, s.group_size, s.sym, s.act_order == "desc", ignore=ignore,
+                                   observer="mse" if s.mse else "minmax")
     return quantization_config(job.target, s.bits, s.group_size, s.sym, s.act_order == "desc",
                                dynamic=job.dynamic, lm_head=job.lm_head, meta=meta)
 
@@ -277,7 +370,7 @@ def quantize(job: Job, calibration: Calibration | None) -> dict:
         m = re.match(rf"^{re.escape(shell.layers_name)}\.(\d+)\.", name)
         (by_layer[int(m.group(1))] if m else outer).append(name)
 
-    meta = {"method": job.method, "act_order": job.spec.act_order, "damp": job.spec.damp,
+    meta = {"method": job.method, "act_order": job.spec.act_order, "damp": job.spec.damp, "mse": job.spec.mse,
             "true_sequential": True}
     if calibration is not None:
         meta["calibration"] = calibration.meta
@@ -306,16 +399,17 @@ def quantize(job: Job, calibration: Calibration | None) -> dict:
 
 
 def _rtn(job, rules, ckpt, by_layer, head, writer, timer, report) -> None:
+    model_type = json.loads((job.model_dir / "config.json").read_text()).get("model_type", "")
     for i in tqdm(sorted(by_layer), desc="rtn", unit="layer", disable=not job.progress):
         tensors = {}
         with timer("solve"):
-            for name, t in ckpt.read(by_layer[i], job.device).items():
+            for name, t in split_fused(ckpt.read(by_layer[i], job.device), model_type).items():
                 module = quantizable_module(name, tuple(t.shape))
                 spec = job.module_spec(module, rules) if module and not ROUTER.search(module) else None
                 if spec is None:
                     tensors[name] = t
                     continue
-                qw = rtn_quantize(t, spec.bits, spec.group_size, spec.sym, min_zero=spec.min_zero)
+                qw = rtn_quantize(t, spec.bits, spec.group_size, spec.sym, min_zero=spec.min_zero, mse=spec.mse)
                 tensors.update(module_tensors(qw, module, job.target))
         with timer("write"):
             writer.add_all(tensors)
@@ -325,7 +419,7 @@ def _rtn(job, rules, ckpt, by_layer, head, writer, timer, report) -> None:
         if spec is None:
             writer.add(name, t)
         else:
-            qw = rtn_quantize(t, spec.bits, spec.group_size, spec.sym, min_zero=spec.min_zero)
+            qw = rtn_quantize(t, spec.bits, spec.group_size, spec.sym, min_zero=spec.min_zero, mse=spec.mse)
             writer.add_all(module_tensors(qw, "lm_head", job.target))
 
 
@@ -341,12 +435,13 @@ def _gptq(job, rules, shell, calibration, by_layer, head, writer, timer, report)
         with timer("load"):
             layer = shell.load_layer(i)
         per_size = {size: layers[i] for size, layers in calls.items()}
-        solutions, record = quantize_layer(layer, prefix, X, per_size, job, rules, timer)
+        names = {n[len(prefix) + 1:]: v for n, v in shell.experts.items() if n.startswith(prefix + ".")}
+        solutions, record = quantize_layer(layer, prefix, X, per_size, job, rules, timer, names)
         record["layer"] = i
         report["layers"].append(record)
         log.info("layer %d: relative output error %.4g", i, record["rel_error"])
         with timer("write"):
-            writer.add_all(_layer_tensors(by_layer[i], solutions, prefix, job, shell.ckpt))
+            writer.add_all(_layer_tensors(by_layer[i], solutions, prefix, job, shell.ckpt, shell.config.model_type))
         shell.unload_layer(i)
     spec = job.module_spec("lm_head", rules)
     if head and spec is None:

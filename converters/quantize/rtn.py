@@ -11,9 +11,9 @@ from .grid import find_params, quantize_codes
 
 
 def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int, sym: bool,
-                 scale_dtype: torch.dtype = torch.float16, min_zero: int = 0) -> QuantizedWeight:
-    """nn.Linear weight [N, K] -> QuantizedWeight with min-max groups of G consecutive input channels
-    (on weight's device; min_zero as in grid.find_params)."""
+                 scale_dtype: torch.dtype = torch.float16, min_zero: int = 0, mse: float = 0.0) -> QuantizedWeight:
+    """nn.Linear weight [N, K] -> QuantizedWeight with groups of G consecutive input channels, min-max
+    or MSE-searched grids (on weight's device; min_zero and mse as in grid.find_params)."""
     N, K = weight.shape
     G = effective_group_size(K, group_size)
     ng = num_groups(K, group_size)
@@ -23,7 +23,7 @@ def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int, sym: bool,
     zeros = torch.empty(ng, N, dtype=torch.int32, device=w.device)
     for g in range(ng):
         cols = slice(g * G, min(K, (g + 1) * G))
-        s, z = find_params(w[:, cols], bits, sym, scale_dtype, min_zero)
+        s, z = find_params(w[:, cols], bits, sym, scale_dtype, min_zero, mse)
         codes[:, cols] = quantize_codes(w[:, cols], s, z, bits)
         scales[g], zeros[g] = s, z
     return QuantizedWeight(

@@ -24,14 +24,20 @@ Choices, and why (quantizer.md §1, §6, §8):
   * Scales are rounded to their storage dtype inside find_params, and the codes written to the
     checkpoint are the loop's own codes, so the checkpoint dequantizes bit-exactly to what the loop
     measured its error against.
+  * mse > 0: every group's (scale, zero) comes from grid.find_params' MSE clipping search, wherever
+    the group is fitted (static tables, block starts, group starts inside a block).
   * On CUDA the in-block column loop is one Triton kernel per block (triton_block.py, same arithmetic):
-    the eager loop is ~14 tiny launches per column, which bounds its speed on a GPU.
+    the eager loop is ~14 tiny launches per column, which bounds its speed on a GPU.  The kernel fits
+    groups smaller than the block itself with min-max only, so with mse and such groups (group_size
+    < 128 with act_order none/desc) the solver runs the eager loop instead; with the tables (static,
+    or groups of 128 or more, which start at block starts) the fused kernel is used with mse too.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -57,6 +63,7 @@ class QuantSpec:
     damp: float = 0.01
     block_size: int = 128
     min_zero: int = 0  # 1 for asymmetric GPTQ v1, which cannot store a zero point of 0
+    mse: float = 0.0  # norm of the MSE clipping search of every group's grid (grid.find_params); 0: min-max
 
     def __post_init__(self):
         if self.act_order not in ACT_ORDERS:
@@ -65,6 +72,8 @@ class QuantSpec:
             raise ValueError(f"bits must be 2, 3, 4 or 8, not {self.bits}")
         if self.group_size != -1 and self.group_size <= 0:
             raise ValueError(f"group_size must be -1 or positive, not {self.group_size}")
+        if not self.mse >= 0:
+            raise ValueError(f"mse must be a norm > 0, or 0 for min-max, not {self.mse}")
 
 
 @dataclass
@@ -129,25 +138,25 @@ def _fused_available() -> bool:
     return True
 
 
-def _block_eager(Wp, U, i1, i2, scales, zeros, group_of, codes, E1, loss, bits, sym, min_zero, in_block):
+def _block_eager(Wp, U, i1, i2, scales, zeros, group_of, codes, E1, loss, bits, sym, min_zero, in_block, mse):
     """Columns [i1, i2) of Wp, one at a time (the reference loop: CPU, and fp64 in the tests)."""
     threads = torch.get_num_threads()
     if Wp.device.type == "cpu":
         torch.set_num_threads(1)  # ops on one column are far too small to split: threads only add sync
     try:
-        _columns(Wp, U, i1, i2, scales, zeros, group_of, codes, E1, loss, bits, sym, min_zero, in_block)
+        _columns(Wp, U, i1, i2, scales, zeros, group_of, codes, E1, loss, bits, sym, min_zero, in_block, mse)
     finally:
         torch.set_num_threads(threads)
 
 
-def _columns(Wp, U, i1, i2, scales, zeros, group_of, codes, E1, loss, bits, sym, min_zero, in_block):
+def _columns(Wp, U, i1, i2, scales, zeros, group_of, codes, E1, loss, bits, sym, min_zero, in_block, mse):
     W1, U1 = Wp[:, i1:i2], U[i1:i2, i1:i2]  # W1 is a view: updated in place
     maxq, loaded = 2**bits - 1, None
     for i in range(i2 - i1):
         j = i1 + i
         if in_block and j % in_block == 0:  # fitted on the current, error-updated columns
             scales[j // in_block], zeros[j // in_block] = find_params(W1[:, i:i + in_block], bits, sym,
-                                                                      min_zero=min_zero)
+                                                                      min_zero=min_zero, mse=mse)
             loaded = None
         if group_of[j] != loaded:
             loaded = group_of[j]
@@ -187,7 +196,7 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, dtype: torch.d
     ng = num_groups(C, spec.group_size)
     scales = torch.empty(ng, R, device=device)
     zeros = torch.empty(ng, R, dtype=torch.int32, device=device)
-    fit = lambda cols: find_params(cols, spec.bits, spec.sym, min_zero=spec.min_zero)  # noqa: E731
+    fit = lambda cols: find_params(cols, spec.bits, spec.sym, min_zero=spec.min_zero, mse=spec.mse)  # noqa: E731
     if spec.act_order == "static":  # groups of the original layout, fitted before any update
         for g in range(ng):
             scales[g], zeros[g] = fit(W[:, g * G:(g + 1) * G])
@@ -205,11 +214,12 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, dtype: torch.d
     in_block = G if spec.act_order != "static" and G < bs else 0
     if fused is None:
         fused = W.is_cuda and _fused_available()
-    if fused and dtype == torch.float32 and bs <= 128:
+    # The kernel fits in-block groups with min-max only (module docstring): mse needs the eager loop there.
+    if fused and dtype == torch.float32 and bs <= 128 and not (spec.mse and in_block):
         from .triton_block import quantize_block as block
         group_of = group_of.to(torch.int32)
     else:
-        block = _block_eager
+        block = partial(_block_eager, mse=spec.mse)
         group_of = group_of.tolist()
 
     with full_precision_matmul():

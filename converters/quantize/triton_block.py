@@ -7,7 +7,8 @@ op for op (IEEE division, round-half-even, no FMA contraction), so both give the
 
 Group parameters either come from the scale/zero tables (static groups, or groups starting at a block
 start, fitted by the caller) or, for groups smaller than the block (GS > 0), are fitted in the kernel
-on the current, error-updated columns exactly as grid.find_params does.
+on the current, error-updated columns exactly as grid.find_params does without its MSE search (with
+mse on, solver.py runs the eager loop for such groups instead: the search is untested on a GPU).
 """
 
 from __future__ import annotations
