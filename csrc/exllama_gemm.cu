@@ -276,13 +276,7 @@ at::Tensor exllama_gemm(const at::Tensor& a_in, const at::Tensor& qweight, const
   p.cb_per_slice = (CB + slices - 1) / slices;
   p.cb_per_slice = (p.cb_per_slice + CB_CHUNK - 1) / CB_CHUNK * CB_CHUNK;
   slices = (CB + p.cb_per_slice - 1) / p.cb_per_slice;
-  at::Tensor ws;
-  if (slices > 1) {
-    ws = at::empty({slices, M, N}, a.options().dtype(at::kFloat));
-    p.ws = ws.data_ptr<float>();
-  } else {
-    p.C = out.data_ptr();
-  }
+  const at::Tensor ws = bind_output(p, slices, out);
   dim3 grid(nblocks, mblocks, slices);
   if (a.scalar_type() == at::kHalf) launch<half>(p, static_cast<int>(bits), true, grid, stream);
   else launch<__nv_bfloat16>(p, static_cast<int>(bits), true, grid, stream);

@@ -25,6 +25,19 @@ at::Tensor exllama_shuffle(const at::Tensor& qweight, const std::optional<at::Te
 // out[M, N] (dtype of out) = sum over s of ws[s, M, N] (fp32): the split-K reduction, deterministic.
 void reduce_slices(const at::Tensor& ws, at::Tensor& out);
 
+// Points a GEMM's output (p.C) at out, or, for slices > 1, its fp32 partials (p.ws) at a fresh workspace
+// [slices, M, N] that reduce_slices(ws, out) sums afterwards; returns that workspace (undefined for 1 slice).
+template <typename Params>
+at::Tensor bind_output(Params& p, int slices, at::Tensor& out) {
+  if (slices == 1) {
+    p.C = out.data_ptr();
+    return at::Tensor();
+  }
+  at::Tensor ws = at::empty({slices, out.size(0), out.size(1)}, out.options().dtype(at::kFloat));
+  p.ws = ws.data_ptr<float>();
+  return ws;
+}
+
 // Multiprocessor count of the current device (cached per device).
 int sm_count();
 

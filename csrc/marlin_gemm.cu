@@ -281,13 +281,7 @@ at::Tensor marlin_gemm(const at::Tensor& a_in, const at::Tensor& qweight, const 
   p.slices = slices;
   const size_t smem = smem_for(p.kpp);
 
-  at::Tensor ws;
-  if (slices > 1) {
-    ws = at::empty({slices, M, N}, a.options().dtype(at::kFloat));
-    p.ws = ws.data_ptr<float>();
-  } else {
-    p.C = out.data_ptr();
-  }
+  const at::Tensor ws = bind_output(p, slices, out);
   dim3 grid(cs, mblocks, (NS / sb) * slices);
   if (a.scalar_type() == at::kHalf) {
     if (bits == 4) launch_bits<half, 4>(p, mb, grid, cs, smem, stream);
