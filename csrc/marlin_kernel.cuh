@@ -458,13 +458,12 @@ __global__ void __launch_bounds__(THREADS, 2) marlin_gemm_kernel(const Params p)
           int4 bq[W4];
 #pragma unroll
           for (int w = 0; w < W4; ++w) bq[w] = my_ring[u * TILE_I4 + w];
-          if (u == 0 && ring_scales) {
-            const int4 sv = *my_sring;
-            const T* s8 = reinterpret_cast<const T*>(&sv);
+          if constexpr (FOLD) {
+            if (u == 0 && ring_scales) {
+              const int4 sv = *my_sring;
+              const T* s8 = reinterpret_cast<const T*>(&sv);
 #pragma unroll
-            for (int s = 0; s < 8; ++s) {
-              if constexpr (FOLD) sf[s] = TT::to_float(s8[s]);
-              else gc.s2[s] = T2{s8[s], s8[s]};
+              for (int s = 0; s < 8; ++s) sf[s] = TT::to_float(s8[s]);
             }
           }
           if (t == 0) {
