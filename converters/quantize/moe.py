@@ -108,8 +108,8 @@ class ExpertSolve:
     fallback: str | None  # None, "rtn" (no token) or "shrink" (fewer tokens than in_features)
 
 
-def shrink(H_routed: torch.Tensor, n: int, H_all: torch.Tensor, n0: int) -> torch.Tensor:
-    prior = LAMBDA * n0
+def shrink(H_routed: torch.Tensor, n: int, H_all: torch.Tensor, n0: int, lam: float = LAMBDA) -> torch.Tensor:
+    prior = lam * n0
     return (n * H_routed + prior * H_all) / (n + prior)
 
 
