@@ -9,7 +9,7 @@ each kernel is timed by replaying a CUDA graph that cycles through enough weight
 
 Env: MS, SHAPES (comma lists), VARIANTS (comma list of base, act_order, act_order_gather, bf16, w8, exllama;
 default base,act_order,bf16,w8), SWEEP=1 (tuning: time the 4-bit kernel under forced split configurations
-instead of the grid; BITS=8 for 8-bit, ROWS=8/16 to force the block-tile rows too, never dense),
+instead of the grid; BITS=8 for 8-bit, ROWS=8/16/32/64 to force the block-tile rows too, never dense),
 OUT_JSON (output path), NO_VLLM=1 (skip vLLM even when importable).
 JSON: {"meta": {gpu, date, command, torch, vllm, copy_TBps}, "rows": [{shape, K, N, M, kernel, us, dtype, bits,
 group_size, act_order, weight_TBps, speedup_vs_fp16}]}.  Reference kernels: cublas_fp16, vllm_marlin,

@@ -38,30 +38,35 @@ Override& override_cfg() {
   return o;
 }
 
-// Split choices measured on the H200 (132 SMs): for each Llama-3-8B/70B layer shape and batch bucket (M <= 8,
-// measured at M = 1; M <= 16, 32, 64, measured at that M), the fastest (strips per block, cluster ranks) of
-// the 16 tried by `SWEEP=1 MS=1,16 python benchmarks/kernels.py` and `SWEEP=1 ROWS=16 MS=32,64 ...`
-// (docs/kernel-tuning.md, 2026-11-22).  Other shapes, batch sizes and GPUs use the model in marlin_gemm().
+// Tile and split choices measured on the H200 (132 SMs): for each Llama-3-8B/70B layer shape and batch bucket
+// (M <= 8, measured at M = 1; M <= 16, 32, 64, 128, measured at that M) the block-tile rows (0: dequantize +
+// cuBLAS) and the fastest (strips per block, cluster ranks) of the 16 tried.  M <= 16: `SWEEP=1 MS=1,16 python
+// benchmarks/kernels.py`; 16-row splits at M = 32/64: `SWEEP=1 ROWS=16 MS=32,64 ...`; rows: `python
+// benchmarks/pick_tiles.py` over the `ROWS=32` / `ROWS=64` sweeps (docs/kernel-tuning.md, 2026-11-22).
+// Other shapes, batch sizes and GPUs use 8/16-row tiles with the model in marlin_gemm(), dense from M = 128.
 struct Tuned {
-  int K, N, M, sb, cs;
+  int K, N, M, rows, sb, cs;
 };
 constexpr Tuned TUNED[] = {
     // M <= 8
-    {4096, 6144, 8, 4, 4}, {4096, 4096, 8, 1, 2}, {4096, 28672, 8, 8, 4}, {14336, 4096, 8, 1, 2},
-    {8192, 10240, 8, 4, 4}, {8192, 8192, 8, 2, 2}, {8192, 57344, 8, 8, 2}, {28672, 8192, 8, 1, 2},
+    {4096, 6144, 8, 8, 4, 4}, {4096, 4096, 8, 8, 1, 2}, {4096, 28672, 8, 8, 8, 4}, {14336, 4096, 8, 8, 1, 2},
+    {8192, 10240, 8, 8, 4, 4}, {8192, 8192, 8, 8, 2, 2}, {8192, 57344, 8, 8, 8, 2}, {28672, 8192, 8, 8, 1, 2},
     // M <= 16
-    {4096, 6144, 16, 4, 4}, {4096, 4096, 16, 8, 8}, {4096, 28672, 16, 8, 4}, {14336, 4096, 16, 4, 8},
-    {8192, 10240, 16, 8, 8}, {8192, 8192, 16, 2, 2}, {8192, 57344, 16, 8, 2}, {28672, 8192, 16, 2, 2},
+    {4096, 6144, 16, 16, 4, 4}, {4096, 4096, 16, 16, 8, 8}, {4096, 28672, 16, 16, 8, 4}, {14336, 4096, 16, 16, 4, 8},
+    {8192, 10240, 16, 16, 8, 8}, {8192, 8192, 16, 16, 2, 2}, {8192, 57344, 16, 16, 8, 2}, {28672, 8192, 16, 16, 2, 2},
     // M <= 32
-    {4096, 6144, 32, 8, 4}, {4096, 4096, 32, 2, 2}, {4096, 28672, 32, 8, 2}, {14336, 4096, 32, 2, 2},
-    {8192, 10240, 32, 8, 8}, {8192, 8192, 32, 4, 2}, {8192, 57344, 32, 8, 1}, {28672, 8192, 32, 4, 2},
+    {4096, 6144, 32, 16, 8, 4}, {4096, 4096, 32, 16, 2, 2}, {4096, 28672, 32, 32, 8, 2}, {14336, 4096, 32, 16, 2, 2},
+    {8192, 10240, 32, 16, 8, 8}, {8192, 8192, 32, 16, 4, 2}, {8192, 57344, 32, 32, 8, 1}, {28672, 8192, 32, 16, 4, 2},
     // M <= 64
-    {4096, 6144, 64, 8, 4}, {4096, 4096, 64, 4, 2}, {4096, 28672, 64, 8, 1}, {14336, 4096, 64, 4, 2},
-    {8192, 10240, 64, 8, 4}, {8192, 8192, 64, 4, 2}, {8192, 57344, 64, 8, 2}, {28672, 8192, 64, 4, 2},
+    {4096, 6144, 64, 32, 8, 4}, {4096, 4096, 64, 16, 4, 2}, {4096, 28672, 64, 64, 8, 2}, {14336, 4096, 64, 16, 4, 2},
+    {8192, 10240, 64, 64, 8, 4}, {8192, 8192, 64, 32, 4, 2}, {8192, 57344, 64, 64, 8, 1}, {28672, 8192, 64, 32, 4, 2},
+    // M <= 128
+    {4096, 6144, 128, 64, 8, 4}, {4096, 4096, 128, 0, 0, 0}, {4096, 28672, 128, 64, 8, 1}, {14336, 4096, 128, 32, 4, 2},
+    {8192, 10240, 128, 0, 0, 0}, {8192, 8192, 128, 64, 4, 2}, {8192, 57344, 128, 64, 8, 1}, {28672, 8192, 128, 64, 4, 2},
 };
 const Tuned* tuned_split(int64_t K, int64_t N, int64_t M, int sms) {
-  if (sms != 132 || M > 64) return nullptr;
-  const int bucket = M <= 8 ? 8 : (M <= 16 ? 16 : (M <= 32 ? 32 : 64));
+  if (sms != 132 || M > 128) return nullptr;
+  const int bucket = M <= 8 ? 8 : (M <= 16 ? 16 : (M <= 32 ? 32 : (M <= 64 ? 64 : 128)));
   for (const Tuned& t : TUNED)
     if (t.K == K && t.N == N && t.M == bucket) return &t;
   return nullptr;
@@ -75,8 +80,8 @@ extern template void launch_bits<__nv_bfloat16, 8>(const Params&, int, dim3, int
 }  // namespace marlin
 
 void marlin_set_config(int64_t sb, int64_t cs, int64_t slices, int64_t dense_min_m, int64_t tile_rows) {
-  TORCH_CHECK(tile_rows == 0 || tile_rows == 8 || tile_rows == 16,
-              "marlin_set_config: tile_rows must be 0 (automatic), 8 or 16");
+  TORCH_CHECK(tile_rows == 0 || tile_rows == 8 || tile_rows == 16 || tile_rows == 32 || tile_rows == 64,
+              "marlin_set_config: tile_rows must be 0 (automatic), 8, 16, 32 or 64");
   auto& o = marlin::override_cfg();
   o.tile_rows = static_cast<int>(tile_rows);
   o.sb = static_cast<int>(sb);
@@ -179,17 +184,31 @@ at::Tensor marlin_gemm(const at::Tensor& a_in, const at::Tensor& qweight, const 
   p.scale_epilogue = (p.gidx == nullptr && group_rows == 0) ? 1 : 0;
 
   const Override& ov = override_cfg();
-  const int dense_min_m = ov.dense_min_m > 0 ? ov.dense_min_m : DENSE_MIN_M_DEFAULT;
+  const bool clusters = at::cuda::getCurrentDeviceProperties()->major >= 9;
+  const Tuned* tuned = clusters ? tuned_split(K, N, M, sm_count()) : nullptr;
+  // Dense from DENSE_MIN_M_DEFAULT on, or where the table says so (rows 0); an override decides alone.
+  const bool dense = ov.dense_min_m > 0 ? M >= ov.dense_min_m
+                                        : (tuned != nullptr ? tuned->rows == 0 : M >= DENSE_MIN_M_DEFAULT);
   // The kernel gathers A through perm while staging it (8 columns per thread in flight) for M <= 8; above
-  // that one index_select here is faster (measured: the staged gather costs 1.3-2.6x the GEMM at M = 16-64).
-  if (has_perm && (M > 8 || M >= dense_min_m)) {
-    at::Tensor ag = a.size(1) == K ? a : at::constant_pad_nd(a, {0, K - a.size(1)}, 0);
-    a = ag.index_select(1, perm).contiguous();
+  // that, where every block of a strip would repeat it, one gather kernel runs first (measured: the staged
+  // gather costs 1.3-2.6x the GEMM at M = 16-64).
+  if (has_perm && (M > 8 || dense)) {
+    at::Tensor ag = at::empty({M, K}, a.options());
+    const dim3 blocks(static_cast<unsigned>(M), static_cast<unsigned>((K / 8 + THREADS - 1) / THREADS));
+    if (a.scalar_type() == at::kHalf)
+      gather_columns_kernel<half><<<blocks, THREADS, 0, stream>>>(reinterpret_cast<const half*>(a.data_ptr()), p.lda,
+                                                                  p.perm, static_cast<int>(K), reinterpret_cast<half*>(ag.data_ptr()));
+    else
+      gather_columns_kernel<__nv_bfloat16><<<blocks, THREADS, 0, stream>>>(
+          reinterpret_cast<const __nv_bfloat16*>(a.data_ptr()), p.lda, p.perm, static_cast<int>(K),
+          reinterpret_cast<__nv_bfloat16*>(ag.data_ptr()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    a = ag;
     p.A = a.data_ptr();
     p.perm = nullptr;
     p.lda = static_cast<int>(K);
   }
-  if (M >= dense_min_m) {
+  if (dense) {
     // Prefill sizes: dequantize once (memory-bound, ~ K*N*(b/8 + 2) bytes), multiply with cuBLAS.
     at::Tensor w = at::empty({K, N}, a.options());
     Params pd = p;
@@ -208,16 +227,17 @@ at::Tensor marlin_gemm(const at::Tensor& a_in, const at::Tensor& qweight, const 
   }
 
   // ---- tile and split choice ----
-  const int R = ov.tile_rows > 0 ? ov.tile_rows : (M <= 8 ? 8 : 16);
+  const int R = ov.tile_rows > 0                       ? ov.tile_rows
+                : (tuned != nullptr && tuned->rows > 0) ? tuned->rows
+                                                        : (M <= 8 ? 8 : 16);
   const int mb = R / 8;  // m8 blocks per block tile
   const int mblocks = static_cast<int>((M + R - 1) / R);
   const int NS = static_cast<int>(N / 64);
   const int KT = static_cast<int>(K / 16);
   const int KR = (KT + RUN - 1) / RUN;  // runs along K
   const int sms = sm_count();
-  const bool clusters = at::cuda::getCurrentDeviceProperties()->major >= 9;
   const int ring = (bits == 4 ? ring_bytes<4>() : ring_bytes<8>()) + sring_bytes();
-  const int kcmax = A_SMEM_BYTES / (2 * R);
+  const int kcmax = (R >= 32 ? A_SMEM_BYTES_WIDE : A_SMEM_BYTES) / (2 * R);
   auto kc_for = [&](int kpp) { return std::min(kcmax, (16 * kpp + 16 * RUN - 1) / (16 * RUN) * (16 * RUN)); };
   auto smem_for = [&](int kpp) {  // ring + A chunk; the partial-sum tile reuses all of it at the end
     return static_cast<size_t>(ring) + static_cast<size_t>(R) * (kc_for(kpp) + A_PAD) * 2;
@@ -228,10 +248,9 @@ at::Tensor marlin_gemm(const at::Tensor& a_in, const at::Tensor& qweight, const 
            static_cast<size_t>(sb) * R * RED_STRIDE * 4 <= smem_for(kpp);
   };
   int sb = 0, parts = 0;
-  if (const Tuned* t = tuned_split(K, N, M, sms); t != nullptr && R == (M <= 8 ? 8 : 16) && clusters &&
-                                                  fits(t->sb, t->cs)) {
-    sb = t->sb;
-    parts = t->cs;
+  if (tuned != nullptr && R == tuned->rows && fits(tuned->sb, tuned->cs)) {
+    sb = tuned->sb;
+    parts = tuned->cs;
   } else {
     // Not in the table: the least predicted time over the candidates, from a log-linear model fitted to the
     // 512 timings of those sweeps (M = 1/16/32/64; benchmarks/fit_split_model.py refits it; its picks there

@@ -15,7 +15,9 @@ constexpr int WARPS = THREADS / 32;
 constexpr int A_PAD = 32;              // halves of padding per staged A row: rows r, r+1 are 64 B apart mod 128 B,
                                        // so the 8 lanes of an LDS.128 phase (2 rows x 4 tig) hit 32 banks
 constexpr int RED_STRIDE = 72;         // floats per row of the partial-sum tile (64 + 8: fewer bank conflicts)
-constexpr int A_SMEM_BYTES = 32768;    // staged A chunk: rows x KC halves (KC chosen to fit)
+constexpr int A_SMEM_BYTES = 32768;    // staged A chunk: rows x KC halves (KC chosen to fit), 2 blocks per SM
+constexpr int A_SMEM_BYTES_WIDE = 131072;  // the same for 32/64-row tiles (1 block per SM): >= 1024 columns, so
+                                           // that a chunk still holds a run for each of 8 k-phases
 constexpr int DENSE_MIN_M_DEFAULT = 128;  // from this M on: fast dequantize + cuBLAS (tuned on the H200)
 
 struct Params {
@@ -253,10 +255,15 @@ __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wai
 // never changes inside a run: the group test and the scale load happen once per run.
 constexpr int RUN = 8;
 
-// The block tile has R = 8 * MB rows (MB = 1 for M <= 8, else 2; larger M loops over m-blocks of 16 rows) and
-// is computed "swapped": C^T = W^T A^T, the weight fragments are the mma's A operand (16 columns of C) and 8
-// activation rows its B operand, 4 mma per k-tile and m8 block.  (m16 tiles, with 8 mma per k-tile and m16
-// block, measured slower at every M from 17 to 64 on the H200: docs/kernel-tuning.md.)
+// The block tile has R = 8 * MB rows (MB = 1, 2, 4 or 8; larger M loops over m-blocks of R rows) and is
+// computed "swapped": C^T = W^T A^T, the weight fragments are the mma's A operand (16 columns of C) and 8
+// activation rows its B operand, 4 mma per k-tile and m8 block.  A warp dequantizes each of its weight
+// tiles once per block tile, so wider tiles share that work over more rows; they hold 16 MB fp32
+// accumulators per lane, hence one block per SM (255 registers) for MB >= 4 (WIDE).
+template <int MB>
+__host__ __device__ constexpr bool wide() { return MB >= 4; }
+template <int MB>
+__host__ __device__ constexpr int a_smem_bytes() { return wide<MB>() ? A_SMEM_BYTES_WIDE : A_SMEM_BYTES; }
 
 template <int BITS>
 __host__ __device__ constexpr int ring_bytes() { return WARPS * RUN * 32 * 16 * (BITS / 4); }
@@ -265,7 +272,7 @@ __host__ __device__ constexpr int sring_bytes() { return WARPS * 32 * 16; }  // 
 template <int BITS, int MB>
 constexpr size_t max_smem() {
   return static_cast<size_t>(ring_bytes<BITS>() + sring_bytes()) +
-         static_cast<size_t>(8 * MB) * (A_SMEM_BYTES / (2 * 8 * MB) + A_PAD) * 2;
+         static_cast<size_t>(8 * MB) * (a_smem_bytes<MB>() / (2 * 8 * MB) + A_PAD) * 2;
 }
 
 // Staged A layout: inside each pair of k-tiles (32 columns), lane tig's mma operands are 8 consecutive halves
@@ -275,6 +282,36 @@ constexpr size_t max_smem() {
 __device__ __forceinline__ int a_pos(int c) {
   const int k = c & 15;
   return (c & ~31) | (((k & 7) >> 1) << 3) | (((c >> 4) & 1) << 2) | ((k >> 3) << 1) | (k & 1);
+}
+
+// Act-order gather of 8 consecutive columns: src = perm[8 c8 .. 8 c8 + 7] (two 16-byte loads), then
+// v[j] = arow[src[j]], 0 where src[j] >= lda (the padded rows of K_pad), 8 independent loads in flight.
+struct Perm8 {
+  int src[8];
+  __device__ __forceinline__ explicit Perm8(const int* __restrict__ perm8) {
+    const int4 lo = __ldg(reinterpret_cast<const int4*>(perm8)), hi = __ldg(reinterpret_cast<const int4*>(perm8) + 1);
+    src[0] = lo.x; src[1] = lo.y; src[2] = lo.z; src[3] = lo.w;
+    src[4] = hi.x; src[5] = hi.y; src[6] = hi.z; src[7] = hi.w;
+  }
+};
+template <typename T>
+__device__ __forceinline__ void gather8(const T* __restrict__ arow, const Perm8& pm, int lda, T (&v)[8]) {
+  const int* src = pm.src;
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+    v[j] = static_cast<unsigned>(src[j]) < static_cast<unsigned>(lda) ? __ldg(arow + src[j]) : TypeTraits<T>::from_float(0.f);
+}
+
+// The gather alone, for the batch sizes where the GEMM stages A without it: out[m, k] = a[m, perm[k]] (0 past
+// lda), one thread per 8 columns of a row, written with one 16-byte store.
+template <typename T>
+__global__ void __launch_bounds__(THREADS) gather_columns_kernel(const T* __restrict__ a, int lda, const int* __restrict__ perm,
+                                                           int K, T* __restrict__ out) {
+  const int c8 = blockIdx.y * THREADS + threadIdx.x, m = blockIdx.x;  // rows on x: M may exceed 65535
+  if (8 * c8 >= K) return;
+  T v[8];
+  gather8(a + static_cast<int64_t>(m) * lda, Perm8(perm + 8 * c8), lda, v);
+  *reinterpret_cast<int4*>(out + static_cast<int64_t>(m) * K + 8 * c8) = *reinterpret_cast<const int4*>(v);
 }
 
 // ---- the GEMM kernel ------------------------------------------------------------------------------------
@@ -290,19 +327,20 @@ __device__ __forceinline__ int a_pos(int c) {
 // rank order, each rank producing a slice of the output; global slices (gridDim.z) go through the fp32
 // workspace.  All orders are fixed: the result is deterministic.
 // GEN = false: symmetric, no g_idx, one group per run (groups of a multiple of 128 rows, power-of-two tiles) or
-// a single group.  In the swapped modes the scales then multiply the fp32 sums of each run (exact products,
-// 16 FFMA per run instead of 16 HMUL2 per tile); in the m16 modes they multiply the weights per run.
+// a single group; the run's scales arrive through the ring.  For MB <= 2 they multiply the fp32 sums of each
+// run (exact products, 16 FFMA per run instead of 16 HMUL2 per tile); wide tiles have no registers for the
+// run's second set of sums and multiply the weights instead (16 HMUL2 per tile against 16 MB mma).
 // GEN = true: g_idx_sorted rows, zero points, any group size (per-tile group test, scales per element).
 template <typename T, int BITS, int MB, bool GEN>
-__global__ void __launch_bounds__(THREADS, 2) marlin_gemm_kernel(const Params p) {
+__global__ void __launch_bounds__(THREADS, wide<MB>() ? 1 : 2) marlin_gemm_kernel(const Params p) {
   using TT = TypeTraits<T>;
   using T2 = typename TT::T2;
   constexpr int R = 8 * MB;
-  constexpr bool FOLD = !GEN;                   // scales applied to the fp32 sums of a run
+  constexpr bool FOLD = !GEN && !wide<MB>();   // scales applied to the fp32 sums of a run
   constexpr int W4 = BITS / 4;                  // 16-byte words per lane per k-tile
   constexpr int TILE_I4 = 32 * W4;              // 16-byte words per 16x64 tile
   constexpr int NACC = 4 * MB;                  // m16n8 accumulators per lane
-  constexpr int UNROLL_PAIRS = FOLD ? RUN / 2 : 1;
+  constexpr int UNROLL_PAIRS = GEN ? 1 : RUN / 2;
 
   extern __shared__ __align__(16) unsigned char smem[];
   int4* ring = reinterpret_cast<int4*>(smem);                                     // [WARPS][RUN][32][W4]
@@ -412,15 +450,10 @@ __global__ void __launch_bounds__(THREADS, 2) marlin_gemm_kernel(const Params p)
       // Gather through perm, 8 columns per item so that 8 independent loads are in flight per thread: columns
       // 8 c8 .. 8 c8 + 7 share t and h (a_pos), so they land as 4 column pairs at a_pos(8 c8 + 2j).
       for (int c8 = threadIdx.x; c8 < cols / 8; c8 += THREADS) {
-        const int4* pv = reinterpret_cast<const int4*>(p.perm + 16 * c0 + 8 * c8);
-        const int4 lo = __ldg(pv), hi = __ldg(pv + 1);
-        const int src[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+        const Perm8 pm(p.perm + 16 * c0 + 8 * c8);
         for (int r = 0; r < mv; ++r) {
-          const T* arow_g = A + static_cast<int64_t>(m0 + r) * p.lda;
           T v[8];
-#pragma unroll
-          for (int j = 0; j < 8; ++j)
-            v[j] = static_cast<unsigned>(src[j]) < static_cast<unsigned>(p.lda) ? __ldg(arow_g + src[j]) : TT::from_float(0.f);
+          gather8(A + static_cast<int64_t>(m0 + r) * p.lda, pm, p.lda, v);
 #pragma unroll
           for (int j = 0; j < 4; ++j)
             *reinterpret_cast<T2*>(As + r * astride + a_pos(8 * c8 + 2 * j)) = T2{v[2 * j], v[2 * j + 1]};
@@ -458,12 +491,15 @@ __global__ void __launch_bounds__(THREADS, 2) marlin_gemm_kernel(const Params p)
           int4 bq[W4];
 #pragma unroll
           for (int w = 0; w < W4; ++w) bq[w] = my_ring[u * TILE_I4 + w];
-          if constexpr (FOLD) {
+          if constexpr (!GEN) {
             if (u == 0 && ring_scales) {
               const int4 sv = *my_sring;
               const T* s8 = reinterpret_cast<const T*>(&sv);
 #pragma unroll
-              for (int s = 0; s < 8; ++s) sf[s] = TT::to_float(s8[s]);
+              for (int s = 0; s < 8; ++s) {
+                if constexpr (FOLD) sf[s] = TT::to_float(s8[s]);
+                else gc.s2[s] = T2{s8[s], s8[s]};
+              }
             }
           }
           if (t == 0) {
@@ -687,8 +723,12 @@ __host__ inline bool needs_general(const Params& p) {
 template <typename T, int BITS>
 void launch_bits(const Params& p, int mb, dim3 grid, int cs, size_t smem, cudaStream_t stream) {
   const bool gen = needs_general(p);
-  if (mb == 1) gen ? launch_mb<T, BITS, 1, true>(p, grid, cs, smem, stream) : launch_mb<T, BITS, 1, false>(p, grid, cs, smem, stream);
-  else gen ? launch_mb<T, BITS, 2, true>(p, grid, cs, smem, stream) : launch_mb<T, BITS, 2, false>(p, grid, cs, smem, stream);
+  switch (mb) {
+    case 1: return gen ? launch_mb<T, BITS, 1, true>(p, grid, cs, smem, stream) : launch_mb<T, BITS, 1, false>(p, grid, cs, smem, stream);
+    case 2: return gen ? launch_mb<T, BITS, 2, true>(p, grid, cs, smem, stream) : launch_mb<T, BITS, 2, false>(p, grid, cs, smem, stream);
+    case 4: return gen ? launch_mb<T, BITS, 4, true>(p, grid, cs, smem, stream) : launch_mb<T, BITS, 4, false>(p, grid, cs, smem, stream);
+    default: return gen ? launch_mb<T, BITS, 8, true>(p, grid, cs, smem, stream) : launch_mb<T, BITS, 8, false>(p, grid, cs, smem, stream);
+  }
 }
 
 }  // namespace marlin

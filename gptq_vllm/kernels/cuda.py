@@ -184,7 +184,7 @@ def marlin_gemm(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qz
 
 def marlin_set_config(sb: int = 0, cs: int = 0, slices: int = 0, dense_min_m: int = 0, tile_rows: int = 0) -> None:
     """Benchmark-only: force the Marlin GEMM's strips per block / cluster split / global slices / dense
-    threshold / block-tile rows (8 or 16) (0 = automatic, the default).
+    threshold / block-tile rows (8, 16, 32 or 64) (0 = automatic, the default).
     Process-global; not for production use."""
     _require()
     torch.ops.mygptq_cuda._marlin_set_config(sb, cs, slices, dense_min_m, tile_rows)

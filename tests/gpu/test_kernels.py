@@ -197,10 +197,39 @@ def test_marlin_gemm_forced_splits(kern, bits, sym):
             x = torch.randn(M, K, dtype=torch.float32).half().to(dev)
             for sb, cs, slices, dense, rows in ((1, 1, 1, 0, 0), (2, 2, 1, 0, 0), (8, 8, 1, 0, 0), (4, 4, 2, 0, 0),
                                                 (1, 1, 4, 0, 0), (2, 8, 1, 0, 0), (0, 0, 0, 1, 0), (2, 2, 1, 0, 8),
-                                                (4, 2, 1, 0, 16), (1, 2, 2, 0, 16)):
+                                                (4, 2, 1, 0, 16), (1, 2, 2, 0, 16), (8, 1, 1, 0, 32),
+                                                (2, 2, 2, 0, 32), (8, 1, 1, 0, 64), (1, 4, 1, 0, 64)):
                 kern.marlin_set_config(sb, cs, slices, dense, rows)
                 y = kern.marlin_gemm(x, qw, sc, qz, gs, bits, 128)
                 check_close(y, x, w, f"marlin forced sb={sb} cs={cs} slices={slices} dense={dense} rows={rows} M={M}")
+    finally:
+        kern.marlin_set_config(0, 0, 0, 0, 0)
+
+
+WIDE_CASES = [(4, 128, True, False), (4, 128, True, True), (8, 128, False, True), (4, 32, False, False),
+              (8, -1, True, False)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("bits,group_size,sym,act", WIDE_CASES,
+                         ids=[f"b{b}-g{g}-{'sym' if s else 'asym'}-{'act' if a else 'noact'}" for b, g, s, a in WIDE_CASES])
+def test_marlin_gemm_wide_tiles(kern, bits, group_size, sym, act, dtype):
+    """32- and 64-row block tiles (one block per SM, scales on the weights) in the lean and general
+    instantiations: act-order (index_select, then g_idx_sorted), zero points, one group; split-K and a
+    partial last m-block."""
+    dev = torch.device("cuda")
+    K, N = 1024, 512
+    w = make_weight(bits, group_size, sym, act, K, N, seed=31 + bits + group_size + act, dtype=dtype)
+    kw = kernel_layout.to_kernel(w, Layout.MARLIN, scale_dtype=dtype)
+    qw, sc, qz, gs = to_dev(kw, dev)
+    perm = None if kw.perm is None else kw.perm.to(torch.int32).to(dev)
+    try:
+        for M in (17, 64, 100):
+            x = torch.randn(M, K, generator=torch.Generator().manual_seed(M), dtype=torch.float32).to(dtype).to(dev)
+            for sb, cs, slices, rows in ((2, 1, 1, 32), (8, 2, 1, 32), (1, 2, 2, 64), (8, 1, 1, 64)):
+                kern.marlin_set_config(sb, cs, slices, 100000, rows)
+                y = kern.marlin_gemm(x, qw, sc, qz, gs, bits, group_size, perm)
+                check_close(y, x, w, f"marlin wide rows={rows} sb={sb} cs={cs} slices={slices} M={M}")
     finally:
         kern.marlin_set_config(0, 0, 0, 0, 0)
 
