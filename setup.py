@@ -1,7 +1,8 @@
 """Optional CUDA build of gptq_vllm._C (csrc/); all metadata lives in pyproject.toml.
 
 On a machine with torch + nvcc:  pip install --no-build-isolation -e .   (or: python setup.py build_ext --inplace)
-builds the kernels for sm_80, sm_89 and sm_90 (override with TORCH_CUDA_ARCH_LIST).  Anywhere else (no torch in
+builds the kernels for sm_80, sm_89 and sm_90a (override with TORCH_CUDA_ARCH_LIST; 9.0 is built as 9.0a, see
+gptq_vllm/kernels/arch.py).  Anywhere else (no torch in
 the build environment, e.g. pip's isolated build, or no CUDA toolkit) nothing is compiled and the package installs
 as pure Python; gptq_vllm.kernels.cuda then JIT-builds on first use when CUDA is there.  GPTQ_VLLM_NO_CUDA=1 skips
 the build explicitly.
@@ -10,6 +11,17 @@ the build explicitly.
 import os
 
 from setuptools import setup
+
+
+def _arch_module():
+    """gptq_vllm/kernels/arch.py, loaded by path (the package itself imports torch and vLLM-facing code)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gptq_vllm", "kernels", "arch.py")
+    spec = importlib.util.spec_from_file_location("gptq_vllm_arch", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def _ext_modules():
@@ -22,7 +34,7 @@ def _ext_modules():
         return [], {}
     if CUDA_HOME is None:
         return [], {}
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;8.9;9.0")
+    os.environ["TORCH_CUDA_ARCH_LIST"] = _arch_module().with_sm90a(os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;8.9;9.0"))
     here = os.path.dirname(os.path.abspath(__file__))
     sources = [os.path.join("csrc", s) for s in ("ops.cpp", "marlin_gemm.cu", "marlin_inst_f16_b4.cu", "marlin_inst_f16_b8.cu",
                                                       "marlin_inst_bf16_b4.cu", "marlin_inst_bf16_b8.cu", "exllama_gemm.cu", "repack.cu")]

@@ -9,7 +9,7 @@ each kernel is timed by replaying a CUDA graph that cycles through enough weight
 
 Env: MS, SHAPES (comma lists), VARIANTS (comma list of base, act_order, act_order_gather, bf16, w8, exllama;
 default base,act_order,bf16,w8), SWEEP=1 (tuning: time the 4-bit kernel under forced split configurations
-instead of the grid; BITS=8 for 8-bit, ROWS=8/16/32/64 to force the block-tile rows too, never dense),
+instead of the grid; BITS=8 for 8-bit, ROWS=8/16/32/64 to force the block-tile rows too, WGMMA=1/-1 the wgmma loop on/off, never dense),
 OUT_JSON (output path), NO_VLLM=1 (skip vLLM even when importable).
 JSON: {"meta": {gpu, date, command, torch, vllm, copy_TBps}, "rows": [{shape, K, N, M, kernel, us, dtype, bits,
 group_size, act_order, weight_TBps, speedup_vs_fp16}]}.  Reference kernels: cublas_fp16, vllm_marlin,
@@ -213,6 +213,7 @@ def sweep() -> int:
     shapes = {k: SHAPES[k] for k in shapes.split(",")} if shapes else SHAPES
     bits = int(os.environ.get("BITS", "4"))
     rows = int(os.environ.get("ROWS", "0"))  # force the block-tile rows of the tried configurations
+    wgmma = int(os.environ.get("WGMMA", "0"))  # 1 / -1: force the wgmma loop of 64-row tiles on / off
     cfgs = [(sb, cs) for sb in (1, 2, 4, 8) for cs in (1, 2, 4, 8)]
     lines = []
     for name, (K, N) in shapes.items():
@@ -239,7 +240,7 @@ def sweep() -> int:
                 for sb, cs in cfgs:
                     if (N // 64) % sb:
                         continue
-                    ours.marlin_set_config(sb, cs, 1, 100000 if rows else 0, rows)  # forced rows: never dense
+                    ours.marlin_set_config(sb, cs, 1, 100000 if rows else 0, rows, wgmma)  # forced rows: never dense
                     try:
                         res[f"{sb}:{cs}"] = timed(fns, iters=10)
                     except Exception as e:  # noqa: BLE001

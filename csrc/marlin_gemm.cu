@@ -31,7 +31,7 @@ namespace marlin {
 
 // Tuning override (benchmarks only): 0 = automatic.
 struct Override {
-  int sb = 0, cs = 0, slices = 0, dense_min_m = 0, tile_rows = 0;
+  int sb = 0, cs = 0, slices = 0, dense_min_m = 0, tile_rows = 0, wgmma = 0;
 };
 Override& override_cfg() {
   static Override o;
@@ -40,29 +40,40 @@ Override& override_cfg() {
 
 // Tile and split choices measured on the H200 (132 SMs): for each Llama-3-8B/70B layer shape and batch bucket
 // (M <= 8, measured at M = 1; M <= 16, 32, 64, 128, measured at that M) the block-tile rows (0: dequantize +
-// cuBLAS) and the fastest (strips per block, cluster ranks) of the 16 tried.  M <= 16: `SWEEP=1 MS=1,16 python
-// benchmarks/kernels.py`; 16-row splits at M = 32/64: `SWEEP=1 ROWS=16 MS=32,64 ...`; rows: `python
-// benchmarks/pick_tiles.py` over the `ROWS=32` / `ROWS=64` sweeps (docs/kernel-tuning.md, 2026-11-22).
+// cuBLAS), the fastest (strips per block, cluster ranks) of the 16 tried, and whether the wgmma loop runs.
+// M <= 16: `SWEEP=1 MS=1,16 python benchmarks/kernels.py`; 16-row splits at M = 32/64: `SWEEP=1 ROWS=16
+// MS=32,64 ...`; rows and wgmma: `python benchmarks/pick_tiles.py` over the `ROWS=32` / `ROWS=64` / `ROWS=64
+// WGMMA=1` sweeps (docs/kernel-tuning.md, 2026-11-22).
 // Other shapes, batch sizes and GPUs use 8/16-row tiles with the model in marlin_gemm(), dense from M = 128.
 struct Tuned {
-  int K, N, M, rows, sb, cs;
+  int K, N, M, rows, sb, cs, wg;  // wg: the wgmma loop (64-row tiles, sm_90a builds)
 };
 constexpr Tuned TUNED[] = {
     // M <= 8
-    {4096, 6144, 8, 8, 4, 4}, {4096, 4096, 8, 8, 1, 2}, {4096, 28672, 8, 8, 8, 4}, {14336, 4096, 8, 8, 1, 2},
-    {8192, 10240, 8, 8, 4, 4}, {8192, 8192, 8, 8, 2, 2}, {8192, 57344, 8, 8, 8, 2}, {28672, 8192, 8, 8, 1, 2},
+    {4096, 6144, 8, 8, 4, 4, 0}, {4096, 4096, 8, 8, 1, 2, 0},
+    {4096, 28672, 8, 8, 8, 4, 0}, {14336, 4096, 8, 8, 1, 2, 0},
+    {8192, 10240, 8, 8, 4, 4, 0}, {8192, 8192, 8, 8, 2, 2, 0},
+    {8192, 57344, 8, 8, 8, 2, 0}, {28672, 8192, 8, 8, 1, 2, 0},
     // M <= 16
-    {4096, 6144, 16, 16, 4, 4}, {4096, 4096, 16, 16, 8, 8}, {4096, 28672, 16, 16, 8, 4}, {14336, 4096, 16, 16, 4, 8},
-    {8192, 10240, 16, 16, 8, 8}, {8192, 8192, 16, 16, 2, 2}, {8192, 57344, 16, 16, 8, 2}, {28672, 8192, 16, 16, 2, 2},
+    {4096, 6144, 16, 16, 4, 4, 0}, {4096, 4096, 16, 16, 8, 8, 0},
+    {4096, 28672, 16, 16, 8, 4, 0}, {14336, 4096, 16, 16, 4, 8, 0},
+    {8192, 10240, 16, 16, 8, 8, 0}, {8192, 8192, 16, 16, 2, 2, 0},
+    {8192, 57344, 16, 16, 8, 2, 0}, {28672, 8192, 16, 16, 2, 2, 0},
     // M <= 32
-    {4096, 6144, 32, 16, 8, 4}, {4096, 4096, 32, 16, 2, 2}, {4096, 28672, 32, 32, 8, 2}, {14336, 4096, 32, 16, 2, 2},
-    {8192, 10240, 32, 16, 8, 8}, {8192, 8192, 32, 16, 4, 2}, {8192, 57344, 32, 32, 8, 1}, {28672, 8192, 32, 16, 4, 2},
+    {4096, 6144, 32, 16, 8, 4, 0}, {4096, 4096, 32, 16, 2, 2, 0},
+    {4096, 28672, 32, 32, 8, 2, 0}, {14336, 4096, 32, 16, 2, 2, 0},
+    {8192, 10240, 32, 16, 8, 8, 0}, {8192, 8192, 32, 16, 4, 2, 0},
+    {8192, 57344, 32, 32, 8, 1, 0}, {28672, 8192, 32, 16, 4, 2, 0},
     // M <= 64
-    {4096, 6144, 64, 32, 8, 4}, {4096, 4096, 64, 16, 4, 2}, {4096, 28672, 64, 64, 8, 2}, {14336, 4096, 64, 16, 4, 2},
-    {8192, 10240, 64, 64, 8, 4}, {8192, 8192, 64, 32, 4, 2}, {8192, 57344, 64, 64, 8, 1}, {28672, 8192, 64, 32, 4, 2},
+    {4096, 6144, 64, 64, 4, 4, 1}, {4096, 4096, 64, 16, 4, 2, 0},
+    {4096, 28672, 64, 64, 8, 2, 1}, {14336, 4096, 64, 16, 4, 2, 0},
+    {8192, 10240, 64, 64, 8, 4, 1}, {8192, 8192, 64, 32, 4, 2, 0},
+    {8192, 57344, 64, 64, 8, 1, 1}, {28672, 8192, 64, 32, 4, 2, 0},
     // M <= 128
-    {4096, 6144, 128, 64, 8, 4}, {4096, 4096, 128, 0, 0, 0}, {4096, 28672, 128, 64, 8, 1}, {14336, 4096, 128, 32, 4, 2},
-    {8192, 10240, 128, 0, 0, 0}, {8192, 8192, 128, 64, 4, 2}, {8192, 57344, 128, 64, 8, 1}, {28672, 8192, 128, 64, 4, 2},
+    {4096, 6144, 128, 64, 8, 4, 1}, {4096, 4096, 128, 0, 0, 0, 0},
+    {4096, 28672, 128, 64, 8, 1, 1}, {14336, 4096, 128, 32, 4, 2, 0},
+    {8192, 10240, 128, 64, 8, 8, 1}, {8192, 8192, 128, 64, 4, 2, 0},
+    {8192, 57344, 128, 64, 8, 1, 1}, {28672, 8192, 128, 64, 4, 2, 0},
 };
 const Tuned* tuned_split(int64_t K, int64_t N, int64_t M, int sms) {
   if (sms != 132 || M > 128) return nullptr;
@@ -72,14 +83,46 @@ const Tuned* tuned_split(int64_t K, int64_t N, int64_t M, int sms) {
   return nullptr;
 }
 
-extern template void launch_bits<half, 4>(const Params&, int, dim3, int, size_t, cudaStream_t);
-extern template void launch_bits<half, 8>(const Params&, int, dim3, int, size_t, cudaStream_t);
-extern template void launch_bits<__nv_bfloat16, 4>(const Params&, int, dim3, int, size_t, cudaStream_t);
-extern template void launch_bits<__nv_bfloat16, 8>(const Params&, int, dim3, int, size_t, cudaStream_t);
+// Whether this build has the sm_90a (wgmma) code for the current device: a one-time probe per device, run
+// outside CUDA graph capture (the first GEMM on a device comes from a warm-up in vLLM and the benchmarks).
+__global__ void wgmma_probe_kernel(int* out) {
+#ifdef GPTQ_VLLM_WGMMA
+  *out = 1;
+#else
+  *out = 0;
+#endif
+}
+bool wgmma_supported() {
+  static int state[64];  // 0 unknown, 1 no, 2 yes
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  if (dev >= 64) return false;
+  if (state[dev] == 0) {
+    const auto* prop = at::cuda::getCurrentDeviceProperties();
+    cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+    C10_CUDA_CHECK(cudaStreamIsCapturing(at::cuda::getCurrentCUDAStream(), &capturing));
+    if (capturing != cudaStreamCaptureStatusNone) return false;
+    int flag = 0;
+    if (prop->major == 9 && prop->minor == 0) {
+      int* d = nullptr;
+      C10_CUDA_CHECK(cudaMalloc(&d, sizeof(int)));
+      wgmma_probe_kernel<<<1, 1>>>(d);
+      C10_CUDA_CHECK(cudaMemcpy(&flag, d, sizeof(int), cudaMemcpyDeviceToHost));
+      C10_CUDA_CHECK(cudaFree(d));
+    }
+    state[dev] = flag ? 2 : 1;
+  }
+  return state[dev] == 2;
+}
+
+extern template void launch_bits<half, 4>(const Params&, int, bool, dim3, int, size_t, cudaStream_t);
+extern template void launch_bits<half, 8>(const Params&, int, bool, dim3, int, size_t, cudaStream_t);
+extern template void launch_bits<__nv_bfloat16, 4>(const Params&, int, bool, dim3, int, size_t, cudaStream_t);
+extern template void launch_bits<__nv_bfloat16, 8>(const Params&, int, bool, dim3, int, size_t, cudaStream_t);
 
 }  // namespace marlin
 
-void marlin_set_config(int64_t sb, int64_t cs, int64_t slices, int64_t dense_min_m, int64_t tile_rows) {
+void marlin_set_config(int64_t sb, int64_t cs, int64_t slices, int64_t dense_min_m, int64_t tile_rows, int64_t wgmma) {
   TORCH_CHECK(tile_rows == 0 || tile_rows == 8 || tile_rows == 16 || tile_rows == 32 || tile_rows == 64,
               "marlin_set_config: tile_rows must be 0 (automatic), 8, 16, 32 or 64");
   auto& o = marlin::override_cfg();
@@ -88,6 +131,7 @@ void marlin_set_config(int64_t sb, int64_t cs, int64_t slices, int64_t dense_min
   o.cs = static_cast<int>(cs);
   o.slices = static_cast<int>(slices);
   o.dense_min_m = static_cast<int>(dense_min_m);
+  o.wgmma = static_cast<int>(wgmma);
 }
 
 at::Tensor marlin_gemm(const at::Tensor& a_in, const at::Tensor& qweight, const at::Tensor& scales,
@@ -300,14 +344,18 @@ at::Tensor marlin_gemm(const at::Tensor& a_in, const at::Tensor& qweight, const 
   p.slices = slices;
   const size_t smem = smem_for(p.kpp);
 
+  // wgmma: 64-row tiles whose warpgroups share a k-phase (sb >= 4), lean mode, where the table says so or the
+  // override forces it (on 1, off -1).
+  const bool want_wg = ov.wgmma != 0 ? ov.wgmma > 0 : (tuned != nullptr && tuned->wg && R == tuned->rows);
+  const bool wg = want_wg && R == 64 && sb >= 4 && !needs_general(p) && wgmma_supported();
   const at::Tensor ws = bind_output(p, slices, out);
   dim3 grid(cs, mblocks, (NS / sb) * slices);
   if (a.scalar_type() == at::kHalf) {
-    if (bits == 4) launch_bits<half, 4>(p, mb, grid, cs, smem, stream);
-    else launch_bits<half, 8>(p, mb, grid, cs, smem, stream);
+    if (bits == 4) launch_bits<half, 4>(p, mb, wg, grid, cs, smem, stream);
+    else launch_bits<half, 8>(p, mb, wg, grid, cs, smem, stream);
   } else {
-    if (bits == 4) launch_bits<__nv_bfloat16, 4>(p, mb, grid, cs, smem, stream);
-    else launch_bits<__nv_bfloat16, 8>(p, mb, grid, cs, smem, stream);
+    if (bits == 4) launch_bits<__nv_bfloat16, 4>(p, mb, wg, grid, cs, smem, stream);
+    else launch_bits<__nv_bfloat16, 8>(p, mb, wg, grid, cs, smem, stream);
   }
   if (slices > 1) reduce_slices(ws, out);
   return out;

@@ -284,6 +284,82 @@ __device__ __forceinline__ int a_pos(int c) {
   return (c & ~31) | (((k & 7) >> 1) << 3) | (((c >> 4) & 1) << 2) | ((k >> 3) << 1) | (k & 1);
 }
 
+// ---- wgmma (sm_90a) ---------------------------------------------------------------------------------------
+// WG kernels (64-row tiles, lean mode) replace the 32 mma.sync per k-tile and warp by 4 asynchronous
+// wgmma.m64n64k16 per warpgroup: the weight fragments stay the A operand, from registers (a warp's 16 rows of
+// the m64 tile have exactly the mma.m16n8k16 A layout, so warp w of the warpgroup supplies 16 columns of its own
+// strip), and the staged activations are the B operand, read from shared memory by the tensor cores.  Its
+// N = 64 columns are the tile's 64 rows of A, and the accumulator of wgmma q holds, per warp, what the 8 mma
+// accumulators acc[4 mb + q] of the mma.sync loop hold (same row/column per register), so everything after
+// the loop is shared.
+//
+// Staged layout (wg_pos): wgmma reads B in core matrices of 8 rows of A x 8 k (128 contiguous bytes, row-major).
+// k-tile t of a chunk is 64 x 16 halves at 1024 t; the core matrix of rows 8g..8g+7 and k 8h..8h+7 sits at
+// 64 (2g + h): neighbours along k are 128 bytes apart (the descriptor's leading byte offset), along the rows
+// 256 bytes (its stride byte offset).
+constexpr int WG_ROWS = 64;
+constexpr int WG_BUFS = 2;  // fragment buffers: wgmma groups of WG_BUFS - 1 earlier tiles stay in flight
+__device__ __forceinline__ int wg_pos(int r, int c) {
+  return (c >> 4) * 16 * WG_ROWS + (((r >> 3) << 1) | ((c >> 3) & 1)) * 64 + (r & 7) * 8 + (c & 7);
+}
+// Shared-memory matrix descriptor: start address, leading / stride byte offsets (all >> 4), no swizzle.
+__device__ __forceinline__ uint64_t wg_desc(uint32_t saddr) {
+  return static_cast<uint64_t>((saddr & 0x3ffff) >> 4) | (static_cast<uint64_t>(128 >> 4) << 16) |
+         (static_cast<uint64_t>(256 >> 4) << 32);
+}
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define GPTQ_VLLM_WGMMA 1
+#endif
+__device__ __forceinline__ void wg_fence() {
+#ifdef GPTQ_VLLM_WGMMA
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wg_commit() {
+#ifdef GPTQ_VLLM_WGMMA
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void wg_wait() {
+#ifdef GPTQ_VLLM_WGMMA
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+#endif
+}
+// Generic-proxy stores to shared memory made visible to the tensor cores' (async proxy) reads.
+__device__ __forceinline__ void fence_proxy_async() {
+#ifdef GPTQ_VLLM_WGMMA
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+// d[8 j + e] (j = m8 block of A rows, e = mma accumulator element) += W^T-fragment a x staged B at desc.
+#define GPTQ_VLLM_WGMMA_64(TYPE)                                                                \
+  asm volatile(                                                                                 \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"                                                \
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " "                           \
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"                                 \
+      "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, "                      \
+      "{%32,%33,%34,%35}, %36, p, 1, 1, 0;\n}\n"                                                \
+      : "+f"(acc[0 + Q][0]), "+f"(acc[0 + Q][1]), "+f"(acc[0 + Q][2]), "+f"(acc[0 + Q][3]),     \
+        "+f"(acc[4 + Q][0]), "+f"(acc[4 + Q][1]), "+f"(acc[4 + Q][2]), "+f"(acc[4 + Q][3]),     \
+        "+f"(acc[8 + Q][0]), "+f"(acc[8 + Q][1]), "+f"(acc[8 + Q][2]), "+f"(acc[8 + Q][3]),     \
+        "+f"(acc[12 + Q][0]), "+f"(acc[12 + Q][1]), "+f"(acc[12 + Q][2]), "+f"(acc[12 + Q][3]), \
+        "+f"(acc[16 + Q][0]), "+f"(acc[16 + Q][1]), "+f"(acc[16 + Q][2]), "+f"(acc[16 + Q][3]), \
+        "+f"(acc[20 + Q][0]), "+f"(acc[20 + Q][1]), "+f"(acc[20 + Q][2]), "+f"(acc[20 + Q][3]), \
+        "+f"(acc[24 + Q][0]), "+f"(acc[24 + Q][1]), "+f"(acc[24 + Q][2]), "+f"(acc[24 + Q][3]), \
+        "+f"(acc[28 + Q][0]), "+f"(acc[28 + Q][1]), "+f"(acc[28 + Q][2]), "+f"(acc[28 + Q][3])  \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc))
+template <typename T, int Q>
+__device__ __forceinline__ void wgmma_64(float (&acc)[32][4], const uint32_t (&a)[4], uint64_t desc) {
+#ifdef GPTQ_VLLM_WGMMA
+  if constexpr (std::is_same<T, half>::value) GPTQ_VLLM_WGMMA_64("f16");
+  else GPTQ_VLLM_WGMMA_64("bf16");
+#else
+  __trap();
+#endif
+}
+#undef GPTQ_VLLM_WGMMA_64
+
 // Act-order gather of 8 consecutive columns: src = perm[8 c8 .. 8 c8 + 7] (two 16-byte loads), then
 // v[j] = arow[src[j]], 0 where src[j] >= lda (the padded rows of K_pad), 8 independent loads in flight.
 struct Perm8 {
@@ -331,8 +407,10 @@ __global__ void __launch_bounds__(THREADS) gather_columns_kernel(const T* __rest
 // run (exact products, 16 FFMA per run instead of 16 HMUL2 per tile); wide tiles have no registers for the
 // run's second set of sums and multiply the weights instead (16 HMUL2 per tile against 16 MB mma).
 // GEN = true: g_idx_sorted rows, zero points, any group size (per-tile group test, scales per element).
-template <typename T, int BITS, int MB, bool GEN>
+// WG: the wgmma loop (see above; MB = 8, lean mode, sb >= 4 so that the 4 warps of a warpgroup share k-phase).
+template <typename T, int BITS, int MB, bool GEN, bool WG = false>
 __global__ void __launch_bounds__(THREADS, wide<MB>() ? 1 : 2) marlin_gemm_kernel(const Params p) {
+  static_assert(!WG || (MB * 8 == WG_ROWS && !GEN), "wgmma tiles: 64 rows, lean mode");
   using TT = TypeTraits<T>;
   using T2 = typename TT::T2;
   constexpr int R = 8 * MB;
@@ -407,7 +485,11 @@ __global__ void __launch_bounds__(THREADS, wide<MB>() ? 1 : 2) marlin_gemm_kerne
   for (int u = 0; u < RUN; ++u) issue(u);
   for (int id = threadIdx.x; id < (R - mv) * (astride / 8); id += THREADS) {
     const int r = mv + id / (astride / 8), c8 = id % (astride / 8);
-    *reinterpret_cast<int4*>(As + r * astride + 8 * c8) = make_int4(0, 0, 0, 0);
+    if constexpr (WG) {
+      if (8 * c8 < p.kc) *reinterpret_cast<int4*>(As + wg_pos(r, 8 * c8)) = make_int4(0, 0, 0, 0);
+    } else {
+      *reinterpret_cast<int4*>(As + r * astride + 8 * c8) = make_int4(0, 0, 0, 0);
+    }
   }
 
   float acc[NACC][4];
@@ -423,6 +505,8 @@ __global__ void __launch_bounds__(THREADS, wide<MB>() ? 1 : 2) marlin_gemm_kerne
     gc.s2[s] = TT::pack(1.f, 1.f);
   }
   int g_cur = -1;
+  uint32_t bfs[WG ? WG_BUFS : 1][8][2];  // dequantized weight fragments of a k-tile
+  const uint32_t as_s = smem_addr(As);
   const T* A = reinterpret_cast<const T*>(p.A);
   const int ct = p.kc / 16;  // k-tiles per chunk (a multiple of RUN)
   int i = 0;                 // this warp's run index
@@ -431,8 +515,21 @@ __global__ void __launch_bounds__(THREADS, wide<MB>() ? 1 : 2) marlin_gemm_kerne
     //    zero up to the end of the last run.
     const int cols = 16 * min(ct, kt_end - c0);
     const int cols_run = min(p.kc, (cols + 16 * RUN - 1) / (16 * RUN) * (16 * RUN));
+    if constexpr (WG) wg_wait<0>();  // the tensor cores no longer read the previous chunk
     __syncthreads();
-    if (p.perm == nullptr) {
+    if constexpr (WG) {
+      // One item = 8 columns of a row; consecutive threads take consecutive rows (16 bytes apart in wg_pos).
+      for (int id = threadIdx.x; id < mv * (cols / 8); id += THREADS) {
+        const int r = id % mv, c8 = id / mv;
+        *reinterpret_cast<int4*>(As + wg_pos(r, 8 * c8)) =
+            __ldg(reinterpret_cast<const int4*>(A + static_cast<int64_t>(m0 + r) * p.lda + 16 * c0 + 8 * c8));
+      }
+      for (int id = threadIdx.x; id < mv * ((cols_run - cols) / 8); id += THREADS) {
+        const int r = id % mv, c8 = id / mv;
+        *reinterpret_cast<int4*>(As + wg_pos(r, cols + 8 * c8)) = make_int4(0, 0, 0, 0);
+      }
+      fence_proxy_async();
+    } else if (p.perm == nullptr) {
       // One item = a row's 32 columns (4 x 16 bytes in, 4 x 16 bytes out): output word 4 tig + 2t + h is
       // input word 8t + 4h + tig (words = column pairs).
       for (int id = threadIdx.x; id < mv * (cols / 32); id += THREADS) {
@@ -460,9 +557,11 @@ __global__ void __launch_bounds__(THREADS, wide<MB>() ? 1 : 2) marlin_gemm_kerne
         }
       }
     }
-    for (int id = threadIdx.x; id < mv * ((cols_run - cols) / 8); id += THREADS) {
-      const int r = id / ((cols_run - cols) / 8), c8 = id % ((cols_run - cols) / 8);
-      *reinterpret_cast<int4*>(As + r * astride + cols + 8 * c8) = make_int4(0, 0, 0, 0);
+    if constexpr (!WG) {
+      for (int id = threadIdx.x; id < mv * ((cols_run - cols) / 8); id += THREADS) {
+        const int r = id / ((cols_run - cols) / 8), c8 = id % ((cols_run - cols) / 8);
+        *reinterpret_cast<int4*>(As + r * astride + cols + 8 * c8) = make_int4(0, 0, 0, 0);
+      }
     }
     __syncthreads();
 
@@ -502,7 +601,7 @@ __global__ void __launch_bounds__(THREADS, wide<MB>() ? 1 : 2) marlin_gemm_kerne
               }
             }
           }
-          if (t == 0) {
+          if (t == 0 && !WG) {
 #pragma unroll
             for (int mb = 0; mb < MB; ++mb) {
               const int4 v = *reinterpret_cast<const int4*>(arow[mb] + aoff + 32 * pr);
@@ -512,7 +611,8 @@ __global__ void __launch_bounds__(THREADS, wide<MB>() ? 1 : 2) marlin_gemm_kerne
           // Refill the slot (its words are in registers now) with tile u of the next run.
           issue(u);
 
-          uint32_t bf[8][2];
+          // WG: tile u's fragments stay in use by its wgmma until WG_BUFS tiles later (RUN % WG_BUFS == 0).
+          uint32_t(&bf)[8][2] = bfs[WG ? u % WG_BUFS : 0];
           bool per_row = false;
           if constexpr (GEN) {
             const int kt = min(kt0 + u, kt_end - 1);  // tiles past K multiply zero columns of A
@@ -534,15 +634,26 @@ __global__ void __launch_bounds__(THREADS, wide<MB>() ? 1 : 2) marlin_gemm_kerne
           }
           if (!per_row) dequant<T, BITS>(bq, gc, !FOLD && !p.scale_epilogue, bf);
 
-          const int h = 2 * t;  // this tile's words in the pair's operands
+          if constexpr (WG) {
+            const uint64_t desc = wg_desc(as_s + 2 * (aoff + 16 * u) * WG_ROWS);
+            wg_fence();  // the fragments (and, on the first tile, the zeroed accumulators) are written
+            wgmma_64<T, 0>(acc, {bf[0][0], bf[1][0], bf[0][1], bf[1][1]}, desc);
+            wgmma_64<T, 1>(acc, {bf[2][0], bf[3][0], bf[2][1], bf[3][1]}, desc);
+            wgmma_64<T, 2>(acc, {bf[4][0], bf[5][0], bf[4][1], bf[5][1]}, desc);
+            wgmma_64<T, 3>(acc, {bf[6][0], bf[7][0], bf[6][1], bf[7][1]}, desc);
+            wg_commit();
+            wg_wait<WG_BUFS - 1>();  // the oldest tile's wgmma done: its buffer is free for the next tile
+          } else {
+            const int h = 2 * t;  // this tile's words in the pair's operands
 #pragma unroll
-          for (int mb = 0; mb < MB; ++mb) {
-            const uint32_t b[2] = {af[mb][h], af[mb][h + 1]};
+            for (int mb = 0; mb < MB; ++mb) {
+              const uint32_t b[2] = {af[mb][h], af[mb][h + 1]};
 #pragma unroll
-            for (int q = 0; q < 4; ++q) {
-              const uint32_t a[4] = {bf[2 * q][0], bf[2 * q + 1][0], bf[2 * q][1], bf[2 * q + 1][1]};
-              if constexpr (FOLD) mma_16816<T>(a, b, part_acc[mb * 4 + q]);
-              else mma_16816<T>(a, b, acc[mb * 4 + q]);
+              for (int q = 0; q < 4; ++q) {
+                const uint32_t a[4] = {bf[2 * q][0], bf[2 * q + 1][0], bf[2 * q][1], bf[2 * q + 1][1]};
+                if constexpr (FOLD) mma_16816<T>(a, b, part_acc[mb * 4 + q]);
+                else mma_16816<T>(a, b, acc[mb * 4 + q]);
+              }
             }
           }
         }
@@ -560,6 +671,7 @@ __global__ void __launch_bounds__(THREADS, wide<MB>() ? 1 : 2) marlin_gemm_kerne
     }
   }
   cp_async_wait_all();
+  if constexpr (WG) wg_wait<0>();
 
   // 4. k-phases add their partial tiles in order 0, 1, ..., kw-1 into red[strip][row][col] (fp32).
   __syncthreads();  // ring and A no longer read
@@ -686,9 +798,9 @@ __global__ void __launch_bounds__(THREADS) marlin_dequant_kernel(const Params p,
   }
 }
 
-template <typename T, int BITS, int MB, bool GEN>
+template <typename T, int BITS, int MB, bool GEN, bool WG = false>
 void launch_mb(const Params& p, dim3 grid, int cs, size_t smem, cudaStream_t stream) {
-  auto kern = marlin_gemm_kernel<T, BITS, MB, GEN>;
+  auto kern = marlin_gemm_kernel<T, BITS, MB, GEN, WG>;
   static bool attr_done[64] = {false};
   int dev = 0;
   C10_CUDA_CHECK(cudaGetDevice(&dev));
@@ -720,9 +832,11 @@ __host__ inline bool needs_general(const Params& p) {
 }
 
 // Defined (explicitly instantiated) in marlin_inst_<dtype>_b<bits>.cu, so the kernels build in parallel.
+// wg: the wgmma loop (mb == 8, lean mode only; the caller checks wgmma_supported()).
 template <typename T, int BITS>
-void launch_bits(const Params& p, int mb, dim3 grid, int cs, size_t smem, cudaStream_t stream) {
+void launch_bits(const Params& p, int mb, bool wg, dim3 grid, int cs, size_t smem, cudaStream_t stream) {
   const bool gen = needs_general(p);
+  if (wg && mb == 8 && !gen) return launch_mb<T, BITS, 8, false, true>(p, grid, cs, smem, stream);
   switch (mb) {
     case 1: return gen ? launch_mb<T, BITS, 1, true>(p, grid, cs, smem, stream) : launch_mb<T, BITS, 1, false>(p, grid, cs, smem, stream);
     case 2: return gen ? launch_mb<T, BITS, 2, true>(p, grid, cs, smem, stream) : launch_mb<T, BITS, 2, false>(p, grid, cs, smem, stream);

@@ -4,6 +4,7 @@ import subprocess
 import sys
 from importlib.metadata import entry_points
 
+import pytest
 from click.testing import CliRunner
 
 from converters.cli import main
@@ -29,3 +30,17 @@ def test_cli_help_lists_commands():
 def test_vllm_entry_point():
     eps = [ep for ep in entry_points(group="vllm.general_plugins") if ep.name == "mygptq"]
     assert len(eps) == 1 and eps[0].value == "gptq_vllm:register"
+
+
+@pytest.mark.parametrize("given,built", [
+    ("8.0;8.9;9.0", "8.0;8.9;9.0a"),
+    ("9.0", "9.0a"),
+    ("9.0+PTX 8.6", "9.0a;9.0+PTX;8.6"),
+    ("8.0 8.6", "8.0;8.6"),
+    ("9.0a;10.0", "9.0a;10.0"),
+])
+def test_cuda_arch_list_builds_hopper_as_sm90a(given, built):
+    """setup.py and the JIT build compile 9.0 as 9.0a (the wgmma loop), keeping every other entry."""
+    from gptq_vllm.kernels.arch import with_sm90a
+
+    assert with_sm90a(given) == built

@@ -26,6 +26,8 @@ import threading
 
 import torch
 
+from .arch import with_sm90a
+
 logger = logging.getLogger(__name__)
 
 _PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,6 +72,10 @@ def _jit_build() -> str:
         raise RuntimeError(f"no csrc/ next to the package ({_CSRC}): install from a source checkout or use the prebuilt build")
     if cpp_extension.CUDA_HOME is None:
         raise RuntimeError("CUDA_HOME / nvcc not found: cannot JIT-build the kernels")
+    # The visible GPUs' architectures (what torch would pick), Hopper as sm_90a for the wgmma loop.
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or ";".join(
+        sorted({"{}.{}".format(*torch.cuda.get_device_capability(i)) for i in range(torch.cuda.device_count())}))
+    os.environ["TORCH_CUDA_ARCH_LIST"] = with_sm90a(archs)
     cpp_extension.load(
         name="gptq_vllm_C",
         sources=[os.path.join(_CSRC, s) for s in SOURCES],
@@ -182,12 +188,13 @@ def marlin_gemm(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qz
     return torch.ops.mygptq_cuda.marlin_gemm(a, qweight, scales, qzeros, g_idx_sorted, bits, group_size, perm)
 
 
-def marlin_set_config(sb: int = 0, cs: int = 0, slices: int = 0, dense_min_m: int = 0, tile_rows: int = 0) -> None:
+def marlin_set_config(sb: int = 0, cs: int = 0, slices: int = 0, dense_min_m: int = 0, tile_rows: int = 0,
+                      wgmma: int = 0) -> None:
     """Benchmark-only: force the Marlin GEMM's strips per block / cluster split / global slices / dense
-    threshold / block-tile rows (8, 16, 32 or 64) (0 = automatic, the default).
-    Process-global; not for production use."""
+    threshold / block-tile rows (8, 16, 32 or 64) / wgmma loop for 64-row tiles (1 on, -1 off)
+    (0 = automatic, the default).  Process-global; not for production use."""
     _require()
-    torch.ops.mygptq_cuda._marlin_set_config(sb, cs, slices, dense_min_m, tile_rows)
+    torch.ops.mygptq_cuda._marlin_set_config(sb, cs, slices, dense_min_m, tile_rows, wgmma)
 
 
 def exllama_gemm(a: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor | None, scales: torch.Tensor,

@@ -171,17 +171,18 @@ def test_marlin_gemm_other_group_sizes(kern, group_size):
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_marlin_gemm_llama_shape(kern, bits):
-    """A real layer shape: several strips per block, split-K at small M, many groups."""
+@pytest.mark.parametrize("K,N", [(4096, 1536), (4096, 6144), (4096, 4096)])
+def test_marlin_gemm_llama_shape(kern, bits, K, N):
+    """Real layer shapes: several strips per block, split-K at small M, many groups; 4096 x 6144 and
+    4096 x 4096 are Llama-3-8B shapes of the tuned table (on the H200: 32/64-row and wgmma tiles, dense)."""
     dev = torch.device("cuda")
-    K, N = 4096, 1536
     w = make_weight(bits, 128, True, False, K, N, seed=5, dtype=torch.float16)
     kw = kernel_layout.to_kernel(w, Layout.MARLIN, scale_dtype=torch.float16)
     qw, sc, qz, gs = to_dev(kw, dev)
-    for M in (1, 16, 24, 48, 100, 127, 256):
+    for M in (1, 16, 24, 48, 64, 100, 127, 256):
         x = torch.randn(M, K, dtype=torch.float32).half().to(dev)
         y = kern.marlin_gemm(x, qw, sc, qz, gs, bits, 128)
-        check_close(y, x, w, f"marlin 4096x1536 M={M}")
+        check_close(y, x, w, f"marlin {K}x{N} M={M}")
 
 
 @pytest.mark.parametrize("bits,sym", [(4, True), (8, False)])
@@ -203,7 +204,7 @@ def test_marlin_gemm_forced_splits(kern, bits, sym):
                 y = kern.marlin_gemm(x, qw, sc, qz, gs, bits, 128)
                 check_close(y, x, w, f"marlin forced sb={sb} cs={cs} slices={slices} dense={dense} rows={rows} M={M}")
     finally:
-        kern.marlin_set_config(0, 0, 0, 0, 0)
+        kern.marlin_set_config(0, 0, 0, 0, 0, 0)
 
 
 WIDE_CASES = [(4, 128, True, False), (4, 128, True, True), (8, 128, False, True), (4, 32, False, False),
@@ -215,8 +216,8 @@ WIDE_CASES = [(4, 128, True, False), (4, 128, True, True), (8, 128, False, True)
                          ids=[f"b{b}-g{g}-{'sym' if s else 'asym'}-{'act' if a else 'noact'}" for b, g, s, a in WIDE_CASES])
 def test_marlin_gemm_wide_tiles(kern, bits, group_size, sym, act, dtype):
     """32- and 64-row block tiles (one block per SM, scales on the weights) in the lean and general
-    instantiations: act-order (index_select, then g_idx_sorted), zero points, one group; split-K and a
-    partial last m-block."""
+    instantiations, with and without the wgmma loop (lean 64-row tiles on sm_90a): act-order (gather kernel,
+    then g_idx_sorted), zero points, one group; split-K and a partial last m-block."""
     dev = torch.device("cuda")
     K, N = 1024, 512
     w = make_weight(bits, group_size, sym, act, K, N, seed=31 + bits + group_size + act, dtype=dtype)
@@ -226,12 +227,13 @@ def test_marlin_gemm_wide_tiles(kern, bits, group_size, sym, act, dtype):
     try:
         for M in (17, 64, 100):
             x = torch.randn(M, K, generator=torch.Generator().manual_seed(M), dtype=torch.float32).to(dtype).to(dev)
-            for sb, cs, slices, rows in ((2, 1, 1, 32), (8, 2, 1, 32), (1, 2, 2, 64), (8, 1, 1, 64)):
-                kern.marlin_set_config(sb, cs, slices, 100000, rows)
+            for sb, cs, slices, rows, wg in ((2, 1, 1, 32, 0), (8, 2, 1, 32, 0), (1, 2, 2, 64, 0), (8, 1, 1, 64, -1),
+                                             (8, 1, 1, 64, 1), (4, 2, 1, 64, 1), (4, 1, 2, 64, 1)):
+                kern.marlin_set_config(sb, cs, slices, 100000, rows, wg)
                 y = kern.marlin_gemm(x, qw, sc, qz, gs, bits, group_size, perm)
-                check_close(y, x, w, f"marlin wide rows={rows} sb={sb} cs={cs} slices={slices} M={M}")
+                check_close(y, x, w, f"marlin wide rows={rows} sb={sb} cs={cs} slices={slices} wgmma={wg} M={M}")
     finally:
-        kern.marlin_set_config(0, 0, 0, 0, 0)
+        kern.marlin_set_config(0, 0, 0, 0, 0, 0)
 
 
 # ---- ExLlama-layout GEMM --------------------------------------------------------------------------------
