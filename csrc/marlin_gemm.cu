@@ -233,10 +233,10 @@ at::Tensor marlin_gemm(const at::Tensor& a_in, const at::Tensor& qweight, const 
   // Dense from DENSE_MIN_M_DEFAULT on, or where the table says so (rows 0); an override decides alone.
   const bool dense = ov.dense_min_m > 0 ? M >= ov.dense_min_m
                                         : (tuned != nullptr ? tuned->rows == 0 : M >= DENSE_MIN_M_DEFAULT);
-  // The kernel gathers A through perm while staging it (8 columns per thread in flight) for M <= 8; above
-  // that, where every block of a strip would repeat it, one gather kernel runs first (measured: the staged
-  // gather costs 1.3-2.6x the GEMM at M = 16-64).
-  if (has_perm && (M > 8 || dense)) {
+  // Act-order: the kernel gathers A through perm while staging it (8 columns per thread in flight) at M = 1
+  // with K <= STAGED_GATHER_MAX_K; elsewhere, where the blocks' repeated gathers cost more, a gather kernel
+  // runs first.
+  if (has_perm && (M > 1 || K > STAGED_GATHER_MAX_K || dense)) {
     at::Tensor ag = at::empty({M, K}, a.options());
     const dim3 blocks(static_cast<unsigned>(M), static_cast<unsigned>((K / 8 + THREADS - 1) / THREADS));
     if (a.scalar_type() == at::kHalf)

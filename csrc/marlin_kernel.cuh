@@ -19,6 +19,11 @@ constexpr int A_SMEM_BYTES = 32768;    // staged A chunk: rows x KC halves (KC c
 constexpr int A_SMEM_BYTES_WIDE = 131072;  // the same for 32/64-row tiles (1 block per SM): >= 1024 columns, so
                                            // that a chunk still holds a run for each of 8 k-phases
 constexpr int DENSE_MIN_M_DEFAULT = 128;  // from this M on: fast dequantize + cuBLAS (tuned on the H200)
+// Act-order: the GEMM gathers A while staging it only at M = 1 and K <= STAGED_GATHER_MAX_K (every strip block
+// repeats that gather); otherwise a gather kernel runs first (~2 us).  Measured on the H200 for the 8 Llama
+// shapes at M = 1, 2, 4, 8 (docs/kernel-tuning.md run 18): staged wins only at M = 1 with K <= 8192, ties at
+// K = 14336, loses 7.8 vs 1.9 us at K = 28672 and at every M >= 2 on the long-K shapes.
+constexpr int STAGED_GATHER_MAX_K = 16384;
 
 struct Params {
   const void* A;          // [M, K] fp16/bf16, row-major, 16-byte aligned rows
