@@ -134,6 +134,8 @@ void marlin_set_config(int64_t sb, int64_t cs, int64_t slices, int64_t dense_min
   o.wgmma = static_cast<int>(wgmma);
 }
 
+bool marlin_wgmma_supported() { return marlin::wgmma_supported(); }
+
 at::Tensor marlin_gemm(const at::Tensor& a_in, const at::Tensor& qweight, const at::Tensor& scales,
                        const std::optional<at::Tensor>& qzeros, const std::optional<at::Tensor>& g_idx_sorted,
                        int64_t bits, int64_t group_size, const std::optional<at::Tensor>& perm_in) {

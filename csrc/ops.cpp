@@ -9,6 +9,7 @@ TORCH_LIBRARY(mygptq_cuda, m) {
   m.def("marlin_gemm(Tensor a, Tensor qweight, Tensor scales, Tensor? qzeros, Tensor? g_idx_sorted, int bits, "
         "int group_size, Tensor? perm=None) -> Tensor");
   m.def("_marlin_set_config(int sb, int cs, int slices, int dense_min_m, int tile_rows=0, int wgmma=0) -> ()", &gptq_vllm::marlin_set_config);
+  m.def("_marlin_wgmma_supported() -> bool", &gptq_vllm::marlin_wgmma_supported);
   m.def("exllama_gemm(Tensor a, Tensor qweight, Tensor? qzeros, Tensor scales, Tensor? g_idx_sorted, int bits, "
         "int group_size) -> Tensor");
   m.def("marlin_repack(Tensor qweight, Tensor? perm, int bits, int size_k, int size_n) -> Tensor");

@@ -188,6 +188,13 @@ def marlin_gemm(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qz
     return torch.ops.mygptq_cuda.marlin_gemm(a, qweight, scales, qzeros, g_idx_sorted, bits, group_size, perm)
 
 
+def marlin_wgmma_supported() -> bool:
+    """Whether the Marlin GEMM's wgmma loop runs on the current device (a compute-capability 9.0 GPU and the
+    sm_90a code in this build); without it the 64-row tiles use mma.sync."""
+    _require()
+    return bool(torch.ops.mygptq_cuda._marlin_wgmma_supported())
+
+
 def marlin_set_config(sb: int = 0, cs: int = 0, slices: int = 0, dense_min_m: int = 0, tile_rows: int = 0,
                       wgmma: int = 0) -> None:
     """Benchmark-only: force the Marlin GEMM's strips per block / cluster split / global slices / dense

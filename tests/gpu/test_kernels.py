@@ -219,6 +219,8 @@ def test_marlin_gemm_wide_tiles(kern, bits, group_size, sym, act, dtype):
     instantiations, with and without the wgmma loop (lean 64-row tiles on sm_90a): act-order (gather kernel,
     then g_idx_sorted), zero points, one group; split-K and a partial last m-block."""
     dev = torch.device("cuda")
+    if torch.cuda.get_device_capability() == (9, 0):
+        assert kern.marlin_wgmma_supported(), "a Hopper build without the sm_90a wgmma code"
     K, N = 1024, 512
     w = make_weight(bits, group_size, sym, act, K, N, seed=31 + bits + group_size + act, dtype=dtype)
     kw = kernel_layout.to_kernel(w, Layout.MARLIN, scale_dtype=dtype)
