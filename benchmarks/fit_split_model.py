@@ -12,16 +12,13 @@ M = 1/16 sweep).
 from __future__ import annotations
 
 import math
-import re
-from pathlib import Path
 
 import numpy as np
+from kernels import SHAPES
+from sweep_logs import parse_sweep
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SWEEPS = ["kernels-h200-2026-11-22-issue7-run2-split-sweep-m1-m16.txt",
           "kernels-h200-2026-11-22-issue7-run2-split-sweep-m32-m64.txt"]
-SHAPES = {"8b.qkv": (4096, 6144), "8b.o": (4096, 4096), "8b.gate_up": (4096, 28672), "8b.down": (14336, 4096),
-          "70b.qkv": (8192, 10240), "70b.o": (8192, 8192), "70b.gate_up": (8192, 57344), "70b.down": (28672, 8192)}
 SMS, WARPS, RUN_ROWS = 132, 8, 128
 
 
@@ -41,13 +38,11 @@ def features(name: str, M: int, sb: int, parts: int) -> list[float]:
 def main() -> None:
     rows, auto = [], {}
     for sweep in SWEEPS:
-        for line in (RESULTS / sweep).read_text().splitlines():
-            m = re.match(r"(\S+)\s+M=(\d+)\s.*?auto=([\d.]+)", line)
-            if not m or int(m.group(2)) >= 100:
+        for (name, M), (t_auto, cfgs) in parse_sweep(sweep).items():
+            if M >= 100:
                 continue
-            name, M = m.group(1), int(m.group(2))
-            auto[(name, M)] = float(m.group(3))
-            rows += [(name, M, int(sb), int(cs), float(t)) for sb, cs, t in re.findall(r"(\d):(\d)=([\d.]+)", line)]
+            auto[(name, M)] = t_auto
+            rows += [(name, M, sb, cs, t) for (sb, cs), t in cfgs.items()]
     X = np.array([features(n, M, sb, cs) for n, M, sb, cs, _ in rows])
     y = np.log([t for *_, t in rows])
     coef, *_ = np.linalg.lstsq(X, y, rcond=None)

@@ -196,7 +196,7 @@ def main() -> int:
     with open(out, "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
     print("wrote", out, flush=True)
-    _table(rows)
+    table(rows)
     return 0
 
 
@@ -257,7 +257,7 @@ def sweep() -> int:
     return 0
 
 
-def _table(rows):
+def table(rows):
     kernels = []
     for r in rows:
         if r["kernel"] not in kernels:

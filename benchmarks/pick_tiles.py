@@ -14,37 +14,21 @@ Prints the `TUNED` rows of csrc/marlin_gemm.cu (rows 0 = dequantize + cuBLAS; wg
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
+from kernels import SHAPES
+from sweep_logs import parse_sweep
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SWEEPS = {32: "kernels-h200-2026-11-22-issue7-run3-sweep-rows32.txt",
           64: "kernels-h200-2026-11-22-issue7-run3-sweep-rows64.txt"}
 WGMMA_SWEEP = "kernels-h200-2026-11-22-issue7-run5-sweep-rows64-wgmma.txt"
-SHAPES = {"8b.qkv": (4096, 6144), "8b.o": (4096, 4096), "8b.gate_up": (4096, 28672), "8b.down": (14336, 4096),
-          "70b.qkv": (8192, 10240), "70b.o": (8192, 8192), "70b.gate_up": (8192, 57344), "70b.down": (28672, 8192)}
+# The 16-row split of buckets 32 / 64 (the table before the wide tiles): the fastest of the run-2 sweep.
+R16_SWEEP = "kernels-h200-2026-11-22-issue7-run2-split-sweep-m32-m64.txt"
 MARGIN = 1.05
-# The 16-row split table for buckets 32 / 64 as it stood before the wide tiles (csrc/marlin_gemm.cu, run 2).
-R16 = {(4096, 6144, 32): (8, 4), (4096, 4096, 32): (2, 2), (4096, 28672, 32): (8, 2), (14336, 4096, 32): (2, 2),
-       (8192, 10240, 32): (8, 8), (8192, 8192, 32): (4, 2), (8192, 57344, 32): (8, 1), (28672, 8192, 32): (4, 2),
-       (4096, 6144, 64): (8, 4), (4096, 4096, 64): (4, 2), (4096, 28672, 64): (8, 1), (14336, 4096, 64): (4, 2),
-       (8192, 10240, 64): (8, 4), (8192, 8192, 64): (4, 2), (8192, 57344, 64): (8, 2), (28672, 8192, 64): (4, 2)}
-
-
-def parse(name: str) -> dict[tuple[str, int], tuple[float, dict[tuple[int, int], float]]]:
-    """(shape, M) -> (auto us, {(sb, cs): us}) of one sweep log."""
-    out = {}
-    for line in (RESULTS / name).read_text().splitlines():
-        m = re.match(r"(\S+)\s+M=(\d+)\s.*?auto=([\d.]+)", line)
-        if m:
-            cfgs = {(int(sb), int(cs)): float(t) for sb, cs, t in re.findall(r"(\d):(\d)=([\d.]+)", line)}
-            out[(m.group(1), int(m.group(2)))] = (float(m.group(3)), cfgs)
-    return out
 
 
 def main() -> None:
-    runs = {rows: parse(name) for rows, name in SWEEPS.items()}
-    wg_run = parse(WGMMA_SWEEP)
+    r16 = {key: min(cfgs, key=cfgs.get) for key, (_, cfgs) in parse_sweep(R16_SWEEP).items()}
+    runs = {rows: parse_sweep(name) for rows, name in SWEEPS.items()}
+    wg_run = parse_sweep(WGMMA_SWEEP)
     print("    // shape M: step 1 16-row/dense us (both runs), best wide us; step 2 auto us, best wgmma us")
     for name, M in sorted(runs[64], key=lambda k: (list(SHAPES).index(k[0]), k[1])):
         if M > 128:
@@ -53,7 +37,7 @@ def main() -> None:
         base = min(runs[rows][(name, M)][0] for rows in runs)
         (t, rows, (sb, cs)) = min((t, rows, c) for rows in runs for c, t in runs[rows][(name, M)][1].items())
         if t * MARGIN > base:
-            rows, (sb, cs) = (0, (0, 0)) if M == 128 else (16, R16[(K, N, M)])
+            rows, (sb, cs) = (0, (0, 0)) if M == 128 else (16, r16[(name, M)])
         auto2, cfgs2 = wg_run[(name, M)]
         (t2, (sb2, cs2)) = min((t, c) for c, t in cfgs2.items() if c[0] >= 4)
         wg = 0

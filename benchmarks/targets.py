@@ -14,14 +14,14 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernels import _table  # noqa: E402
+from kernels import table  # noqa: E402
 
 TARGET_SMALL_M = {"8b": 2.5, "70b": 3.3}
 
 
 def main(path: str) -> None:
     rows = json.loads(Path(path).read_text())["rows"]
-    _table(rows)
+    table(rows)
     us = {(r["shape"], r["M"], r["kernel"]): r["us"] for r in rows}
     shapes = list(dict.fromkeys(r["shape"] for r in rows))
     print("\n| shape | M=1 x (target) | M=16 x (target) | M=32 / 64 / 128 vs best vLLM (target 1.15) "

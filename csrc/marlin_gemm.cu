@@ -241,13 +241,15 @@ at::Tensor marlin_gemm(const at::Tensor& a_in, const at::Tensor& qweight, const 
   if (has_perm && (M > 1 || K > STAGED_GATHER_MAX_K || dense)) {
     at::Tensor ag = at::empty({M, K}, a.options());
     const dim3 blocks(static_cast<unsigned>(M), static_cast<unsigned>((K / 8 + THREADS - 1) / THREADS));
-    if (a.scalar_type() == at::kHalf)
-      gather_columns_kernel<half><<<blocks, THREADS, 0, stream>>>(reinterpret_cast<const half*>(a.data_ptr()), p.lda,
-                                                                  p.perm, static_cast<int>(K), reinterpret_cast<half*>(ag.data_ptr()));
-    else
+    const int k = static_cast<int>(K);
+    if (a.scalar_type() == at::kHalf) {
+      gather_columns_kernel<half><<<blocks, THREADS, 0, stream>>>(
+          reinterpret_cast<const half*>(a.data_ptr()), p.lda, p.perm, k, reinterpret_cast<half*>(ag.data_ptr()));
+    } else {
       gather_columns_kernel<__nv_bfloat16><<<blocks, THREADS, 0, stream>>>(
-          reinterpret_cast<const __nv_bfloat16*>(a.data_ptr()), p.lda, p.perm, static_cast<int>(K),
+          reinterpret_cast<const __nv_bfloat16*>(a.data_ptr()), p.lda, p.perm, k,
           reinterpret_cast<__nv_bfloat16*>(ag.data_ptr()));
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     a = ag;
     p.A = a.data_ptr();

@@ -72,19 +72,27 @@ def _jit_build() -> str:
         raise RuntimeError(f"no csrc/ next to the package ({_CSRC}): install from a source checkout or use the prebuilt build")
     if cpp_extension.CUDA_HOME is None:
         raise RuntimeError("CUDA_HOME / nvcc not found: cannot JIT-build the kernels")
-    # The visible GPUs' architectures (what torch would pick), Hopper as sm_90a for the wgmma loop.
-    archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or ";".join(
+    # The visible GPUs' architectures (what torch would pick), Hopper as sm_90a for the wgmma loop; the
+    # process's own TORCH_CUDA_ARCH_LIST is restored afterwards.
+    given = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    archs = given or ";".join(
         sorted({"{}.{}".format(*torch.cuda.get_device_capability(i)) for i in range(torch.cuda.device_count())}))
     os.environ["TORCH_CUDA_ARCH_LIST"] = with_sm90a(archs)
-    cpp_extension.load(
-        name="gptq_vllm_C",
-        sources=[os.path.join(_CSRC, s) for s in SOURCES],
-        extra_cflags=CXX_FLAGS,
-        extra_cuda_cflags=NVCC_FLAGS,
-        build_directory=_cache_dir(),
-        is_python_module=False,
-        verbose=os.environ.get("GPTQ_VLLM_JIT_VERBOSE", "0") == "1",
-    )
+    try:
+        cpp_extension.load(
+            name="gptq_vllm_C",
+            sources=[os.path.join(_CSRC, s) for s in SOURCES],
+            extra_cflags=CXX_FLAGS,
+            extra_cuda_cflags=NVCC_FLAGS,
+            build_directory=_cache_dir(),
+            is_python_module=False,
+            verbose=os.environ.get("GPTQ_VLLM_JIT_VERBOSE", "0") == "1",
+        )
+    finally:
+        if given is None:
+            del os.environ["TORCH_CUDA_ARCH_LIST"]
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = given
     return os.path.join(_cache_dir(), "gptq_vllm_C.so")
 
 
@@ -179,8 +187,9 @@ def marlin_gemm(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qz
 
     Without perm: a is [M, K_pad] (fp16/bf16), already gathered by the act-order permutation and zero-padded.
     With perm (int32 [K_pad], the format core's permutation over the padded rows): a is the raw [M, K_in]
-    activation (K_in <= K_pad); the kernel gathers column k of its A as a[:, perm[k]] (zero where
-    perm[k] >= K_in) while staging A, so neither the pad nor the index_select runs as a separate kernel.
+    activation (K_in <= K_pad); column k of the GEMM's A is a[:, perm[k]] (zero where perm[k] >= K_in),
+    gathered while staging A at M = 1 with K_pad <= 16384, else by one gather kernel before the GEMM (no pad or
+    index_select of its own).
     """
     _require()
     if perm is None:
