@@ -2,7 +2,7 @@
 
 On a machine with torch + nvcc:  pip install --no-build-isolation -e .   (or: python setup.py build_ext --inplace)
 builds the kernels for sm_80, sm_89 and sm_90a (override with TORCH_CUDA_ARCH_LIST; 9.0 is built as 9.0a, see
-gptq_vllm/kernels/arch.py).  Anywhere else (no torch in
+gptq_vllm/kernels/build.py); CUTLASS's headers come from the `nvidia-cutlass` package, which must be installed.  Anywhere else (no torch in
 the build environment, e.g. pip's isolated build, or no CUDA toolkit) nothing is compiled and the package installs
 as pure Python; gptq_vllm.kernels.cuda then JIT-builds on first use when CUDA is there.  GPTQ_VLLM_NO_CUDA=1 skips
 the build explicitly.
@@ -13,12 +13,12 @@ import os
 from setuptools import setup
 
 
-def _arch_module():
-    """gptq_vllm/kernels/arch.py, loaded by path (the package itself imports torch and vLLM-facing code)."""
+def _build_module():
+    """gptq_vllm/kernels/build.py, loaded by path (the package itself imports torch and vLLM-facing code)."""
     import importlib.util
 
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gptq_vllm", "kernels", "arch.py")
-    spec = importlib.util.spec_from_file_location("gptq_vllm_arch", path)
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gptq_vllm", "kernels", "build.py")
+    spec = importlib.util.spec_from_file_location("gptq_vllm_build", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -34,19 +34,15 @@ def _ext_modules():
         return [], {}
     if CUDA_HOME is None:
         return [], {}
-    os.environ["TORCH_CUDA_ARCH_LIST"] = _arch_module().with_sm90a(os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;8.9;9.0"))
+    build = _build_module()
+    os.environ["TORCH_CUDA_ARCH_LIST"] = build.with_sm90a(os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;8.9;9.0"))
     here = os.path.dirname(os.path.abspath(__file__))
-    sources = [os.path.join("csrc", s) for s in ("ops.cpp", "marlin_gemm.cu", "marlin_inst_f16_b4.cu", "marlin_inst_f16_b8.cu",
-                                                      "marlin_inst_bf16_b4.cu", "marlin_inst_bf16_b8.cu", "exllama_gemm.cu", "repack.cu")]
-    nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo",
-            "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
-            "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
-            "-U__CUDA_NO_HALF2_OPERATORS__"]
+    sources = [os.path.relpath(p, here) for p in build.sources()]
     ext = CUDAExtension(
         name="gptq_vllm._C",
         sources=sources,
-        include_dirs=[os.path.join(here, "csrc")],
-        extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc},
+        include_dirs=[os.path.join(here, "csrc")] + build.cutlass_include_dirs(),
+        extra_compile_args={"cxx": build.CXX_FLAGS, "nvcc": build.NVCC_FLAGS},
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

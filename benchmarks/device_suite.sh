@@ -3,6 +3,7 @@
 # ../shared/device (three calls; docs/plugin.md). Logs and JSON go under $OUT.
 #   bash benchmarks/device_suite.sh install tests       # kernels, layouts vs vLLM, plugin TP 1, vllm serve
 #   bash benchmarks/device_suite.sh kernels quantize    # kernel grid vs cuBLAS/Marlin/Machete, quantizer speed
+#   bash benchmarks/device_suite.sh hopper-sweep        # every Hopper GEMM config (input of benchmarks/pick_hopper.py)
 #   bash benchmarks/device_suite.sh load                # converted vs source load time in vLLM
 #   bash benchmarks/device_suite.sh e2e                 # offline generation tok/s, mygptq vs in-tree gptq
 #   bash benchmarks/device_suite.sh install tp2         # on two GPUs: plugin TP 2 == TP 1
@@ -14,8 +15,13 @@ status=0
 for stage in "$@"; do
   echo "== $stage $(date +%T)"
   case $stage in
-    install)  # our kernels built here for sm_90, then an editable install (vLLM finds the entry point)
-      { python setup.py build_ext --inplace && GPTQ_VLLM_NO_CUDA=1 python -m pip install --no-deps --no-build-isolation -e .; } \
+    install)  # our kernels built here for sm_90 (CUTLASS from .whl/ when carried; a carried gptq_vllm/_C.so is
+              # used as is), then an editable install (vLLM finds the entry point)
+      { { ls gptq_vllm/_C*.so > /dev/null 2>&1 \
+          || { { ! ls .whl/nvidia_cutlass-*.whl > /dev/null 2>&1 \
+                 || python -m pip install -q --no-deps --no-index .whl/nvidia_cutlass-*.whl; } \
+               && python setup.py build_ext --inplace; }; } \
+        && GPTQ_VLLM_NO_CUDA=1 python -m pip install --no-deps --no-build-isolation -e .; } \
         > "$OUT/install.log" 2>&1 \
         && python -c "from gptq_vllm.kernels import cuda; assert cuda.available(), cuda.load_error()" \
         || { tail -30 "$OUT/install.log"; exit 1; } ;;
@@ -28,6 +34,9 @@ for stage in "$@"; do
       # large M: dequantize + cuBLAS against the skinny kernel (the DENSE_MIN_M choice)
       SWEEP=1 MS=128,256 NO_VLLM=1 python benchmarks/kernels.py > "$OUT/kernels-dense-sweep.log" 2>&1 || status=1
       grep "M=" "$OUT/kernels-dense-sweep.log" | tail -16 ;;
+    hopper-sweep)
+      SWEEP=hopper OUT_JSON="$OUT/hopper-sweep.json" python benchmarks/kernels.py > "$OUT/hopper-sweep.log" 2>&1 || status=1
+      grep "M=" "$OUT/hopper-sweep.log" | tail -60 ;;
     quantize)
       python benchmarks/quantize_speed.py --out /tmp/qspeed > "$OUT/quantize-8b.log" 2>&1 || status=1
       python benchmarks/quantize_speed.py --out /tmp/qspeed-70b --layer-only 70b > "$OUT/quantize-70b.log" 2>&1 || status=1

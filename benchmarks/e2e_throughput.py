@@ -1,16 +1,18 @@
-"""End-to-end offline generation throughput in vLLM: `--quantization mygptq` against in-tree `gptq`.
+"""End-to-end offline generation throughput in vLLM: `--quantization mygptq` against in-tree `gptq` and fp16.
 
-    python benchmarks/e2e_throughput.py [--batches 1,16,64,256] [--layers 32] [--out DIR]
+    python benchmarks/e2e_throughput.py [--batches 1,16,64,256] [--prefill 1024,16,32] [--layers 32] [--out DIR]
 
 1. Writes a Llama-3-8B-shaped 4-bit g128 symmetric GPTQ checkpoint with random codes (no act-order;
-   convert_speed.generate), the setting of issue 7's end-to-end target.
-2. For each quantization method, in its own process (one engine each, CUDA graphs and torch.compile as
-   vLLM defaults them, Triton attention): one warm-up generate per batch size, then the timed
-   `LLM.generate` of `batch` random 128-token prompts with exactly 128 output tokens each (ignore_eos).
-   Throughput = output tokens / wall time of that call (prefill included), as `vllm bench throughput`
-   counts it; the best of --repeats.
-3. Prints one JSON object (also written to DIR/e2e_throughput.json) with tok/s per method and batch and
-   the mygptq / gptq ratios.
+   convert_speed.generate), and beside it the same model unquantized (its config without the quantization
+   config; vLLM fills the fp16 weights with `load_format="dummy"`, speed does not depend on their values).
+2. For each method (mygptq, gptq on the GPTQ checkpoint; fp16 on the float one), in its own process (one
+   engine each, CUDA graphs and torch.compile as vLLM defaults them, Triton attention): per case one warm-up
+   generate, then the timed `LLM.generate` of `batch` random prompts with exactly the case's output tokens
+   (ignore_eos).  Cases: decode-heavy, 128 prompt / 128 output tokens at each of --batches; prefill-heavy,
+   --prefill IN,OUT,BATCH (default 1024 / 16 at batch 32).  Throughput = output tokens / wall time of that call
+   (prefill included), as `vllm bench throughput` counts it; the best of --repeats.
+3. Prints one JSON object (also written to DIR/e2e_throughput.json) with tok/s per method and case and the
+   mygptq / gptq and mygptq / fp16 ratios.
 """
 
 from __future__ import annotations
@@ -30,14 +32,16 @@ RUN_SCRIPT = """
 import json, sys, time
 import numpy as np
 from vllm import LLM, SamplingParams
-model, quantization, batches, repeats = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
-llm = LLM(model=model, quantization=quantization, skip_tokenizer_init=True, attention_backend="TRITON_ATTN",
-          gpu_memory_utilization=0.85, max_model_len=512, max_num_seqs=max(batches), dtype="float16", seed=0)
-params = SamplingParams(max_tokens=128, min_tokens=128, ignore_eos=True, temperature=0)
+model, quantization, cases, repeats = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
+extra = {"load_format": "dummy"} if quantization == "none" else {"quantization": quantization}
+llm = LLM(model=model, skip_tokenizer_init=True, attention_backend="TRITON_ATTN", gpu_memory_utilization=0.85,
+          max_model_len=max(i + o for i, o, _ in cases.values()), max_num_seqs=max(b for _, _, b in cases.values()),
+          dtype="float16", seed=0, **extra)
 rng = np.random.default_rng(0)
 result = {}
-for batch in batches:
-    prompts = [{"prompt_token_ids": rng.integers(100, 30000, 128).tolist()} for _ in range(batch)]
+for case, (n_in, n_out, batch) in cases.items():
+    params = SamplingParams(max_tokens=n_out, min_tokens=n_out, ignore_eos=True, temperature=0)
+    prompts = [{"prompt_token_ids": rng.integers(100, 30000, n_in).tolist()} for _ in range(batch)]
     llm.generate(prompts, params, use_tqdm=False)  # warm-up
     best = float("inf")
     for _ in range(repeats):
@@ -45,38 +49,61 @@ for batch in batches:
         outs = llm.generate(prompts, params, use_tqdm=False)
         best = min(best, time.perf_counter() - start)
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    result[batch] = {"tok_per_s": tokens / best, "s": best, "output_tokens": tokens}
+    result[case] = {"tok_per_s": tokens / best, "s": best, "output_tokens": tokens, "in": n_in, "out": n_out,
+                    "batch": batch}
 print("RESULT " + json.dumps(result))
 """
 
+# method -> (checkpoint, vLLM quantization argument; "none" = unquantized with dummy weights)
+METHODS = {"mygptq": ("gptq", "mygptq"), "gptq": ("gptq", "gptq"), "fp16": ("float", "none")}
 
-def run(model: Path, quantization: str, batches: list[int], repeats: int) -> dict:
-    return run_child(RUN_SCRIPT, [str(model), quantization, json.dumps(batches), str(repeats)],
-                     f"{quantization} run", 1200)[0]
+
+def run(model: Path, quantization: str, cases: dict, repeats: int) -> dict:
+    return run_child(RUN_SCRIPT, [str(model), quantization, json.dumps(cases), str(repeats)],
+                     f"{quantization} run", 1800)[0]
+
+
+def write_float_config(gptq_model: Path, directory: Path) -> None:
+    """The unquantized model of the same shapes: the config without its quantization config (no weights)."""
+    directory.mkdir(parents=True)
+    config = json.loads((gptq_model / "config.json").read_text())
+    config.pop("quantization_config")
+    (directory / "config.json").write_text(json.dumps(config))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/e2e-throughput"))
     ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--batches", default="1,16,64,256")
+    ap.add_argument("--batches", default="1,16,64,256", help="batch sizes of the 128-in / 128-out case")
+    ap.add_argument("--prefill", default="1024,16,32", help="prefill-heavy case: IN,OUT,BATCH ('' for none)")
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--methods", default="gptq,mygptq", help="quantization methods, one engine each")
+    ap.add_argument("--methods", default="mygptq,gptq,fp16", help="methods, one engine each: "
+                    + ", ".join(METHODS))
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = ap.parse_args()
-    batches = [int(b) for b in args.batches.split(",")]
-    model = args.workdir / "llama3-8b-gptq-g128"
+    cases = {f"decode-b{b}": (128, 128, int(b)) for b in args.batches.split(",")}
+    if args.prefill:
+        n_in, n_out, batch = (int(v) for v in args.prefill.split(","))
+        cases[f"prefill-{n_in}x{n_out}-b{batch}"] = (n_in, n_out, batch)
+    models = {"gptq": args.workdir / "llama3-8b-gptq-g128", "float": args.workdir / "llama3-8b-float"}
     shutil.rmtree(args.workdir, ignore_errors=True)
     try:
-        generate(model, args.layers, LLAMA3_8B, act_order=False)
-        results = {m: run(model, m, batches, args.repeats) for m in args.methods.split(",")}
-        report = {"model": f"Llama-3-8B shapes, {args.layers} layers, random 4-bit g128 sym GPTQ codes",
-                  "in_out_tokens": [128, 128], "tok_per_s": {m: {b: round(r[str(b)]["tok_per_s"], 1) for b in batches}
-                                                            for m, r in results.items()},
+        generate(models["gptq"], args.layers, LLAMA3_8B, act_order=False)
+        write_float_config(models["gptq"], models["float"])
+        results = {}
+        for m in args.methods.split(","):
+            checkpoint, quantization = METHODS[m]
+            results[m] = run(models[checkpoint], quantization, cases, args.repeats)
+        report = {"model": f"Llama-3-8B shapes, {args.layers} layers, random 4-bit g128 sym GPTQ codes; fp16: "
+                           f"the same model unquantized (dummy weights)",
+                  "cases": {c: {"in": i, "out": o, "batch": b} for c, (i, o, b) in cases.items()},
+                  "tok_per_s": {m: {c: round(r[c]["tok_per_s"], 1) for c in cases} for m, r in results.items()},
                   "runs": results, "date": time.strftime("%Y-%m-%d %H:%M %Z")}
-        if "gptq" in results and "mygptq" in results:
-            report["mygptq_over_gptq"] = {b: round(results["mygptq"][str(b)]["tok_per_s"] /
-                                                   results["gptq"][str(b)]["tok_per_s"], 3) for b in batches}
+        for ref in ("gptq", "fp16"):
+            if ref in results and "mygptq" in results:
+                report[f"mygptq_over_{ref}"] = {c: round(results["mygptq"][c]["tok_per_s"] /
+                                                         results[ref][c]["tok_per_s"], 3) for c in cases}
         emit(report, args.out, "e2e_throughput.json")
     finally:
         shutil.rmtree(args.workdir, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""Refit the Marlin GEMM's fallback split model (csrc/marlin_gemm.cu) from the committed H200 sweeps.
+"""Refit the Marlin GEMM's fallback split model (csrc/marlin/marlin_gemm.cu) from the committed H200 sweeps.
 
     python benchmarks/fit_split_model.py
 

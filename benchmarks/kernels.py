@@ -7,13 +7,15 @@ each kernel is timed by replaying a CUDA graph that cycles through enough weight
     python benchmarks/kernels.py                       # full grid, writes benchmarks/results/kernels-<date>.json
     MS=1,16 SHAPES=8b.o,70b.down VARIANTS=base python benchmarks/kernels.py   # a quick subset
 
-Env: MS, SHAPES (comma lists), VARIANTS (comma list of base, act_order, act_order_gather, bf16, w8, exllama;
-default base,act_order,bf16,w8), SWEEP=1 (tuning: time the 4-bit kernel under forced split configurations
-instead of the grid; BITS=8 for 8-bit, ROWS=8/16/32/64 to force the block-tile rows too, WGMMA=1/-1 the wgmma loop on/off, never dense),
-OUT_JSON (output path), NO_VLLM=1 (skip vLLM even when importable).
+Env: MS, SHAPES (comma lists), VARIANTS (comma list of base, marlin, act_order, act_order_gather, bf16, w8,
+exllama; default base,marlin,act_order,bf16,w8), SWEEP=1 (tuning: time the 4-bit Marlin kernel under forced split
+configurations instead of the grid; BITS=8 for 8-bit, ROWS=8/16/32/64 to force the block-tile rows too, WGMMA=1/-1
+the wgmma loop on/off, never dense), SWEEP=hopper (tuning: every Hopper GEMM config and decomposition against the
+Marlin path and cuBLAS; JSON rows for benchmarks/pick_hopper.py), OUT_JSON (output path), NO_VLLM=1 (skip vLLM).
 JSON: {"meta": {gpu, date, command, torch, vllm, copy_TBps}, "rows": [{shape, K, N, M, kernel, us, dtype, bits,
 group_size, act_order, weight_TBps, speedup_vs_fp16}]}.  Reference kernels: cublas_fp16, vllm_marlin,
-vllm_machete; ours start with mygptq.
+vllm_machete; ours start with mygptq: `mygptq` is what the plugin's op runs (the Marlin kernels at decode sizes,
+on sm_90 the Hopper GEMM where the tuned table picks it), `mygptq_marlin` the Marlin kernels alone.
 """
 
 from __future__ import annotations
@@ -64,6 +66,27 @@ def timed(fn_list, iters=20):
     return best
 
 
+def our_gemm(ours, x, q, s, hs, hz, bits, perm=None):
+    """What the plugin's op runs for this call (gptq_vllm.kernels.ops.marlin_gemm_cuda): the Marlin kernels,
+    or on sm_90 the Hopper GEMM where selection.hopper_choice picks it for this M."""
+    from gptq_vllm.kernels import selection
+
+    choice = None if hs is None else selection.hopper_choice(x.shape[0], q.shape[0] * 16, s.shape[1])
+    if choice is not None:
+        return ours.hopper_gemm(x, q, hs, hz, bits, G, *choice, perm=perm)
+    return ours.marlin_gemm(x, q, s, None, None, bits, G, perm)
+
+
+def hopper_scales(marlin_scales, K):
+    """The Hopper GEMM's plain scales for Marlin-permuted ones (None where it cannot run)."""
+    from gptq_vllm.formats import hopper
+    from gptq_vllm.kernels import selection
+
+    if not selection.hopper_available(marlin_scales.device):
+        return None
+    return hopper.operands(None, marlin_scales, bits=4, group_size=G, in_rows=K).scales
+
+
 def _vllm():
     if os.environ.get("NO_VLLM") == "1":
         return None
@@ -91,7 +114,7 @@ def main() -> int:
     ms = [int(x) for x in os.environ.get("MS", "1,16,32,64,128,256,1024").split(",")]
     shapes = os.environ.get("SHAPES")
     shapes = {k: SHAPES[k] for k in shapes.split(",")} if shapes else SHAPES
-    variants = set(os.environ.get("VARIANTS", "base,act_order,bf16,w8").split(","))
+    variants = set(os.environ.get("VARIANTS", "base,marlin,act_order,bf16,w8").split(","))
     props = torch.cuda.get_device_properties(0)
     V = _vllm()
     print("device", props.name, "SMs", props.multi_processor_count, "torch", torch.__version__,
@@ -114,6 +137,8 @@ def main() -> int:
         mq = [torch.randint(-2**31, 2**31 - 1, (K // 16, N * 2), dtype=torch.int32, device=dev) for _ in range(nq)]
         sc = [(torch.rand(K // G, N, device=dev) * 0.01 + 0.001).half() for _ in range(nq)]
         scb = [s.bfloat16() for s in sc]
+        hs = [hopper_scales(s, K) for s in sc]
+        hsb = [None if h is None else h.bfloat16() for h in hs]
         mq8 = ([torch.randint(-2**31, 2**31 - 1, (K // 16, N * 4), dtype=torch.int32, device=dev) for _ in range(nq8)]
                if "w8" in variants else [])
         perm = torch.randperm(K, device=dev).to(torch.int32)
@@ -138,24 +163,27 @@ def main() -> int:
             res.append(("cublas_fp16", timed([lambda w=w: torch.nn.functional.linear(x, w) for w in fw]), f_bytes,
                         "float16", 16, False))
             if "base" in variants:
+                res.append(("mygptq", timed([lambda q=q, s=s, h=h: our_gemm(ours, x, q, s, h, None, 4)
+                                             for q, s, h in zip(mq, sc, hs)]), q_bytes[4], "float16", 4, False))
+            if "marlin" in variants:
                 res.append(("mygptq_marlin", timed([lambda q=q, s=s: ours.marlin_gemm(x, q, s, None, None, 4, G)
                                                     for q, s in zip(mq, sc)]), q_bytes[4], "float16", 4, False))
             if "act_order" in variants:
-                # act-order absorbed into a row permutation; the kernel gathers x by perm while staging A
-                # (the optional perm argument, issue 7), so there is no separate index_select.
-                res.append(("mygptq_marlin_actorder",
-                            timed([lambda q=q, s=s: ours.marlin_gemm(x, q, s, None, None, 4, G, perm)
-                                   for q, s in zip(mq, sc)]), q_bytes[4], "float16", 4, True))
+                # act-order absorbed into a row permutation; the op gathers x by perm (while staging A at
+                # M = 1, else by one gather kernel), so there is no separate index_select.
+                res.append(("mygptq_actorder",
+                            timed([lambda q=q, s=s, h=h: our_gemm(ours, x, q, s, h, None, 4, perm)
+                                   for q, s, h in zip(mq, sc, hs)]), q_bytes[4], "float16", 4, True))
             if "act_order_gather" in variants:
                 res.append(("mygptq_marlin_actorder_gather",
                             timed([lambda q=q, s=s: ours.marlin_gemm(x.index_select(1, perm), q, s, None, None, 4, G)
                                    for q, s in zip(mq, sc)]), q_bytes[4], "float16", 4, True))
             if "bf16" in variants:
-                res.append(("mygptq_marlin_bf16", timed([lambda q=q, s=s: ours.marlin_gemm(xb, q, s, None, None, 4, G)
-                                                         for q, s in zip(mq, scb)]), q_bytes[4], "bfloat16", 4, False))
+                res.append(("mygptq_bf16", timed([lambda q=q, s=s, h=h: our_gemm(ours, xb, q, s, h, None, 4)
+                                                  for q, s, h in zip(mq, scb, hsb)]), q_bytes[4], "bfloat16", 4, False))
             if "w8" in variants:
-                res.append(("mygptq_marlin_w8", timed([lambda q=q, s=s: ours.marlin_gemm(x, q, s, None, None, 8, G)
-                                                       for q, s in zip(mq8, sc)]), q_bytes[8], "float16", 8, False))
+                res.append(("mygptq_w8", timed([lambda q=q, s=s, h=h: our_gemm(ours, x, q, s, h, None, 8)
+                                                for q, s, h in zip(mq8, sc, hs)]), q_bytes[8], "float16", 8, False))
             if "exllama" in variants:
                 res.append(("mygptq_exllama", timed([lambda q=q, s=s: ours.exllama_gemm(x, q, exz, s, None, 4, G)
                                                      for q, s in zip(exq, sc)]), q_bytes[4], "float16", 4, False))
@@ -180,7 +208,7 @@ def main() -> int:
                            weight_TBps=round(nbytes / (us * 1e-6) / 1e12, 3), speedup_vs_fp16=round(base / us, 3))
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-        del fw, mq, sc, scb, mq8, exq
+        del fw, mq, sc, scb, hs, hsb, mq8, exq
         if V:
             del gq, vmq, vms, vmc
         torch.cuda.empty_cache()
@@ -257,6 +285,65 @@ def sweep() -> int:
     return 0
 
 
+HOPPER_DECOMPOSITIONS = ((0, 1), (1, 1), (3, 1), (2, 2))  # (decomposition, splits), csrc/hopper/configs.h
+
+
+def sweep_hopper() -> int:
+    """Tuning: every Hopper GEMM config x decomposition against the Marlin path (auto) and cuBLAS, 4-bit g128
+    fp16 (BITS=8 for 8-bit); writes JSON rows {shape, K, N, M, kernel, us} for benchmarks/pick_hopper.py."""
+    from gptq_vllm.kernels import cuda as ours
+
+    if not ours.available():
+        print("our kernels are not available:", ours.load_error())
+        return 1
+    dev = torch.device("cuda")
+    ms = [int(x) for x in os.environ.get("MS", "16,32,64,128,256,512,1024").split(",")]
+    shapes = os.environ.get("SHAPES")
+    shapes = {k: SHAPES[k] for k in shapes.split(",")} if shapes else SHAPES
+    bits = int(os.environ.get("BITS", "4"))
+    names = ours.hopper_configs()
+    rows = []
+    for name, (K, N) in shapes.items():
+        qb = K * N * bits // 8 + (K // G) * N * 2
+        nq = max(1, min(64, math.ceil(L2_DEFEAT / qb)))
+        mq = [torch.randint(-2**31, 2**31 - 1, (K // 16, N * 2 * bits // 4), dtype=torch.int32, device=dev)
+              for _ in range(nq)]
+        sc = [(torch.rand(K // G, N, device=dev) * 0.01 + 0.001).half() for _ in range(nq)]
+        hs = [hopper_scales(s, K) for s in sc]
+        fw = [torch.randn(N, K, device=dev, dtype=torch.float16) * 0.02
+              for _ in range(max(1, min(16, math.ceil(L2_DEFEAT / (K * N * 2)))))]
+        for M in ms:
+            x = torch.randn(M, K, device=dev, dtype=torch.float16)
+            res = {"cublas_fp16": timed([lambda w=w: torch.nn.functional.linear(x, w) for w in fw], iters=5),
+                   "marlin": timed([lambda q=q, s=s: ours.marlin_gemm(x, q, s, None, None, bits, G)
+                                    for q, s in zip(mq, sc)], iters=5)}
+            for cfg, cname in enumerate(names):
+                for dec, splits in HOPPER_DECOMPOSITIONS:
+                    try:
+                        res[f"{cname}/{dec}/{splits}"] = timed(
+                            [lambda q=q, h=h: ours.hopper_gemm(x, q, h, None, bits, G, cfg, dec, splits)
+                             for q, h in zip(mq, hs)], iters=5)
+                    except Exception as e:  # noqa: BLE001
+                        print(name, M, cname, dec, splits, "failed", repr(e)[:160], flush=True)
+            for kernel, us in res.items():
+                rows.append(dict(shape=name, K=K, N=N, M=M, bits=bits, kernel=kernel, us=round(us, 2)))
+            best = min((v, k) for k, v in res.items() if "/" in k)
+            print(f"{name:12s} M={M:<5d} cublas {res['cublas_fp16']:8.1f}  marlin {res['marlin']:8.1f}  "
+                  f"best hopper {best[1]} {best[0]:8.1f} ({res['marlin'] / best[0]:.2f}x marlin, "
+                  f"{res['cublas_fp16'] / best[0]:.2f}x cublas)", flush=True)
+        del mq, sc, hs, fw
+        torch.cuda.empty_cache()
+    out = os.environ.get("OUT_JSON", f"hopper-sweep-{datetime.date.today().isoformat()}.json")
+    props = torch.cuda.get_device_properties(0)
+    env = {k: os.environ[k] for k in ("SWEEP", "MS", "SHAPES", "BITS") if k in os.environ}
+    meta = dict(gpu=props.name, date=datetime.date.today().isoformat(), torch=torch.__version__, configs=names,
+                command=" ".join([f"{k}={v}" for k, v in env.items()] + ["python", "benchmarks/kernels.py"]))
+    with open(out, "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    print("wrote", out, flush=True)
+    return 0
+
+
 def table(rows):
     kernels = []
     for r in rows:
@@ -274,4 +361,5 @@ def table(rows):
 
 
 if __name__ == "__main__":
-    sys.exit(sweep() if os.environ.get("SWEEP") == "1" else main())
+    mode = os.environ.get("SWEEP")
+    sys.exit(sweep() if mode == "1" else sweep_hopper() if mode == "hopper" else main())

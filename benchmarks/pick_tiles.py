@@ -9,7 +9,7 @@ faster (one run; run-to-run noise is about 5 %).
 Step 2 (run 5, built with the step-1 table): the `SWEEP=1 ROWS=64 WGMMA=1` run, where the configurations with
 4 or 8 strips per block use the wgmma loop; one of those replaces the step-1 choice (that run's `auto`) when it
 is at least MARGIN faster.
-Prints the `TUNED` rows of csrc/marlin_gemm.cu (rows 0 = dequantize + cuBLAS; wg 1 = wgmma loop).
+Prints the `TUNED` rows of csrc/marlin/marlin_gemm.cu (rows 0 = dequantize + cuBLAS; wg 1 = wgmma loop).
 """
 
 from __future__ import annotations

@@ -9,7 +9,11 @@ TORCH_LIBRARY(mygptq_cuda, m) {
   m.def("marlin_gemm(Tensor a, Tensor qweight, Tensor scales, Tensor? qzeros, Tensor? g_idx_sorted, int bits, "
         "int group_size, Tensor? perm=None) -> Tensor");
   m.def("_marlin_set_config(int sb, int cs, int slices, int dense_min_m, int tile_rows=0, int wgmma=0) -> ()", &gptq_vllm::marlin_set_config);
-  m.def("_marlin_wgmma_supported() -> bool", &gptq_vllm::marlin_wgmma_supported);
+  m.def("sm90a_code_runs() -> bool", &gptq_vllm::sm90a_code_runs);
+  m.def("hopper_gemm(Tensor a, Tensor qweight, Tensor scales, Tensor? zeros, int bits, int group_size, int config, "
+        "int decomposition=0, int splits=1, Tensor? perm=None) -> Tensor");
+  m.def("hopper_configs() -> str[]", &gptq_vllm::hopper_configs);
+  m.def("hopper_tile_offsets(int bits) -> Tensor", &gptq_vllm::hopper_tile_offsets);
   m.def("exllama_gemm(Tensor a, Tensor qweight, Tensor? qzeros, Tensor scales, Tensor? g_idx_sorted, int bits, "
         "int group_size) -> Tensor");
   m.def("marlin_repack(Tensor qweight, Tensor? perm, int bits, int size_k, int size_n) -> Tensor");
@@ -19,6 +23,7 @@ TORCH_LIBRARY(mygptq_cuda, m) {
 TORCH_LIBRARY_IMPL(mygptq_cuda, CUDA, m) {
   m.impl("marlin_gemm", &gptq_vllm::marlin_gemm);
   m.impl("exllama_gemm", &gptq_vllm::exllama_gemm);
+  m.impl("hopper_gemm", &gptq_vllm::hopper_gemm);
   m.impl("marlin_repack", &gptq_vllm::marlin_repack);
   m.impl("exllama_shuffle", &gptq_vllm::exllama_shuffle);
 }

@@ -122,16 +122,6 @@ std::optional<at::Tensor> checked_perm(const std::optional<at::Tensor>& perm, in
 
 }  // namespace
 
-int sm_count() {
-  static int counts[64] = {0};
-  int dev = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  if (dev < 64 && counts[dev]) return counts[dev];
-  int n = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  if (dev < 64) counts[dev] = n;
-  return n;
-}
-
 void reduce_slices(const at::Tensor& ws, at::Tensor& out) {
   const int slices = static_cast<int>(ws.size(0));
   const int64_t mn = out.numel();

@@ -34,7 +34,7 @@ from vllm.model_executor.parameter import (
 )
 
 from .config import LayerScheme
-from .formats import bitpack, gptq, marlin
+from .formats import bitpack, gptq, hopper, marlin
 from .formats.act_order import effective_group_size, num_groups
 from .formats.errors import FormatError
 from .formats.gptq import GPTQTensors, QuantizedWeight
@@ -224,8 +224,23 @@ class MyGPTQLinearMethod(LinearMethodBase):
             t = getattr(kw, name)
             # Plain Parameters (not vLLM's loader classes): Dynamo sees ordinary tensors, None when absent.
             layer.register_parameter(name, None if t is None else torch.nn.Parameter(t, requires_grad=False))
+        hop = self._hopper_operands(kw)
+        for name, t in (("hopper_scales", hop and hop.scales), ("hopper_zeros", hop and hop.zeros)):
+            layer.register_parameter(name, None if t is None else torch.nn.Parameter(t, requires_grad=False))
         self.gemm = _Gemm(kw.layout, kw.bits, kw.group_size, self.part.in_features, self.part.out_features)
         self.loaded.clear()
+
+    def _hopper_operands(self, kw: KernelWeight) -> hopper.HopperOperands | None:
+        """The Hopper GEMM's scales (and zero term) for a Marlin layer on an sm_90 GPU, else None."""
+        if kw.layout is not Layout.MARLIN or not selection.hopper_available(kw.qweight.device):
+            return None
+        rows = kw.qweight.shape[0] * marlin.TILE_K
+        why = hopper.unsupported(bits=kw.bits, group_size=kw.group_size, in_rows=rows,
+                                 g_idx_sorted=kw.g_idx_sorted is not None)
+        if why is not None:
+            logger.debug("mygptq: %s keeps the Marlin kernels at every batch size: %s", self.prefix, why)
+            return None
+        return hopper.operands(kw.qzeros, kw.scales, bits=kw.bits, group_size=kw.group_size, in_rows=rows)
 
     def _convert_gptq(self, layer: torch.nn.Module) -> KernelWeight:
         s, p, name = self.scheme, self.part, self.prefix
@@ -308,8 +323,8 @@ class MyGPTQLinearMethod(LinearMethodBase):
         x2 = x.reshape(-1, x.shape[-1])
         if g.layout is Layout.MARLIN:
             y = torch.ops.mygptq.marlin_gemm(x2, layer.qweight, layer.scales, layer.qzeros, layer.perm,
-                                             layer.g_idx_sorted, g.bits, g.group_size, g.in_features,
-                                             g.out_features)
+                                             layer.g_idx_sorted, layer.hopper_scales, layer.hopper_zeros, g.bits,
+                                             g.group_size, g.in_features, g.out_features)
         else:
             y = torch.ops.mygptq.exllama_gemm(x2, layer.qweight, layer.qzeros, layer.scales, layer.perm,
                                               layer.g_idx_sorted, g.bits, g.group_size, g.in_features,

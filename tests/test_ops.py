@@ -25,8 +25,8 @@ def make_weight(K: int, N: int, bits: int, group_size: int, sym: bool, act_order
 
 def call(kw: KernelWeight, x: torch.Tensor) -> torch.Tensor:
     if kw.layout is Layout.MARLIN:
-        return torch.ops.mygptq.marlin_gemm(x, kw.qweight, kw.scales, kw.qzeros, kw.perm, kw.g_idx_sorted, kw.bits,
-                                            kw.group_size, kw.in_features, kw.out_features)
+        return torch.ops.mygptq.marlin_gemm(x, kw.qweight, kw.scales, kw.qzeros, kw.perm, kw.g_idx_sorted, None, None,
+                                            kw.bits, kw.group_size, kw.in_features, kw.out_features)
     return torch.ops.mygptq.exllama_gemm(x, kw.qweight, kw.qzeros, kw.scales, kw.perm, kw.g_idx_sorted, kw.bits,
                                          kw.group_size, kw.in_features, kw.out_features)
 
@@ -104,7 +104,7 @@ def _opcheck_args():
 def test_opcheck(kw, x):
     op = torch.ops.mygptq.marlin_gemm if kw.layout is Layout.MARLIN else torch.ops.mygptq.exllama_gemm
     if kw.layout is Layout.MARLIN:
-        args = (x, kw.qweight, kw.scales, kw.qzeros, kw.perm, kw.g_idx_sorted)
+        args = (x, kw.qweight, kw.scales, kw.qzeros, kw.perm, kw.g_idx_sorted, None, None)
     else:
         args = (x, kw.qweight, kw.qzeros, kw.scales, kw.perm, kw.g_idx_sorted)
     torch.library.opcheck(op.default, args + (kw.bits, kw.group_size, kw.in_features, kw.out_features))

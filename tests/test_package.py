@@ -1,5 +1,6 @@
 """Packaging: imports without vLLM, the console script, the vLLM plugin entry point."""
 
+import os
 import subprocess
 import sys
 from importlib.metadata import entry_points
@@ -41,6 +42,24 @@ def test_vllm_entry_point():
 ])
 def test_cuda_arch_list_builds_hopper_as_sm90a(given, built):
     """setup.py and the JIT build compile 9.0 as 9.0a (the wgmma loop), keeping every other entry."""
-    from gptq_vllm.kernels.arch import with_sm90a
+    from gptq_vllm.kernels.build import with_sm90a
 
     assert with_sm90a(given) == built
+
+
+def test_cuda_build_compiles_every_kernel_family_and_finds_cutlass_only_when_asked(tmp_path, monkeypatch):
+    from gptq_vllm.kernels import build
+
+    names = {os.path.relpath(p, build.CSRC) for p in build.sources()}
+    assert {"ops.cpp", "device.cu", "marlin/marlin_gemm.cu", "exllama/exllama_gemm.cu", "hopper/hopper_gemm.cu"} <= names
+    assert any(n.startswith("hopper/hopper_tile_") for n in names)
+    # Two units of one file name in different family folders would collide in the JIT build's objects.
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "gemm.cu").write_text("")
+    with pytest.raises(RuntimeError, match="unique across folders.*gemm.cu"):
+        build.sources(str(tmp_path))
+    # CUTLASS is a build dependency of the CUDA build only: without the package the error says what to install.
+    monkeypatch.setattr(build.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(RuntimeError, match=r"pip install nvidia-cutlass==4\.2\.0\.0"):
+        build.cutlass_include_dirs()

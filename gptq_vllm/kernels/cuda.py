@@ -12,6 +12,7 @@ On a machine without CUDA `available()` is False and the wrappers raise.
 
 Ops (schemas in csrc/ops.cpp; fake implementations registered here so they trace under torch.compile):
   marlin_gemm(a, qweight, scales, qzeros?, g_idx_sorted?, bits, group_size, perm?=None) -> [M, N_pad]
+  hopper_gemm(a, qweight, scales, zeros?, bits, group_size, config, decomposition=0, splits=1) -> [M, N_pad]
   exllama_gemm(a, qweight, qzeros?, scales, g_idx_sorted?, bits, group_size) -> [M, N]
   marlin_repack(qweight_gptq, perm?, bits, size_k, size_n) -> Marlin words [K/16, N*16*b/32]
   exllama_shuffle(qweight_gptq, perm?, bits, size_k) -> ExLlama words (same shape as the GPTQ qweight)
@@ -26,21 +27,11 @@ import threading
 
 import torch
 
-from .arch import with_sm90a
+from . import build
 
 logger = logging.getLogger(__name__)
 
 _PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_REPO_DIR = os.path.dirname(_PKG_DIR)
-_CSRC = os.path.join(_REPO_DIR, "csrc")
-SOURCES = ["ops.cpp", "marlin_gemm.cu", "marlin_inst_f16_b4.cu", "marlin_inst_f16_b8.cu", "marlin_inst_bf16_b4.cu",
-           "marlin_inst_bf16_b8.cu", "exllama_gemm.cu", "repack.cu"]
-NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo",
-              "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
-              "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
-              "-U__CUDA_NO_HALF2_OPERATORS__"]
-CXX_FLAGS = ["-O3"]
-
 _lock = threading.Lock()
 _state: dict[str, object] = {"tried": False, "ok": False, "error": None, "path": None}
 
@@ -68,8 +59,8 @@ def _cache_dir() -> str:
 def _jit_build() -> str:
     from torch.utils import cpp_extension
 
-    if not os.path.isdir(_CSRC):
-        raise RuntimeError(f"no csrc/ next to the package ({_CSRC}): install from a source checkout or use the prebuilt build")
+    if not os.path.isdir(build.CSRC):
+        raise RuntimeError(f"no csrc/ next to the package ({build.CSRC}): install from a source checkout or use the prebuilt build")
     if cpp_extension.CUDA_HOME is None:
         raise RuntimeError("CUDA_HOME / nvcc not found: cannot JIT-build the kernels")
     # The visible GPUs' architectures (what torch would pick), Hopper as sm_90a for the wgmma loop; the
@@ -77,13 +68,14 @@ def _jit_build() -> str:
     given = os.environ.get("TORCH_CUDA_ARCH_LIST")
     archs = given or ";".join(
         sorted({"{}.{}".format(*torch.cuda.get_device_capability(i)) for i in range(torch.cuda.device_count())}))
-    os.environ["TORCH_CUDA_ARCH_LIST"] = with_sm90a(archs)
+    os.environ["TORCH_CUDA_ARCH_LIST"] = build.with_sm90a(archs)
     try:
         cpp_extension.load(
             name="gptq_vllm_C",
-            sources=[os.path.join(_CSRC, s) for s in SOURCES],
-            extra_cflags=CXX_FLAGS,
-            extra_cuda_cflags=NVCC_FLAGS,
+            sources=build.sources(),
+            extra_cflags=build.CXX_FLAGS,
+            extra_cuda_cflags=build.NVCC_FLAGS,
+            extra_include_paths=[build.CSRC] + build.cutlass_include_dirs(),
             build_directory=_cache_dir(),
             is_python_module=False,
             verbose=os.environ.get("GPTQ_VLLM_JIT_VERBOSE", "0") == "1",
@@ -158,6 +150,11 @@ def _register_fakes() -> None:
             torch._check(a.size(1) <= qweight.size(0) * 16)
         return a.new_empty((a.size(0), scales.size(1)))
 
+    @torch.library.register_fake("mygptq_cuda::hopper_gemm")
+    def _hopper_gemm_fake(a, qweight, scales, zeros, bits, group_size, config, decomposition=0, splits=1, perm=None):
+        torch._check(a.size(1) <= qweight.size(0) * 16)
+        return a.new_empty((a.size(0), scales.size(1)))
+
     @torch.library.register_fake("mygptq_cuda::exllama_gemm")
     def _exllama_gemm_fake(a, qweight, qzeros, scales, g_idx_sorted, bits, group_size):
         return a.new_empty((a.size(0), scales.size(1)))
@@ -197,11 +194,36 @@ def marlin_gemm(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qz
     return torch.ops.mygptq_cuda.marlin_gemm(a, qweight, scales, qzeros, g_idx_sorted, bits, group_size, perm)
 
 
-def marlin_wgmma_supported() -> bool:
-    """Whether the Marlin GEMM's wgmma loop runs on the current device (a compute-capability 9.0 GPU and the
-    sm_90a code in this build); without it the 64-row tiles use mma.sync."""
+def sm90a_code_runs() -> bool:
+    """Whether this build's sm_90a code runs on the current device (a compute-capability 9.0 GPU and a build
+    with the sm_90a target): the Marlin GEMM's wgmma loop and the Hopper mixed-input GEMMs need it."""
     _require()
-    return bool(torch.ops.mygptq_cuda._marlin_wgmma_supported())
+    return bool(torch.ops.mygptq_cuda.sm90a_code_runs())
+
+
+def hopper_gemm(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                bits: int, group_size: int, config: int, decomposition: int = 0, splits: int = 1,
+                perm: torch.Tensor | None = None) -> torch.Tensor:
+    """a [M, K_pad] (gathered, zero-padded, contiguous) @ the Marlin weight -> [M, N_pad], on CUTLASS's SM90
+    mixed-input GEMM (csrc/hopper/).  With perm (int32 [K_pad]) a is the raw [M, K_in] activation, gathered
+    by one kernel first (act-order).  scales: plain [K_pad/G, N_pad] in a's dtype (formats.hopper); zeros:
+    scale * (2^(b-1) - z) likewise, or None (symmetric).  config: an index of hopper_configs();
+    decomposition 0 heuristic / 1 data-parallel / 2 split-K (`splits` parts) / 3 stream-K."""
+    _require()
+    return torch.ops.mygptq_cuda.hopper_gemm(a, qweight, scales, zeros, bits, group_size, config, decomposition,
+                                             splits, perm)
+
+
+def hopper_tile_offsets(bits: int) -> torch.Tensor:
+    """[64, 16] code offsets of a Marlin tile under the CuTe atom the Hopper GEMM reads (for the tests)."""
+    _require()
+    return torch.ops.mygptq_cuda.hopper_tile_offsets(bits)
+
+
+def hopper_configs() -> list[str]:
+    """Names of the Hopper GEMM's tile configurations, by config index: '<weight rows>x<tokens>_c<cluster>'."""
+    _require()
+    return list(torch.ops.mygptq_cuda.hopper_configs())
 
 
 def marlin_set_config(sb: int = 0, cs: int = 0, slices: int = 0, dense_min_m: int = 0, tile_rows: int = 0,

@@ -3,7 +3,8 @@
 vLLM compiles the model forward with torch.compile(fullgraph=True) on the GPU and on the CPU, so the
 linear method's `apply` is a single call of one of these ops, traced through its fake implementation.
 
-    mygptq::marlin_gemm(a, qweight, scales, qzeros?, perm?, g_idx_sorted?, bits, group_size, size_k, size_n)
+    mygptq::marlin_gemm(a, qweight, scales, qzeros?, perm?, g_idx_sorted?, hopper_scales?, hopper_zeros?, bits,
+                        group_size, size_k, size_n)
     mygptq::exllama_gemm(a, qweight, qzeros, scales, perm?, g_idx_sorted?, bits, group_size, size_k, size_n)
 
 a is [M, size_k] (the layer's K on this rank, unpadded) in fp16/bf16 (fp32 too on the CPU); the weight
@@ -14,7 +15,9 @@ multiplies by the stored rows, so both implementations below see the same [M, K_
   CPU   the reference math of the format core: from_kernel -> dequantize (rounded to a's dtype, as the
         GPU kernels dequantize) -> fp32 matmul.  It does not depend on any kernel and is their oracle.
   CUDA  gptq_vllm.kernels.cuda (the compiled kernels) when built, else the same reference math on the
-        GPU.  That fallback reads tensors back to the host while it validates, which a CUDA graph cannot
+        GPU.  With hopper_scales (formats.hopper, made at load on sm_90 GPUs) the batch size M of each call
+        picks between the Marlin kernels and the Hopper mixed-input GEMM on the same Marlin words
+        (selection.hopper_choice; static per captured CUDA-graph batch size).  That fallback reads tensors back to the host while it validates, which a CUDA graph cannot
         capture: it raises during capture and needs enforce_eager=True.
 """
 
@@ -26,12 +29,13 @@ import torch.nn.functional as F
 from ..formats import marlin
 from ..formats.kernel_layout import KernelWeight, Layout, from_kernel
 from ..formats.reference import dequantize
+from . import selection
 
 NAMESPACE = "mygptq"
 
 MARLIN_GEMM_SCHEMA = (
     "marlin_gemm(Tensor a, Tensor qweight, Tensor scales, Tensor? qzeros, Tensor? perm, Tensor? g_idx_sorted, "
-    "int bits, int group_size, SymInt size_k, SymInt size_n) -> Tensor"
+    "Tensor? hopper_scales, Tensor? hopper_zeros, int bits, int group_size, SymInt size_k, SymInt size_n) -> Tensor"
 )
 EXLLAMA_GEMM_SCHEMA = (
     "exllama_gemm(Tensor a, Tensor qweight, Tensor qzeros, Tensor scales, Tensor? perm, Tensor? g_idx_sorted, "
@@ -77,20 +81,27 @@ def _refuse_capture(op: str) -> None:
             f"CUDA graph; build gptq_vllm's CUDA extension or run vLLM with enforce_eager=True")
 
 
-def marlin_gemm_cpu(a, qweight, scales, qzeros, perm, g_idx_sorted, bits, group_size, size_k, size_n):
+def marlin_gemm_cpu(a, qweight, scales, qzeros, perm, g_idx_sorted, hopper_scales, hopper_zeros, bits, group_size,
+                    size_k, size_n):
+    # The Hopper operands only choose a GPU kernel; the reference math reads the Marlin tensors.
     a_rows = _gather_rows(a, qweight.shape[0] * marlin.TILE_K, perm)
     y = _reference_gemm(a_rows, _marlin_weight(qweight, scales, qzeros, g_idx_sorted, bits, group_size))
     return y[:, :size_n].contiguous()
 
 
-def marlin_gemm_cuda(a, qweight, scales, qzeros, perm, g_idx_sorted, bits, group_size, size_k, size_n):
+def marlin_gemm_cuda(a, qweight, scales, qzeros, perm, g_idx_sorted, hopper_scales, hopper_zeros, bits, group_size,
+                     size_k, size_n):
     from . import cuda  # the extension is loaded on first use, never at import
 
     rows = qweight.shape[0] * marlin.TILE_K
     if cuda.available():
-        # With perm the kernel gathers and zero-pads the activations itself while it stages them.
+        # With perm the op gathers and zero-pads the activations itself.
         a_in = a.contiguous() if perm is not None else _gather_rows(a, rows, None)
-        y = cuda.marlin_gemm(a_in, qweight, scales, qzeros, g_idx_sorted, bits, group_size, perm)
+        choice = None if hopper_scales is None else selection.hopper_choice(a.shape[0], rows, scales.shape[1])
+        if choice is not None:
+            y = cuda.hopper_gemm(a_in, qweight, hopper_scales, hopper_zeros, bits, group_size, *choice, perm=perm)
+        else:
+            y = cuda.marlin_gemm(a_in, qweight, scales, qzeros, g_idx_sorted, bits, group_size, perm)
     else:
         _refuse_capture("marlin_gemm")
         y = _reference_gemm(_gather_rows(a, rows, perm),
@@ -118,7 +129,7 @@ def exllama_gemm_cuda(a, qweight, qzeros, scales, perm, g_idx_sorted, bits, grou
 
 
 def _gemm_fake(a, *args):
-    # Both schemas end in (..., size_k, size_n); the output is [M, size_n] in a's dtype.
+    # The schemas end in (..., size_k, size_n); the output is [M, size_n] in a's dtype.
     return a.new_empty((a.shape[0], args[-1]))
 
 

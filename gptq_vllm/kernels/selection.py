@@ -85,3 +85,94 @@ def check_stored(layout: Layout, *, bits: int, group_size: int, in_features: int
                 f"checkpoint with --quantization mygptq (it converts and pads at load), use a tensor-parallel "
                 f"size that keeps the shapes aligned, or convert with --layout exllama")
     return Selection(layout, "stored in the checkpoint")
+
+
+# ---- per call: the Hopper mixed-input GEMM for larger batches (sm_90) -----------------------------------
+#
+# On a compute-capability 9.0 GPU a Marlin-layout layer also gets the Hopper GEMM's operands at load
+# (formats.hopper: plain scales, zero term), and each call picks by its batch size M: the Marlin kernels for
+# decode-sized M, CUTLASS's mixed-input GEMM (csrc/hopper/) above.  M is static per captured CUDA graph, so
+# a captured batch size always runs the same kernel.  The choice per shape and M bucket is the table below,
+# picked from device sweeps by benchmarks/pick_hopper.py (the fastest Hopper choice where it beats the Marlin
+# path by >= 5 %); shapes outside it use the default row.
+
+# M <= 8 always runs the Marlin kernels' 8-row tiles (the sweep measures M = 16 for the bucket 9..16, where
+# both paths pad to 16 rows; at M = 1 the Hopper GEMM's 16-token tile is up to 1.6x slower).
+HOPPER_MIN_M = 9
+# Upper bounds of the M buckets; M above the last bucket uses the last one.
+HOPPER_BUCKETS = (16, 32, 64, 128, 256, 512, 1024)
+
+# (config name, decomposition, splits): decomposition 0 heuristic, 1 data-parallel, 2 split-K, 3 stream-K
+# (csrc/hopper/configs.h).  None: the Marlin path.
+HopperChoice = tuple[str, int, int]
+
+HOPPER_DEFAULT: dict[int, HopperChoice | None] = {
+    16: None, 32: ("128x32_c2", 3, 1), 64: ("128x64_c2", 3, 1), 128: ("128x128_c2", 3, 1), 256: ("128x256_c2", 3, 1),
+    512: ("128x256_c2", 0, 1), 1024: ("128x256_c2", 0, 1),
+}
+
+# (K, N) -> {bucket: choice}, from benchmarks/results/hopper-sweep-h200-2026-12-04.json.
+HOPPER_TUNED: dict[tuple[int, int], dict[int, HopperChoice | None]] = {
+    (4096, 6144): {
+        16: None, 32: None, 64: ("128x64_c2", 2, 2), 128: ("128x128_c2", 2, 2), 256: ("128x128_c2", 0, 1),
+        512: ("128x256_c2", 0, 1), 1024: ("128x256_c2", 3, 1),
+    },
+    (4096, 4096): {
+        16: None, 32: None, 64: None, 128: ("128x64_c2", 2, 2), 256: ("128x128_c2", 2, 2), 512: ("128x128_c2", 0, 1),
+        1024: ("128x256_c2", 0, 1),
+    },
+    (4096, 28672): {
+        16: None, 32: ("256x32_c1", 1, 1), 64: ("256x64_c2", 1, 1), 128: ("256x128_c2", 1, 1),
+        256: ("128x256_c2", 0, 1), 512: ("128x256_c2", 0, 1), 1024: ("128x256_c2", 0, 1),
+    },
+    (14336, 4096): {
+        16: None, 32: ("128x32_c2", 0, 1), 64: ("128x64_c2", 3, 1), 128: ("128x128_c2", 3, 1),
+        256: ("128x128_c2", 3, 1), 512: ("128x256_c2", 3, 1), 1024: ("128x256_c2", 0, 1),
+    },
+    (8192, 10240): {
+        16: None, 32: ("256x32_c1", 3, 1), 64: ("128x64_c2", 3, 1), 128: ("128x128_c2", 3, 1),
+        256: ("128x256_c2", 3, 1), 512: ("128x256_c2", 3, 1), 1024: ("128x256_c2", 3, 1),
+    },
+    (8192, 8192): {
+        16: None, 32: ("128x32_c2", 2, 2), 64: ("128x64_c2", 2, 2), 128: ("128x128_c2", 2, 2),
+        256: ("128x256_c2", 3, 1), 512: ("128x256_c2", 0, 1), 1024: ("128x256_c2", 0, 1),
+    },
+    (8192, 57344): {
+        16: None, 32: ("256x32_c1", 3, 1), 64: ("256x64_c2", 3, 1), 128: ("256x128_c2", 3, 1),
+        256: ("128x256_c2", 0, 1), 512: ("128x256_c2", 0, 1), 1024: ("128x256_c2", 0, 1),
+    },
+    (28672, 8192): {
+        16: ("256x16_c1", 3, 1), 32: ("256x32_c1", 0, 1), 64: ("256x64_c2", 0, 1), 128: ("128x128_c2", 0, 1),
+        256: ("128x256_c2", 3, 1), 512: ("128x256_c2", 0, 1), 1024: ("128x256_c2", 0, 1),
+    },
+}
+
+_config_ids: dict[str, int] = {}
+
+
+def hopper_available(device: torch.device) -> bool:
+    """Whether layers on this device get the Hopper GEMM's operands: a CC 9.0 GPU running our sm_90a code."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
+        return False
+    from . import cuda
+
+    with torch.cuda.device(device):
+        return cuda.available() and cuda.sm90a_code_runs()
+
+
+def hopper_choice(m: int, k: int, n: int) -> tuple[int, int, int] | None:
+    """(config id, decomposition, splits) of the Hopper GEMM for a call with m rows of activations on a
+    [k, n] weight (padded sizes; 4- and 8-bit share the table), or None for the Marlin path."""
+    if m < HOPPER_MIN_M:
+        return None
+    bucket = next((b for b in HOPPER_BUCKETS if m <= b), HOPPER_BUCKETS[-1])
+    row = HOPPER_TUNED.get((k, n), HOPPER_DEFAULT)
+    choice = row.get(bucket, HOPPER_DEFAULT[bucket])
+    if choice is None:
+        return None
+    if not _config_ids:
+        from . import cuda
+
+        _config_ids.update({name: i for i, name in enumerate(cuda.hopper_configs())})
+    name, decomposition, splits = choice
+    return _config_ids[name], decomposition, splits

@@ -20,7 +20,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gptq_vllm.formats import act_order, bitpack, exllama, kernel_layout, marlin
+from gptq_vllm.formats import act_order, bitpack, exllama, hopper, kernel_layout, marlin
 from gptq_vllm.formats.gptq import QuantizedWeight
 from gptq_vllm.formats.kernel_layout import Layout
 from gptq_vllm.formats.reference import dequantize, reference_matmul
@@ -75,12 +75,20 @@ def gather(x: torch.Tensor, kw, k_pad: int) -> torch.Tensor:
     return x.contiguous()
 
 
-def check_close(y: torch.Tensor, x: torch.Tensor, w: QuantizedWeight, what: str) -> None:
+def check_close(y: torch.Tensor, x: torch.Tensor, w: QuantizedWeight, what: str, zero_term: bool = False) -> None:
+    """zero_term: the kernel adds a rounded zero term s * (2^(b-1) - z) to s * (q - 2^(b-1)) (the Hopper
+    GEMM with zero points), so the weight's rounding is relative to |s * (q - 2^(b-1))| + |s * (2^(b-1) - z)|."""
     dev = y.device
     W = dequantize(w, torch.float32).to(dev)
     xf = x.float()
     ref = reference_matmul(xf, w)  # fp32 in, fp32 out: x @ dequantize(w)
-    mag = xf.abs() @ W.abs()
+    if zero_term:
+        g = w.g_idx.long()
+        half = 2 ** (w.bits - 1)
+        Wmag = w.scales[g] * ((w.codes - half).abs() + (half - w.zeros[g]).abs()) + W.abs().cpu()
+        mag = xf.abs() @ (2 * Wmag).to(dev)
+    else:
+        mag = xf.abs() @ W.abs()
     K = W.shape[0]
     u = UNIT[x.dtype]
     tol = 1.25 * ((u + K * 2.0**-22) * mag + u * ref.abs()) + 1e-6
@@ -207,6 +215,91 @@ def test_marlin_gemm_forced_splits(kern, bits, sym):
         kern.marlin_set_config(0, 0, 0, 0, 0, 0)
 
 
+# ---- Hopper mixed-input GEMM (CUTLASS, sm_90a) on the Marlin words ----------------------------------------
+
+def hopper_only(kern):
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Hopper GEMM runs on compute capability 9.0 only")
+    assert kern.sm90a_code_runs(), "a Hopper build without the sm_90a code"
+
+
+def test_hopper_atom_is_the_marlin_tile(kern):
+    """The CuTe atom CUTLASS reads the Marlin words through (csrc/hopper/marlin_layout.hpp) against the format
+    core's definition, offset by offset."""
+    for bits in (4, 8):
+        assert torch.equal(kern.hopper_tile_offsets(bits), hopper.tile_offsets(bits)), f"{bits}-bit atom"
+
+
+HOPPER_CASES = [(b, g, s, a) for b in (4, 8) for g in (-1, 64, 128) for s in (True, False) for a in (False, True)
+                if not (a and g == -1)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("bits,group_size,sym,act", HOPPER_CASES,
+                         ids=[f"b{b}-g{g}-{'sym' if s else 'asym'}-{'act' if a else 'noact'}" for b, g, s, a in HOPPER_CASES])
+def test_hopper_gemm(kern, bits, group_size, sym, act, dtype):
+    """Every tile config and decomposition at M past and inside the tiles; act-order through the gather."""
+    hopper_only(kern)
+    dev = torch.device("cuda")
+    K, N = 1000, 400  # padded to 1024 x 448: a partial 128/256-row weight tile
+    w = make_weight(bits, group_size, sym, act, K, N, seed=41 + bits + group_size + 5 * sym + 3 * act, dtype=dtype)
+    kw = kernel_layout.to_kernel(w, Layout.MARLIN, scale_dtype=dtype)
+    qw, sc, qz, gs = to_dev(kw, dev)
+    k_pad = qw.shape[0] * 16
+    ops = hopper.operands(qz, sc, bits=bits, group_size=group_size, in_rows=k_pad)
+    perm = None if kw.perm is None else kw.perm.to(torch.int32).to(dev)
+    names = kern.hopper_configs()
+    for M in (17, 64, 333):
+        x = torch.randn(M, K, generator=torch.Generator().manual_seed(M), dtype=torch.float32).to(dtype).to(dev)
+        xg = gather(x, kw, k_pad)
+        first = None
+        for cfg, name in enumerate(names):
+            for dec, splits in ((0, 1), (1, 1), (2, 3), (3, 1)):
+                y = kern.hopper_gemm(xg, qw, ops.scales, ops.zeros, bits, group_size, cfg, dec, splits)
+                assert y.shape == (M, sc.shape[1]) and y.dtype == dtype
+                check_close(y[:, :N], x, w, f"hopper {name} dec={dec}/{splits} M={M}", zero_term=not sym)
+                first = y if first is None else first
+        if perm is not None:
+            y2 = kern.hopper_gemm(x, qw, ops.scales, ops.zeros, bits, group_size, 0, 0, 1, perm)
+            y1 = kern.hopper_gemm(xg, qw, ops.scales, ops.zeros, bits, group_size, 0, 0, 1)
+            assert torch.equal(y2, y1), f"hopper gather differs from gathered input at M={M}"
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("K,N", [(4096, 6144), (14336, 4096)])
+def test_hopper_gemm_llama_shape(kern, bits, K, N):
+    """Llama-3-8B shapes through the op's per-M choice (selection.hopper_choice), deterministic on replay."""
+    hopper_only(kern)
+    from gptq_vllm.kernels import selection
+
+    dev = torch.device("cuda")
+    w = make_weight(bits, 128, True, False, K, N, seed=7, dtype=torch.float16)
+    kw = kernel_layout.to_kernel(w, Layout.MARLIN, scale_dtype=torch.float16)
+    qw, sc, qz, gs = to_dev(kw, dev)
+    ops = hopper.operands(qz, sc, bits=bits, group_size=128, in_rows=K)
+    for M in (17, 32, 64, 128, 256, 1024, 4096):
+        choice = selection.hopper_choice(M, K, N)
+        if choice is None:
+            continue
+        x = torch.randn(M, K, dtype=torch.float32).half().to(dev)
+        y = kern.hopper_gemm(x, qw, ops.scales, ops.zeros, bits, 128, *choice)
+        check_close(y, x, w, f"hopper {K}x{N} M={M} {choice}")
+        assert torch.equal(kern.hopper_gemm(x, qw, ops.scales, ops.zeros, bits, 128, *choice), y), "not deterministic"
+
+
+def test_hopper_gemm_refuses_what_it_cannot_run(kern):
+    hopper_only(kern)
+    dev = torch.device("cuda")
+    w = make_weight(4, 32, True, False, 256, 128, seed=3, dtype=torch.float16)
+    kw = kernel_layout.to_kernel(w, Layout.MARLIN, scale_dtype=torch.float16)
+    qw, sc, _, _ = to_dev(kw, dev)
+    x = torch.randn(32, 256, dtype=torch.float16, device=dev)
+    with pytest.raises(RuntimeError, match="group size must be a multiple of 64"):
+        kern.hopper_gemm(x, qw, sc, None, 4, 32, 0)
+    with pytest.raises(RuntimeError, match="no config"):
+        kern.hopper_gemm(x, qw, sc[:1].repeat(2, 1), None, 4, 128, 999)
+
+
 WIDE_CASES = [(4, 128, True, False), (4, 128, True, True), (8, 128, False, True), (4, 32, False, False),
               (8, -1, True, False)]
 
@@ -220,7 +313,7 @@ def test_marlin_gemm_wide_tiles(kern, bits, group_size, sym, act, dtype):
     then g_idx_sorted), zero points, one group; split-K and a partial last m-block."""
     dev = torch.device("cuda")
     if torch.cuda.get_device_capability() == (9, 0):
-        assert kern.marlin_wgmma_supported(), "a Hopper build without the sm_90a wgmma code"
+        assert kern.sm90a_code_runs(), "a Hopper build without the sm_90a code"
     K, N = 1024, 512
     w = make_weight(bits, group_size, sym, act, K, N, seed=31 + bits + group_size + act, dtype=dtype)
     kw = kernel_layout.to_kernel(w, Layout.MARLIN, scale_dtype=dtype)
@@ -375,6 +468,27 @@ def test_cuda_graph_marlin(kern, M):
     args = list(_marlin_args(8, True, True, M))
     x2 = args[0]
     _graph_equals_eager(lambda: kern.marlin_gemm(x2, *args[1:]), x2, [torch.randn_like(x2) for _ in range(2)])
+
+
+def _hopper_args(bits, sym, act, M, dtype=torch.float16):
+    w = make_weight(bits, 128, sym, act, 512, 256, seed=6, dtype=dtype)
+    kw = kernel_layout.to_kernel(w, Layout.MARLIN, scale_dtype=dtype)
+    qw, sc, qz, _ = to_dev(kw, "cuda")
+    ops = hopper.operands(qz, sc, bits=bits, group_size=128, in_rows=qw.shape[0] * 16)
+    x = torch.randn(M, 512, dtype=dtype, device="cuda")
+    perm = None if kw.perm is None else kw.perm.to(torch.int32).cuda()
+    return x, qw, ops.scales, ops.zeros, bits, 128, perm
+
+
+@pytest.mark.parametrize("M,decomposition", [(24, 3), (200, 2), (64, 0)])
+def test_cuda_graph_and_opcheck_hopper(kern, M, decomposition):
+    """Stream-K / split-K workspaces are allocated during capture; replay equals eager bit for bit."""
+    hopper_only(kern)
+    x, qw, sc, zr, bits, g, perm = _hopper_args(4, False, True, M)
+    splits = 2 if decomposition == 2 else 1  # parts: split-K only
+    _graph_equals_eager(lambda: kern.hopper_gemm(x, qw, sc, zr, bits, g, 0, decomposition, splits, perm), x,
+                        [torch.randn_like(x) for _ in range(2)])
+    torch.library.opcheck(torch.ops.mygptq_cuda.hopper_gemm.default, (x, qw, sc, zr, bits, g, 2, decomposition, splits, perm))
 
 
 @pytest.mark.parametrize("M", [1, 16, 100])

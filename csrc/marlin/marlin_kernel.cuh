@@ -5,7 +5,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
-#include "common.cuh"
+#include "../common.cuh"
 
 namespace gptq_vllm {
 namespace marlin {

@@ -24,7 +24,7 @@
 #include <cmath>
 
 #include "marlin_kernel.cuh"
-#include "kernels.h"
+#include "../kernels.h"
 
 namespace gptq_vllm {
 namespace marlin {
@@ -83,44 +83,34 @@ const Tuned* tuned_split(int64_t K, int64_t N, int64_t M, int sms) {
   return nullptr;
 }
 
-// Whether this build has the sm_90a (wgmma) code for the current device: a one-time probe per device, run
-// outside CUDA graph capture (the first GEMM on a device comes from a warm-up in vLLM and the benchmarks).
-__global__ void wgmma_probe_kernel(int* out) {
-#ifdef GPTQ_VLLM_WGMMA
-  *out = 1;
-#else
-  *out = 0;
-#endif
-}
-bool wgmma_supported() {
-  static int state[64];  // 0 unknown, 1 no, 2 yes
-  int dev = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  if (dev >= 64) return false;
-  if (state[dev] == 0) {
-    const auto* prop = at::cuda::getCurrentDeviceProperties();
-    cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
-    C10_CUDA_CHECK(cudaStreamIsCapturing(at::cuda::getCurrentCUDAStream(), &capturing));
-    if (capturing != cudaStreamCaptureStatusNone) return false;
-    int flag = 0;
-    if (prop->major == 9 && prop->minor == 0) {
-      int* d = nullptr;
-      C10_CUDA_CHECK(cudaMalloc(&d, sizeof(int)));
-      wgmma_probe_kernel<<<1, 1>>>(d);
-      C10_CUDA_CHECK(cudaMemcpy(&flag, d, sizeof(int), cudaMemcpyDeviceToHost));
-      C10_CUDA_CHECK(cudaFree(d));
-    }
-    state[dev] = flag ? 2 : 1;
-  }
-  return state[dev] == 2;
-}
-
 extern template void launch_bits<half, 4>(const Params&, int, bool, dim3, int, size_t, cudaStream_t);
 extern template void launch_bits<half, 8>(const Params&, int, bool, dim3, int, size_t, cudaStream_t);
 extern template void launch_bits<__nv_bfloat16, 4>(const Params&, int, bool, dim3, int, size_t, cudaStream_t);
 extern template void launch_bits<__nv_bfloat16, 8>(const Params&, int, bool, dim3, int, size_t, cudaStream_t);
 
 }  // namespace marlin
+
+at::Tensor gather_columns(const at::Tensor& a, const at::Tensor& perm, int64_t K) {
+  TORCH_CHECK(perm.scalar_type() == at::kInt && perm.dim() == 1 && perm.size(0) == K && perm.is_contiguous() &&
+                  reinterpret_cast<uintptr_t>(perm.data_ptr()) % 16 == 0 && K % 8 == 0,
+              "gather_columns: perm must be 16-byte aligned contiguous int32 [K], K % 8 == 0");
+  const int64_t M = a.size(0);
+  at::Tensor out = at::empty({M, K}, a.options());
+  if (M == 0) return out;
+  const dim3 blocks(static_cast<unsigned>(M), static_cast<unsigned>((K / 8 + marlin::THREADS - 1) / marlin::THREADS));
+  const int lda = static_cast<int>(a.size(1)), k = static_cast<int>(K);
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (a.scalar_type() == at::kHalf) {
+    marlin::gather_columns_kernel<half><<<blocks, marlin::THREADS, 0, stream>>>(
+        reinterpret_cast<const half*>(a.data_ptr()), lda, perm.data_ptr<int>(), k, reinterpret_cast<half*>(out.data_ptr()));
+  } else {
+    marlin::gather_columns_kernel<__nv_bfloat16><<<blocks, marlin::THREADS, 0, stream>>>(
+        reinterpret_cast<const __nv_bfloat16*>(a.data_ptr()), lda, perm.data_ptr<int>(), k,
+        reinterpret_cast<__nv_bfloat16*>(out.data_ptr()));
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
 
 void marlin_set_config(int64_t sb, int64_t cs, int64_t slices, int64_t dense_min_m, int64_t tile_rows, int64_t wgmma) {
   TORCH_CHECK(tile_rows == 0 || tile_rows == 8 || tile_rows == 16 || tile_rows == 32 || tile_rows == 64,
@@ -134,7 +124,6 @@ void marlin_set_config(int64_t sb, int64_t cs, int64_t slices, int64_t dense_min
   o.wgmma = static_cast<int>(wgmma);
 }
 
-bool marlin_wgmma_supported() { return marlin::wgmma_supported(); }
 
 at::Tensor marlin_gemm(const at::Tensor& a_in, const at::Tensor& qweight, const at::Tensor& scales,
                        const std::optional<at::Tensor>& qzeros, const std::optional<at::Tensor>& g_idx_sorted,
@@ -239,19 +228,7 @@ at::Tensor marlin_gemm(const at::Tensor& a_in, const at::Tensor& qweight, const 
   // with K <= STAGED_GATHER_MAX_K; elsewhere, where the blocks' repeated gathers cost more, a gather kernel
   // runs first.
   if (has_perm && (M > 1 || K > STAGED_GATHER_MAX_K || dense)) {
-    at::Tensor ag = at::empty({M, K}, a.options());
-    const dim3 blocks(static_cast<unsigned>(M), static_cast<unsigned>((K / 8 + THREADS - 1) / THREADS));
-    const int k = static_cast<int>(K);
-    if (a.scalar_type() == at::kHalf) {
-      gather_columns_kernel<half><<<blocks, THREADS, 0, stream>>>(
-          reinterpret_cast<const half*>(a.data_ptr()), p.lda, p.perm, k, reinterpret_cast<half*>(ag.data_ptr()));
-    } else {
-      gather_columns_kernel<__nv_bfloat16><<<blocks, THREADS, 0, stream>>>(
-          reinterpret_cast<const __nv_bfloat16*>(a.data_ptr()), p.lda, p.perm, k,
-          reinterpret_cast<__nv_bfloat16*>(ag.data_ptr()));
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    a = ag;
+    a = gather_columns(a, perm, K);
     p.A = a.data_ptr();
     p.perm = nullptr;
     p.lda = static_cast<int>(K);
@@ -351,7 +328,7 @@ at::Tensor marlin_gemm(const at::Tensor& a_in, const at::Tensor& qweight, const 
   // wgmma: 64-row tiles whose warpgroups share a k-phase (sb >= 4), lean mode, where the table says so or the
   // override forces it (on 1, off -1).
   const bool want_wg = ov.wgmma != 0 ? ov.wgmma > 0 : (tuned != nullptr && tuned->wg && R == tuned->rows);
-  const bool wg = want_wg && R == 64 && sb >= 4 && !needs_general(p) && wgmma_supported();
+  const bool wg = want_wg && R == 64 && sb >= 4 && !needs_general(p) && sm90a_code_runs();
   const at::Tensor ws = bind_output(p, slices, out);
   dim3 grid(cs, mblocks, (NS / sb) * slices);
   if (a.scalar_type() == at::kHalf) {

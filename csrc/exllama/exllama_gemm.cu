@@ -22,8 +22,8 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
-#include "common.cuh"
-#include "kernels.h"
+#include "../common.cuh"
+#include "../kernels.h"
 
 namespace gptq_vllm {
 namespace exllama {

@@ -1,0 +1,75 @@
+"""The Hopper GEMM's selection table (gptq_vllm/kernels/selection.py) from a device sweep.
+
+    python benchmarks/pick_hopper.py benchmarks/results/hopper-sweep-h200-<date>.json
+
+The sweep (`SWEEP=hopper python benchmarks/kernels.py`) times, per Llama-3 shape and M bucket, the Marlin path
+and every Hopper config x decomposition.  Per shape and bucket the table takes the fastest Hopper choice when
+it beats the Marlin path by >= 5 % (else None: the Marlin kernels); the default row, for shapes outside the
+table, takes per bucket the candidate (Marlin included) with the smallest geometric mean of time over that
+shape's fastest time.  Prints both as Python literals, then the per-point gain over the Marlin path.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+MARGIN = 1.05
+
+
+def parse(kernel: str):
+    name, dec, splits = kernel.split("/")
+    return name, int(dec), int(splits)
+
+
+def literal(row: dict, indent: int) -> str:
+    """A bucket -> choice row as a Python literal, wrapped at 120 columns at `indent` like the source it goes into."""
+    items = [f"{m}: " + ("None" if c is None else f'("{c[0]}", {c[1]}, {c[2]})') + "," for m, c in sorted(row.items())]
+    lines, line = ["{"], " " * indent
+    for item in items:
+        if len(line) + len(item) + 1 > 120:
+            lines.append(line.rstrip())
+            line = " " * indent
+        line += item + " "
+    lines.append(line.rstrip())
+    return "\n".join(lines) + "\n" + " " * (indent - 4) + "}"
+
+
+def main(path: str) -> None:
+    rows = json.loads(Path(path).read_text())["rows"]
+    us: dict[tuple[str, int], dict[str, float]] = defaultdict(dict)
+    shape_of: dict[str, tuple[int, int]] = {}
+    for r in rows:
+        us[(r["shape"], r["M"])][r["kernel"]] = r["us"]
+        shape_of[r["shape"]] = (r["K"], r["N"])
+    tuned: dict[tuple[int, int], dict[int, object]] = defaultdict(dict)
+    lines = []
+    for (shape, m), t in us.items():
+        hopper = {k: v for k, v in t.items() if "/" in k}
+        best = min(hopper, key=hopper.get)
+        choice = parse(best) if hopper[best] * MARGIN <= t["marlin"] else None
+        tuned[shape_of[shape]][m] = choice
+        lines.append(f"{shape:12s} M={m:<5d} marlin {t['marlin']:8.1f}  best hopper {best:22s} {hopper[best]:8.1f} "
+                     f"-> {'hopper' if choice else 'marlin'} ({t['marlin'] / min(hopper[best], t['marlin']):.2f}x "
+                     f"marlin, {t['cublas_fp16'] / min(hopper[best], t['marlin']):.2f}x cublas)")
+    default = {}
+    for m in sorted({m for _, m in us}):
+        points = [t for (s, mm), t in us.items() if mm == m]
+        cands = set.intersection(*(set(k for k in t if k == "marlin" or "/" in k) for t in points))
+        score = {c: math.exp(sum(math.log(t[c] / min(v for k, v in t.items() if k in cands)) for t in points)
+                             / len(points)) for c in cands}
+        pick = min(score, key=score.get)
+        default[m] = None if pick == "marlin" else parse(pick)
+    print("HOPPER_DEFAULT: dict[int, HopperChoice | None] = " + literal(default, 4) + "\n")
+    print("HOPPER_TUNED: dict[tuple[int, int], dict[int, HopperChoice | None]] = {")
+    for kn, row in tuned.items():
+        print(f"    {kn}: {literal(row, 8)},")
+    print("}")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,125 @@
+// Host side of the Hopper mixed-input GEMM (torch op mygptq_cuda::hopper_gemm): checks, the output and
+// workspace allocation, and the dispatch to the instantiated kernels (mixed_gemm.cuh, hopper_tile_*.cu).
+// The weight is read in place in the Marlin layout; the scales (and zero points) come plain, [groups, N].
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "../kernels.h"
+#include "configs.h"
+#include "marlin_layout.hpp"
+
+namespace gptq_vllm {
+namespace {
+
+using hopper::GemmArgs;
+
+template <typename T, int BITS, bool ZERO>
+const char* dispatch(const GemmArgs& g, int config, const at::Tensor& like) {
+  size_t bytes = 0;
+  switch (config) {
+#define GPTQ_HOPPER_WS(ID, W, TT, C) \
+  case ID: bytes = hopper::Gemm<T, BITS, ZERO, ID>::workspace_size(g); break;
+    GPTQ_HOPPER_CONFIGS(GPTQ_HOPPER_WS)
+#undef GPTQ_HOPPER_WS
+    default: return "unknown config";
+  }
+  // Stream-K / split-K partials and their flags: a fresh torch allocation each call (graph-safe).
+  at::Tensor ws = at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
+  void* w = bytes ? ws.data_ptr() : nullptr;
+  switch (config) {
+#define GPTQ_HOPPER_RUN(ID, W, TT, C) \
+  case ID: return hopper::Gemm<T, BITS, ZERO, ID>::run(g, w);
+    GPTQ_HOPPER_CONFIGS(GPTQ_HOPPER_RUN)
+#undef GPTQ_HOPPER_RUN
+    default: return "unknown config";
+  }
+}
+
+template <typename T>
+const char* dispatch_bits(const GemmArgs& g, int bits, int config, const at::Tensor& like) {
+  const bool zero = g.zeros != nullptr;
+  if (bits == 4) return zero ? dispatch<T, 4, true>(g, config, like) : dispatch<T, 4, false>(g, config, like);
+  return zero ? dispatch<T, 8, true>(g, config, like) : dispatch<T, 8, false>(g, config, like);
+}
+
+#define GPTQ_HOPPER_COUNT(ID, W, T, C) +1
+constexpr int kConfigs = 0 GPTQ_HOPPER_CONFIGS(GPTQ_HOPPER_COUNT);
+#undef GPTQ_HOPPER_COUNT
+
+}  // namespace
+
+at::Tensor hopper_tile_offsets(int64_t bits) {
+  TORCH_CHECK(bits == 4 || bits == 8, "hopper_tile_offsets: bits must be 4 or 8");
+  at::Tensor out = at::empty({64, 16}, at::kLong);
+  auto o = out.accessor<int64_t, 2>();
+  auto fill = [&](auto atom) {
+    for (int n = 0; n < 64; ++n)
+      for (int k = 0; k < 16; ++k) o[n][k] = atom(n, k);
+  };
+  if (bits == 4) fill(typename hopper::MarlinAtom<4>::type{});
+  else fill(typename hopper::MarlinAtom<8>::type{});
+  return out;
+}
+
+std::vector<std::string> hopper_configs() {
+  std::vector<std::string> names;
+#define GPTQ_HOPPER_NAME(ID, W, T, C) names.push_back(#W "x" #T "_c" #C);
+  GPTQ_HOPPER_CONFIGS(GPTQ_HOPPER_NAME)
+#undef GPTQ_HOPPER_NAME
+  return names;
+}
+
+at::Tensor hopper_gemm(const at::Tensor& a_in, const at::Tensor& qweight, const at::Tensor& scales,
+                       const std::optional<at::Tensor>& zeros, int64_t bits, int64_t group_size, int64_t config,
+                       int64_t decomposition, int64_t splits, const std::optional<at::Tensor>& perm) {
+  TORCH_CHECK(bits == 4 || bits == 8, "hopper_gemm: bits must be 4 or 8, got ", bits);
+  TORCH_CHECK(a_in.is_cuda() && a_in.dim() == 2 && a_in.is_contiguous(),
+              "hopper_gemm: a must be a contiguous 2-D CUDA tensor");
+  TORCH_CHECK(a_in.scalar_type() == at::kHalf || a_in.scalar_type() == at::kBFloat16,
+              "hopper_gemm: a must be float16 or bfloat16");
+  TORCH_CHECK(qweight.scalar_type() == at::kInt && qweight.dim() == 2 && qweight.is_contiguous(),
+              "hopper_gemm: qweight must be contiguous int32 Marlin words [K/16, N*b/2]");
+  const int64_t M = a_in.size(0), K = qweight.size(0) * 16;
+  const int64_t N = qweight.size(1) * 2 / bits;
+  const at::cuda::OptionalCUDAGuard guard(a_in.device());
+  const bool has_perm = perm.has_value() && perm->defined() && perm->numel() > 0;
+  TORCH_CHECK(has_perm ? a_in.size(1) <= K : a_in.size(1) == K, "hopper_gemm: a has ", a_in.size(1),
+              " columns, qweight holds K = ", K, has_perm ? " (with perm: at most K)" : "");
+  const at::Tensor a = !has_perm ? a_in
+                     : gather_columns(a_in, reinterpret_cast<uintptr_t>(perm->data_ptr()) % 16 ? perm->clone() : *perm, K);
+  TORCH_CHECK(K % 64 == 0 && N % 64 == 0, "hopper_gemm: K and N must be multiples of 64, got K = ", K, ", N = ", N);
+  const int64_t G = group_size <= 0 || group_size >= K ? K : group_size;
+  TORCH_CHECK(G == K || G % 64 == 0, "hopper_gemm: group size must be a multiple of 64 (the k tile) or -1, got ",
+              group_size);
+  TORCH_CHECK(scales.scalar_type() == a.scalar_type() && scales.is_contiguous() && scales.dim() == 2 &&
+                  scales.size(0) == K / G && scales.size(1) == N,
+              "hopper_gemm: scales must be contiguous [", K / G, ", ", N, "] in a's dtype");
+  if (zeros.has_value()) {
+    TORCH_CHECK(zeros->scalar_type() == a.scalar_type() && zeros->is_contiguous() && zeros->sizes() == scales.sizes(),
+                "hopper_gemm: zeros must be contiguous, shaped and typed like scales");
+  }
+  TORCH_CHECK(config >= 0 && config < kConfigs, "hopper_gemm: no config ", config);
+  TORCH_CHECK(decomposition >= 0 && decomposition <= 3, "hopper_gemm: decomposition must be 0..3");
+  TORCH_CHECK(splits >= 1, "hopper_gemm: splits must be >= 1");
+  TORCH_CHECK(sm90a_code_runs(), "hopper_gemm: needs a compute-capability 9.0 GPU and a build with sm_90a code");
+
+  at::Tensor out = at::empty({M, N}, a.options());
+  if (M == 0) return out;
+  GemmArgs g{a.data_ptr(), qweight.data_ptr(), scales.data_ptr(), zeros.has_value() ? zeros->data_ptr() : nullptr,
+             out.data_ptr(), static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), static_cast<int>(G),
+             sm_count(), static_cast<hopper::Decomposition>(decomposition), static_cast<int>(splits),
+             at::cuda::getCurrentCUDAStream()};
+  const char* err = a.scalar_type() == at::kHalf
+                        ? dispatch_bits<cutlass::half_t>(g, static_cast<int>(bits), static_cast<int>(config), a)
+                        : dispatch_bits<cutlass::bfloat16_t>(g, static_cast<int>(bits), static_cast<int>(config), a);
+  TORCH_CHECK(err[0] == '\0', "hopper_gemm (config ", hopper_configs()[config], ", M = ", M, ", K = ", K, ", N = ", N,
+              "): ", err);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+}  // namespace gptq_vllm

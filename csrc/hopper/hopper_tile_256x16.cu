@@ -1,0 +1,4 @@
+// Kernels of tile config 1 (256 weight rows x 16 tokens, cluster 1): see configs.h.
+#include "mixed_gemm.cuh"
+
+GPTQ_HOPPER_INSTANTIATE(1)

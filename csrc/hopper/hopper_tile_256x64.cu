@@ -1,0 +1,4 @@
+// Kernels of tile config 5 (256 weight rows x 64 tokens, cluster 2): see configs.h.
+#include "mixed_gemm.cuh"
+
+GPTQ_HOPPER_INSTANTIATE(5)

@@ -1,0 +1,124 @@
+// The Hopper mixed-input GEMM kernels: CUTLASS's SM90 collectives assembled for GPTQ weights in the Marlin
+// layout (marlin_layout.hpp) and fp16/bf16 activations.  Nothing here is a hand-written mainloop: the
+// mainloop is CUTLASS's `KernelTmaWarpSpecializedCooperative` mixed-input collective, the epilogue its TMA
+// epilogue, the schedule its stream-K tile scheduler; this file picks the parts and binds the arguments.
+#pragma once
+
+#include "configs.h"
+#include "marlin_layout.hpp"
+
+#include "cutlass/cutlass.h"
+#include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/gemm/collective/collective_builder.hpp"
+#include "cutlass/gemm/device/gemm_universal_adapter.h"
+#include "cutlass/gemm/kernel/gemm_universal.hpp"
+#include "cutlass/gemm/kernel/tile_scheduler.hpp"
+#include "cutlass/util/packed_stride.hpp"
+#include "gptq_convert.hpp"
+
+namespace gptq_vllm::hopper {
+
+using namespace cute;
+
+template <int CFG>
+struct Config;
+#define GPTQ_HOPPER_CONFIG_TYPE(ID, W, T, C)                            \
+  template <>                                                           \
+  struct Config<ID> {                                                   \
+    using Tile = Shape<Int<W>, Int<T>, _64>; /* k: 128 bytes of T */    \
+    using Cluster = Shape<Int<C>, _1, _1>;                              \
+  };
+GPTQ_HOPPER_CONFIGS(GPTQ_HOPPER_CONFIG_TYPE)
+#undef GPTQ_HOPPER_CONFIG_TYPE
+
+template <typename T, int BITS, bool ZERO, int CFG>
+struct Kernel {
+  using Tile = typename Config<CFG>::Tile;
+  using Cluster = typename Config<CFG>::Cluster;
+  using Q = Code<BITS>;
+  using LayoutA = MarlinLayout<BITS>;
+  // Activations: CUTLASS's B operand, K-major ([tokens, k] row-major).  Output: D^T, column-major
+  // in CUTLASS's (features, tokens) terms = [tokens, features] row-major.
+  using LayoutB = cutlass::layout::ColumnMajor;
+  using LayoutD = cutlass::layout::ColumnMajor;
+  static constexpr int kAlignA = 128 / cutlass::sizeof_bits<Q>::value;
+  static constexpr int kAlign = 128 / cutlass::sizeof_bits<T>::value;
+
+  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Tile, Cluster,
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float,
+      void, LayoutD, kAlign,  // no C operand
+      T, LayoutD, kAlign, cutlass::epilogue::TmaWarpSpecializedCooperative>::CollectiveOp;
+
+  using ElementA = std::conditional_t<ZERO, cute::tuple<Q, T, T>, cute::tuple<Q, T>>;
+  using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,
+      ElementA, LayoutA, kAlignA,
+      T, LayoutB, kAlign,
+      float, Tile, Cluster,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
+      cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
+
+  using GemmKernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue,
+                                                          cutlass::gemm::StreamKScheduler>;
+  using Adapter = cutlass::gemm::device::GemmUniversalAdapter<GemmKernel>;
+
+  static typename Adapter::Arguments arguments(const GemmArgs& g) {
+    using StrideB = typename GemmKernel::StrideB;
+    using StrideD = typename GemmKernel::StrideD;
+    using StrideS = typename Mainloop::StrideScale;
+    const int groups = g.k / g.group_size;
+    const StrideB sb = cutlass::make_cute_packed_stride(StrideB{}, make_shape(g.m, g.k, 1));
+    const StrideD sd = cutlass::make_cute_packed_stride(StrideD{}, make_shape(g.n, g.m, 1));
+    const StrideS ss = cutlass::make_cute_packed_stride(StrideS{}, make_shape(g.n, groups, 1));
+    using QP = typename Mainloop::ElementA const*;
+    typename Adapter::Arguments args;
+    args.mode = cutlass::gemm::GemmUniversalMode::kGemm;
+    args.problem_shape = {g.n, g.m, g.k, 1};
+    if constexpr (ZERO) {
+      args.mainloop = {static_cast<QP>(g.b), marlin_layout<BITS>(g.n, g.k), static_cast<const T*>(g.a), sb,
+                       static_cast<const T*>(g.scales), ss, g.group_size, static_cast<const T*>(g.zeros)};
+    } else {
+      args.mainloop = {static_cast<QP>(g.b), marlin_layout<BITS>(g.n, g.k), static_cast<const T*>(g.a), sb,
+                       static_cast<const T*>(g.scales), ss, g.group_size};
+    }
+    args.epilogue = {{1.f, 0.f}, nullptr, sd, static_cast<T*>(g.d), sd};
+    args.hw_info.device_id = 0;
+    args.hw_info.sm_count = g.sm_count;
+    using Sched = typename GemmKernel::TileScheduler::Arguments;
+    Sched& s = args.scheduler;
+    s.splits = g.splits;
+    s.decomposition_mode = static_cast<decltype(s.decomposition_mode)>(static_cast<int>(g.decomposition));
+    return args;
+  }
+};
+
+template <typename T, int BITS, bool ZERO, int CFG>
+size_t Gemm<T, BITS, ZERO, CFG>::workspace_size(const GemmArgs& g) {
+  using K = Kernel<T, BITS, ZERO, CFG>;
+  return K::Adapter::get_workspace_size(K::arguments(g));
+}
+
+template <typename T, int BITS, bool ZERO, int CFG>
+const char* Gemm<T, BITS, ZERO, CFG>::run(const GemmArgs& g, void* workspace) {
+  using K = Kernel<T, BITS, ZERO, CFG>;
+  typename K::Adapter gemm;
+  const auto args = K::arguments(g);
+  if (K::Adapter::can_implement(args) != cutlass::Status::kSuccess) return "CUTLASS cannot implement this problem";
+  if (gemm.initialize(args, workspace, g.stream) != cutlass::Status::kSuccess) return "CUTLASS initialize failed";
+  if (gemm.run(g.stream) != cutlass::Status::kSuccess) return "CUTLASS launch failed";
+  return "";
+}
+
+}  // namespace gptq_vllm::hopper
+
+// Instantiates config CFG for both activation types, both widths, with and without zero points.
+#define GPTQ_HOPPER_INSTANTIATE(CFG)                                        \
+  template struct gptq_vllm::hopper::Gemm<cutlass::half_t, 4, false, CFG>;      \
+  template struct gptq_vllm::hopper::Gemm<cutlass::half_t, 4, true, CFG>;       \
+  template struct gptq_vllm::hopper::Gemm<cutlass::half_t, 8, false, CFG>;      \
+  template struct gptq_vllm::hopper::Gemm<cutlass::half_t, 8, true, CFG>;       \
+  template struct gptq_vllm::hopper::Gemm<cutlass::bfloat16_t, 4, false, CFG>;  \
+  template struct gptq_vllm::hopper::Gemm<cutlass::bfloat16_t, 4, true, CFG>;   \
+  template struct gptq_vllm::hopper::Gemm<cutlass::bfloat16_t, 8, false, CFG>;  \
+  template struct gptq_vllm::hopper::Gemm<cutlass::bfloat16_t, 8, true, CFG>;

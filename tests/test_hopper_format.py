@@ -1,0 +1,115 @@
+"""The Hopper GEMM's operands (formats.hopper) and its per-call selection, on the CPU.
+
+The GPU side (the CuTe atom's offsets against tile_offsets, the GEMM against the reference) is in
+tests/gpu/test_kernels.py.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+import torch
+
+from gptq_vllm.formats import act_order, hopper, marlin
+from gptq_vllm.formats.gptq import QuantizedWeight
+from gptq_vllm.formats.kernel_layout import Layout, to_kernel
+from gptq_vllm.kernels import selection
+
+
+def weight(bits, group_size, sym, K=256, N=128, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ng = act_order.num_groups(K, group_size)
+    codes = torch.randint(0, 2**bits, (K, N), generator=g, dtype=torch.int32)
+    zeros = (torch.full((ng, N), 2 ** (bits - 1), dtype=torch.int32) if sym
+             else torch.randint(0, 2**bits, (ng, N), generator=g, dtype=torch.int32))
+    scales = (torch.rand(ng, N, generator=g) * 0.02 + 1e-3).half().float()
+    return QuantizedWeight(codes, scales, zeros, act_order.default_g_idx(K, group_size), bits, group_size, sym)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_tile_offsets_follow_the_marlin_tile_map(bits):
+    off = hopper.tile_offsets(bits)
+    assert off.shape == (64, 16)
+    assert torch.equal(off.flatten().sort().values, torch.arange(1024))  # a bijection onto the tile's codes
+    # Unpacking a packed tile through the offsets gives back every code at its (k, n).
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 2**bits, (16, 64), generator=g, dtype=torch.int32)
+    words = marlin.pack(codes, bits).flatten()
+    per_word = 32 // bits
+    for n in range(64):
+        for k in range(16):
+            o = int(off[n, k])
+            field = (int(words[o // per_word]) >> (bits * (o % per_word))) & (2**bits - 1)
+            assert field == int(codes[k, n]), (n, k)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size", [-1, 64, 128])
+@pytest.mark.parametrize("sym", [True, False])
+def test_operands_dequantize_like_the_reference(bits, group_size, sym):
+    w = weight(bits, group_size, sym)
+    kw = to_kernel(w, Layout.MARLIN, scale_dtype=torch.float16)
+    rows = kw.qweight.shape[0] * marlin.TILE_K
+    ops = hopper.operands(kw.qzeros, kw.scales, bits=bits, group_size=group_size, in_rows=rows)
+    # Plain scales: the checkpoint's scales again (Marlin's permutation undone).
+    assert torch.equal(ops.scales.float(), w.scales)
+    assert (ops.zeros is None) == sym
+    # What the kernel computes: s * (q - 2^(b-1)) [+ zero term], against s * (q - z).
+    g = w.g_idx.long()
+    deq = ops.scales.float()[g] * (w.codes - 2 ** (bits - 1))
+    if not sym:
+        assert ops.zeros.dtype == torch.float16
+        deq = deq + ops.zeros.float()[g]
+    want = w.scales[g] * (w.codes - w.zeros[g])
+    # The zero term is rounded to fp16 once: at most half an ulp of s * |2^(b-1) - z|.
+    tol = 0 if sym else (w.scales[g] * (2 ** (bits - 1) - w.zeros[g]).abs() * 2.0**-11)
+    assert ((deq - want).abs() <= tol).all()
+
+
+def test_unsupported_names_the_reason():
+    assert hopper.unsupported(bits=4, group_size=128, in_rows=4096, g_idx_sorted=False) is None
+    assert hopper.unsupported(bits=8, group_size=-1, in_rows=4096, g_idx_sorted=False) is None
+    assert hopper.unsupported(bits=4, group_size=4096, in_rows=4096, g_idx_sorted=False) is None  # one group
+    assert "group size 32" in hopper.unsupported(bits=4, group_size=32, in_rows=4096, g_idx_sorted=False)
+    assert "act-order shard" in hopper.unsupported(bits=4, group_size=128, in_rows=4096, g_idx_sorted=True)
+    assert "3-bit" in hopper.unsupported(bits=3, group_size=128, in_rows=4096, g_idx_sorted=False)
+
+
+def test_hopper_choice_by_batch_size(monkeypatch):
+    names = ["128x16_c1", "128x32_c2", "128x64_c2", "128x128_c2", "128x256_c2"]
+    monkeypatch.setattr(selection, "_config_ids", {n: i for i, n in enumerate(names)})
+    default = {16: None, 32: ("128x32_c2", 0, 1), 64: ("128x64_c2", 3, 1), 128: ("128x128_c2", 2, 2),
+               256: ("128x256_c2", 0, 1), 512: ("128x256_c2", 0, 1), 1024: ("128x256_c2", 3, 1)}
+    monkeypatch.setattr(selection, "HOPPER_DEFAULT", default)
+    monkeypatch.setattr(selection, "HOPPER_TUNED", {(4096, 4096): {16: ("128x16_c1", 3, 1), 32: None,
+                                                                   64: ("128x16_c1", 3, 1)}})
+    # Decode sizes stay on the Marlin kernels by default.
+    assert selection.hopper_choice(1, 8192, 8192) is None
+    assert selection.hopper_choice(16, 8192, 8192) is None
+    # Buckets are upper bounds; M past the last bucket uses the last.
+    assert selection.hopper_choice(17, 8192, 8192) == (1, 0, 1)
+    assert selection.hopper_choice(100, 8192, 8192) == (3, 2, 2)
+    assert selection.hopper_choice(100000, 8192, 8192) == (4, 3, 1)
+    # A tuned shape: its own rows, the default row for buckets it does not list.
+    assert selection.hopper_choice(32, 4096, 4096) is None
+    assert selection.hopper_choice(64, 4096, 4096) == (0, 3, 1)
+    assert selection.hopper_choice(128, 4096, 4096) == (3, 2, 2)
+    # Below HOPPER_MIN_M the Marlin kernels' 8-row tiles run even where the 16-row bucket picks Hopper.
+    assert selection.hopper_choice(selection.HOPPER_MIN_M - 1, 4096, 4096) is None
+    assert selection.hopper_choice(selection.HOPPER_MIN_M, 4096, 4096) == (0, 3, 1)
+
+
+def test_every_tabled_choice_names_a_known_config_and_decomposition():
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "hopper", "configs.h")
+    with open(path) as f:
+        configs = {f"{w}x{t}_c{c}" for w, t, c in re.findall(r"X\(\d+, (\d+), (\d+), (\d+)\)", f.read())}
+    assert len(configs) >= 9
+    rows = [selection.HOPPER_DEFAULT, *selection.HOPPER_TUNED.values()]
+    for row in rows:
+        for choice in row.values():
+            if choice is not None:
+                name, decomposition, splits = choice
+                assert name in configs and decomposition in (0, 1, 2, 3) and splits >= 1
+    assert set(selection.HOPPER_DEFAULT) == set(selection.HOPPER_BUCKETS)
