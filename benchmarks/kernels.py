@@ -66,6 +66,18 @@ def timed(fn_list, iters=20):
     return best
 
 
+def _setup(default_ms: str):
+    """Our kernels (None, with the reason printed, when they do not load) and the MS / SHAPES selections."""
+    from gptq_vllm.kernels import cuda as ours
+
+    if not ours.available():
+        print("our kernels are not available:", ours.load_error())
+        return None, [], {}
+    ms = [int(x) for x in os.environ.get("MS", default_ms).split(",")]
+    names = os.environ.get("SHAPES")
+    return ours, ms, ({k: SHAPES[k] for k in names.split(",")} if names else SHAPES)
+
+
 def our_gemm(ours, x, q, s, hs, hz, bits, perm=None):
     """What the plugin's op runs for this call (gptq_vllm.kernels.ops.marlin_gemm_cuda): the Marlin kernels,
     or on sm_90 the Hopper GEMM where selection.hopper_choice picks it for this M."""
@@ -104,16 +116,11 @@ def _vllm():
 
 
 def main() -> int:
-    from gptq_vllm.kernels import cuda as ours
-
-    if not ours.available():
-        print("our kernels are not available:", ours.load_error())
+    ours, ms, shapes = _setup("1,16,32,64,128,256,1024")
+    if ours is None:
         return 1
     dev = torch.device("cuda")
     torch.manual_seed(0)
-    ms = [int(x) for x in os.environ.get("MS", "1,16,32,64,128,256,1024").split(",")]
-    shapes = os.environ.get("SHAPES")
-    shapes = {k: SHAPES[k] for k in shapes.split(",")} if shapes else SHAPES
     variants = set(os.environ.get("VARIANTS", "base,marlin,act_order,bf16,w8").split(","))
     props = torch.cuda.get_device_properties(0)
     V = _vllm()
@@ -228,30 +235,32 @@ def main() -> int:
     return 0
 
 
+def sweep_weights(K, N, bits, dev):
+    """Random Marlin words and scales (enough copies to defeat the L2) and fp16 weights of a shape: the bytes
+    one quantized copy holds, and the three lists."""
+    qb = K * N * bits // 8 + (K // G) * N * 2
+    nq = max(1, min(64, math.ceil(L2_DEFEAT / qb)))
+    mq = [torch.randint(-2**31, 2**31 - 1, (K // 16, N * 2 * bits // 4), dtype=torch.int32, device=dev)
+          for _ in range(nq)]
+    sc = [(torch.rand(K // G, N, device=dev) * 0.01 + 0.001).half() for _ in range(nq)]
+    fw = [torch.randn(N, K, device=dev, dtype=torch.float16) * 0.02
+          for _ in range(max(1, min(16, math.ceil(L2_DEFEAT / (K * N * 2)))))]
+    return qb, mq, sc, fw
+
+
 def sweep() -> int:
     """Tuning helper: for each shape and M, the automatic choice against forced (sb, cs) configurations."""
-    from gptq_vllm.kernels import cuda as ours
-
-    if not ours.available():
-        print("our kernels are not available:", ours.load_error())
+    ours, ms, shapes = _setup("1,16,32,64")
+    if ours is None:
         return 1
     dev = torch.device("cuda")
-    ms = [int(x) for x in os.environ.get("MS", "1,16,32,64").split(",")]
-    shapes = os.environ.get("SHAPES")
-    shapes = {k: SHAPES[k] for k in shapes.split(",")} if shapes else SHAPES
     bits = int(os.environ.get("BITS", "4"))
     rows = int(os.environ.get("ROWS", "0"))  # force the block-tile rows of the tried configurations
     wgmma = int(os.environ.get("WGMMA", "0"))  # 1 / -1: force the wgmma loop of 64-row tiles on / off
     cfgs = [(sb, cs) for sb in (1, 2, 4, 8) for cs in (1, 2, 4, 8)]
     lines = []
     for name, (K, N) in shapes.items():
-        qb = K * N * bits // 8 + (K // G) * N * 2
-        nq = max(1, min(64, math.ceil(L2_DEFEAT / qb)))
-        mq = [torch.randint(-2**31, 2**31 - 1, (K // 16, N * 2 * bits // 4), dtype=torch.int32, device=dev)
-              for _ in range(nq)]
-        sc = [(torch.rand(K // G, N, device=dev) * 0.01 + 0.001).half() for _ in range(nq)]
-        fw = [torch.randn(N, K, device=dev, dtype=torch.float16) * 0.02
-              for _ in range(max(1, min(16, math.ceil(L2_DEFEAT / (K * N * 2)))))]
+        qb, mq, sc, fw = sweep_weights(K, N, bits, dev)
         for M in ms:
             x = torch.randn(M, K, device=dev, dtype=torch.float16)
             cub = timed([lambda w=w: torch.nn.functional.linear(x, w) for w in fw], iters=10)
@@ -291,27 +300,16 @@ HOPPER_DECOMPOSITIONS = ((0, 1), (1, 1), (3, 1), (2, 2))  # (decomposition, spli
 def sweep_hopper() -> int:
     """Tuning: every Hopper GEMM config x decomposition against the Marlin path (auto) and cuBLAS, 4-bit g128
     fp16 (BITS=8 for 8-bit); writes JSON rows {shape, K, N, M, kernel, us} for benchmarks/pick_hopper.py."""
-    from gptq_vllm.kernels import cuda as ours
-
-    if not ours.available():
-        print("our kernels are not available:", ours.load_error())
+    ours, ms, shapes = _setup("16,32,64,128,256,512,1024")
+    if ours is None:
         return 1
     dev = torch.device("cuda")
-    ms = [int(x) for x in os.environ.get("MS", "16,32,64,128,256,512,1024").split(",")]
-    shapes = os.environ.get("SHAPES")
-    shapes = {k: SHAPES[k] for k in shapes.split(",")} if shapes else SHAPES
     bits = int(os.environ.get("BITS", "4"))
     names = ours.hopper_configs()
     rows = []
     for name, (K, N) in shapes.items():
-        qb = K * N * bits // 8 + (K // G) * N * 2
-        nq = max(1, min(64, math.ceil(L2_DEFEAT / qb)))
-        mq = [torch.randint(-2**31, 2**31 - 1, (K // 16, N * 2 * bits // 4), dtype=torch.int32, device=dev)
-              for _ in range(nq)]
-        sc = [(torch.rand(K // G, N, device=dev) * 0.01 + 0.001).half() for _ in range(nq)]
+        _, mq, sc, fw = sweep_weights(K, N, bits, dev)
         hs = [hopper_scales(s, K) for s in sc]
-        fw = [torch.randn(N, K, device=dev, dtype=torch.float16) * 0.02
-              for _ in range(max(1, min(16, math.ceil(L2_DEFEAT / (K * N * 2)))))]
         for M in ms:
             x = torch.randn(M, K, device=dev, dtype=torch.float16)
             res = {"cublas_fp16": timed([lambda w=w: torch.nn.functional.linear(x, w) for w in fw], iters=5),
