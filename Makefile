@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-DEMO_MODEL ?= ../shared/models/gutenberg-llama-27m
+MODEL ?= ../shared/models/gutenberg-llama-27m
 DEMO_OUT ?= demo-out
 
 .PHONY: install demo test clean
@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: $(STAMP)
-	$(BIN)/python examples/demo.py --model $(DEMO_MODEL) --out $(DEMO_OUT)
+	$(BIN)/python examples/demo.py --model $(MODEL) --out $(DEMO_OUT)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

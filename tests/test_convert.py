@@ -164,6 +164,16 @@ def test_existing_destination(fl, tmp_path):
     assert result.exit_code == 1 and "must not be, contain or lie inside the source" in result.output
 
 
+def test_inspect_names_a_converted_checkpoint_format_once(fl, tmp_path):
+    src = autogptq(fl, tmp_path / "src")
+    assert CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "dst"), "-q"]).exit_code == 0
+    out = CliRunner().invoke(main, ["inspect", str(tmp_path / "dst")]).output
+    line = next(x for x in out.splitlines() if x.startswith("format"))
+    assert "mygptq (config from" in line and "mygptq;" not in line, line
+    line = next(x for x in CliRunner().invoke(main, ["inspect", str(src)]).output.splitlines() if x.startswith("format"))
+    assert line.split()[1] == "gptq" and "; config from" in line, line  # a source keeps its dialect
+
+
 def test_mislabelled_source_converts_with_override(fl, tmp_path):
     src = transformers_style(fl, tmp_path / "src", zero_format=ZeroFormat.V2)
     cfg = json.loads((src / "config.json").read_text())

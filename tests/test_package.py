@@ -5,6 +5,7 @@ import subprocess
 import sys
 from importlib.metadata import entry_points
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -19,13 +20,38 @@ def test_imports_without_vllm():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_cli_help_lists_commands():
+def test_cli_help_lists_commands_and_explains_every_option():
     result = CliRunner().invoke(main, ["--help"])
     assert result.exit_code == 0, result.output
-    for command in main.commands:
-        assert command in result.output
-        sub = CliRunner().invoke(main, [command, "--help"])
+    for name, command in main.commands.items():
+        assert name in result.output
+        # The summary is whole: click cuts long first sentences with "...".
+        assert command.short_help and not command.get_short_help_str(limit=200).endswith("..."), name
+        assert f"{command.short_help.split()[0]}" in result.output
+        sub = CliRunner().invoke(main, [name, "--help"])
         assert sub.exit_code == 0, sub.output
+        for param in command.params:
+            if isinstance(param, click.Option):
+                assert param.help, f"{name} {param.opts[0]} has no help"
+    commands = result.output.split("Commands:")[1]
+    assert not [line for line in commands.splitlines() if line.rstrip().endswith("...")], result.output
+
+
+def test_quantize_into_an_existing_directory_is_one_line(tmp_path):
+    model, out = tmp_path / "model", tmp_path / "out"
+    model.mkdir()
+    out.mkdir()
+    result = CliRunner().invoke(main, ["quantize", str(model), str(out)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.strip() == f"Error: {out}: already exists (pass --overwrite to replace it)"
+
+
+def test_make_demo_takes_the_readme_model_variable():
+    """README: `make demo MODEL=path/to/float/model`."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    dry = subprocess.run(["make", "-n", "-C", root, "demo", "MODEL=/some/float-model"], capture_output=True,
+                         text=True, check=True).stdout
+    assert "examples/demo.py --model /some/float-model " in dry
 
 
 def test_vllm_entry_point():

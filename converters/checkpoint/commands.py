@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -12,6 +11,7 @@ import click
 from gptq_vllm.formats.gptq import ZeroFormat
 from gptq_vllm.formats.kernel_layout import Layout
 
+from ..errors import user_errors
 from .convert import convert as convert_checkpoint
 from .emit import Target
 from .hub import resolve
@@ -30,15 +30,6 @@ def _parse_size(ctx, param, value: str) -> int:
     return int(float(m.group(1)) * SIZE_UNITS[m.group(2).lower()])
 
 
-@contextmanager
-def _errors():
-    """Report checkpoint problems as one clear line and exit status 1, without a traceback."""
-    try:
-        yield
-    except (ValueError, OSError) as e:  # FormatError is a ValueError; missing/existing paths are OSErrors
-        raise click.ClickException(str(e)) from e
-
-
 def _zero_format(value: str | None) -> ZeroFormat | None:
     return None if value is None else ZeroFormat.parse(value)
 
@@ -54,7 +45,7 @@ checkpoint_format_option = click.option(
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 
 
-@click.command()
+@click.command(short_help="Repack a quantized checkpoint (GPTQ, GPTQModel, llm-compressor) for mygptq.")
 @click.argument("src")
 @click.argument("dst", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--to", "target", type=click.Choice([t.value for t in Target]), default=Target.MYGPTQ.value,
@@ -82,7 +73,7 @@ def convert(src, dst, target, layout, checkpoint_format, revision, shard_size, o
     generation files are copied unchanged; config.json gets the new quantization_config with the
     provenance in `meta`.  SRC is only read; DST appears only when complete.
     """
-    with _errors():
+    with user_errors():
         source = resolve(src, revision)
         r = convert_checkpoint(source, dst, Target(target), Layout(layout) if layout else None,
                                _zero_format(checkpoint_format), shard_size, overwrite, progress=not quiet)
@@ -92,7 +83,7 @@ def convert(src, dst, target, layout, checkpoint_format, revision, shard_size, o
                f"in {r.seconds:.1f} s ({r.bytes_in / 1e6 / max(r.seconds, 1e-9):.0f} MB/s)")
 
 
-@click.command()
+@click.command(short_help="Describe a quantized checkpoint and list its problems.")
 @click.argument("src")
 @revision_option
 @checkpoint_format_option
@@ -106,7 +97,7 @@ def inspect(src, revision, checkpoint_format, as_json, quiet):
     validated; problems are collected rather than stopping at the first.  Exit status 1 when there are
     problems.
     """
-    with _errors():
+    with user_errors():
         source = resolve(src, revision)
         report = inspect_checkpoint(source, open_checkpoint(source.path, _zero_format(checkpoint_format)),
                                     progress=not quiet)
@@ -115,7 +106,7 @@ def inspect(src, revision, checkpoint_format, as_json, quiet):
         raise SystemExit(1)
 
 
-@click.command()
+@click.command(short_help="Prove that a converted checkpoint holds the weights of its source.")
 @click.argument("src")
 @click.argument("dst")
 @revision_option
@@ -128,7 +119,7 @@ def verify(src, dst, revision, checkpoint_format, quiet):
     dequantized weights compared exactly; every other tensor must be identical.  --revision and
     --checkpoint-format apply to SRC.  Exit status 1, naming each differing module, when they differ.
     """
-    with _errors():
+    with user_errors():
         src_ckpt = open_checkpoint(resolve(src, revision).path, _zero_format(checkpoint_format))
         dst_ckpt = open_checkpoint(resolve(dst).path)
         report = verify_checkpoints(src_ckpt, dst_ckpt, progress=not quiet)

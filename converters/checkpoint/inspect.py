@@ -110,7 +110,9 @@ def render(r: InspectReport) -> str:
     if "commit" in r.source:
         src += f" (revision {r.source['revision']}, commit {r.source['commit']})"
     f = r.format
-    fmt = f"{f['quant_method']} ({f['dialect']}; config from {', '.join(f['config_files'])})"
+    # The dialect names the writer's flavour (gptq: autogptq / gptqmodel / ...); a converted checkpoint has one.
+    dialect = f"{f['dialect']}; " if f["dialect"] != f["quant_method"] else ""
+    fmt = f"{f['quant_method']} ({dialect}config from {', '.join(f['config_files'])})"
     lines = [("source", src), ("format", fmt)]
     if "checkpoint_format" in f:
         seen = ", ".join(f"{n} modules look {k}" for k, n in sorted(f["zero_format_in_data"].items())) or "-"

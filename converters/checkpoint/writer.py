@@ -82,7 +82,7 @@ class CheckpointWriter:
                  background: bool = False, queue_bytes: int = 256 * 2**20):
         self.destination = Path(destination)
         if self.destination.exists() and not overwrite:
-            raise FileExistsError(f"{self.destination}: already exists (pass overwrite to replace it)")
+            raise FileExistsError(f"{self.destination}: already exists (pass --overwrite to replace it)")
         self.destination.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.destination.name}.tmp-", dir=self.destination.parent))
         self.overwrite = overwrite

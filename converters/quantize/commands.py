@@ -10,6 +10,7 @@ import click
 import torch
 
 from ..checkpoint.emit import Target
+from ..errors import user_errors
 from .solver import ACT_ORDERS, QuantSpec
 
 
@@ -70,12 +71,13 @@ def _common(f):
     return f
 
 
-@click.command()
+@click.command(short_help="Quantize a float model with GPTQ (or RTN) into a checkpoint.")
 @click.argument("model")
 @click.argument("out", type=click.Path())
 @click.option("--method", type=click.Choice(["gptq", "rtn"]), default="gptq", show_default=True,
               help="GPTQ, or round-to-nearest (no calibration: the baseline).")
-@click.option("--bits", type=click.Choice(["2", "3", "4", "8"]), default="4", show_default=True)
+@click.option("--bits", type=click.Choice(["2", "3", "4", "8"]), default="4", show_default=True,
+              help="Bits per weight code.")
 @click.option("--group-size", type=int, default=128, show_default=True,
               help="Input channels sharing one scale and zero; -1 for one group per output channel.")
 @click.option("--sym/--asym", default=True, show_default=True,
@@ -85,7 +87,8 @@ def _common(f):
                    "trivial g_idx); desc (same order, groups in that order: desc_act with a g_idx).")
 @click.option("--damp", type=float, default=0.01, show_default=True, help="Damping, relative to mean(diag H).")
 @click.option("--mse", type=float, default=2.4, show_default=True,
-              help="Norm of the MSE clipping search of each group's scale and zero (GPTQModel's mse; 2.4 in "
+              help="Clip each group's range where that lowers the quantization error (usually a better "
+                   "model); 0 turns it off. The value is the norm of the search (GPTQModel's mse; 2.4 in "
                    "the reference tools): per row the range is shrunk to p x [min, max], p = 1.00, 0.99, ... "
                    "0.21, keeping the p with the least sum |Q(w) - w|^norm. 0: min-max, as AutoGPTQ and "
                    "GPTQModel do by default. GPTQ and RTN.")
@@ -120,6 +123,8 @@ def quantize(model, out, method, bits, group_size, sym, act_order, damp, mse, ca
     if target is Target.COMPRESSED_TENSORS and bits == "3":
         raise click.BadParameter("compressed-tensors holds 2-, 4- or 8-bit weights", param_hint="--bits")
     model_dir = resolve_model(model)
+    if Path(out).exists() and not overwrite:
+        raise click.ClickException(f"{out}: already exists (pass --overwrite to replace it)")
     try:
         spec = QuantSpec(int(bits), group_size, sym, act_order, damp, mse=mse)
     except ValueError as e:
@@ -133,7 +138,8 @@ def quantize(model, out, method, bits, group_size, sym, act_order, damp, mse, ca
 
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         calibration = build_calibration(tokenizer, list(calib), nsamples, seqlen, seed)
-    report = run(job, calibration)
+    with user_errors():
+        report = run(job, calibration)
     errors = [layer["rel_error"] for layer in report["layers"]]
     if errors:
         click.echo(f"relative layer output error: mean {sum(errors) / len(errors):.4g}, max {max(errors):.4g}")
@@ -141,7 +147,7 @@ def quantize(model, out, method, bits, group_size, sym, act_order, damp, mse, ca
     click.echo(f"wrote {out}")
 
 
-@click.command("eval")
+@click.command("eval", short_help="Perplexity of a float or quantized model on a text file.")
 @click.argument("model")
 @click.option("--data", "data", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Text file, read whole and tokenized once (no BOS).")
@@ -150,7 +156,7 @@ def quantize(model, out, method, bits, group_size, sym, act_order, damp, mse, ca
                              "error of MODEL and of round-to-nearest (same settings) against it.")
 @click.option("--layer-windows", type=int, default=16, show_default=True,
               help="Windows used for the per-layer report.")
-@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Windows per forward.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the results here.")
 @_common
 def evaluate(model, data, seqlen, base, layer_windows, batch_size, json_out, device, dtype):
