@@ -4,6 +4,7 @@
 #   bash benchmarks/device_suite.sh install tests       # kernels, layouts vs vLLM, plugin TP 1, vllm serve
 #   bash benchmarks/device_suite.sh kernels quantize    # kernel grid vs cuBLAS/Marlin/Machete, quantizer speed
 #   bash benchmarks/device_suite.sh hopper-sweep        # every Hopper GEMM config (input of benchmarks/pick_hopper.py)
+#   bash benchmarks/device_suite.sh hopper-pick         # its table into selection.py (before kernels / e2e / tests)
 #   bash benchmarks/device_suite.sh load                # converted vs source load time in vLLM
 #   bash benchmarks/device_suite.sh e2e                 # offline generation tok/s, mygptq vs in-tree gptq
 #   bash benchmarks/device_suite.sh install tp2         # on two GPUs: plugin TP 2 == TP 1
@@ -11,6 +12,7 @@ set -uo pipefail
 : "${OUT:?set OUT to a directory for logs}"
 source /tmp/vllm-site/activate.sh || exit 1
 export TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 PYTHONUNBUFFERED=1 VLLM_DISABLE_COMPILE_CACHE=1
+SWEEP_JSON="hopper-sweep-$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | awk '{print tolower($NF)}')-$(date +%F).json"
 status=0
 for stage in "$@"; do
   echo "== $stage $(date +%T)"
@@ -34,9 +36,14 @@ for stage in "$@"; do
       # large M: dequantize + cuBLAS against the skinny kernel (the DENSE_MIN_M choice)
       SWEEP=1 MS=128,256 NO_VLLM=1 python benchmarks/kernels.py > "$OUT/kernels-dense-sweep.log" 2>&1 || status=1
       grep "M=" "$OUT/kernels-dense-sweep.log" | tail -16 ;;
-    hopper-sweep)
-      SWEEP=hopper OUT_JSON="$OUT/hopper-sweep.json" python benchmarks/kernels.py > "$OUT/hopper-sweep.log" 2>&1 || status=1
+    hopper-sweep)  # kept in /tmp too, for hopper-pick in a later call on the same machine
+      SWEEP=hopper OUT_JSON="$OUT/$SWEEP_JSON" python benchmarks/kernels.py > "$OUT/hopper-sweep.log" 2>&1 || status=1
+      cp "$OUT/$SWEEP_JSON" /tmp/ 2>/dev/null
       grep "M=" "$OUT/hopper-sweep.log" | tail -60 ;;
+    hopper-pick)  # the selection table from the sweep, written into selection.py (which comes back under $OUT)
+      python benchmarks/pick_hopper.py "/tmp/$SWEEP_JSON" --write > "$OUT/hopper-pick.log" 2>&1 || status=1
+      cp gptq_vllm/kernels/selection.py "$OUT/"
+      tail -3 "$OUT/hopper-pick.log" ;;
     quantize)
       python benchmarks/quantize_speed.py --out /tmp/qspeed > "$OUT/quantize-8b.log" 2>&1 || status=1
       python benchmarks/quantize_speed.py --out /tmp/qspeed-70b --layer-only 70b > "$OUT/quantize-70b.log" 2>&1 || status=1

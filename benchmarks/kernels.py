@@ -300,6 +300,8 @@ HOPPER_DECOMPOSITIONS = ((0, 1), (1, 1), (3, 1), (2, 2))  # (decomposition, spli
 def sweep_hopper() -> int:
     """Tuning: every Hopper GEMM config x decomposition against the Marlin path (auto) and cuBLAS, 4-bit g128
     fp16 (BITS=8 for 8-bit); writes JSON rows {shape, K, N, M, kernel, us} for benchmarks/pick_hopper.py."""
+    from gptq_vllm.kernels import selection
+
     ours, ms, shapes = _setup("16,32,64,128,256,512,1024")
     if ours is None:
         return 1
@@ -316,7 +318,7 @@ def sweep_hopper() -> int:
                    "marlin": timed([lambda q=q, s=s: ours.marlin_gemm(x, q, s, None, None, bits, G)
                                     for q, s in zip(mq, sc)], iters=5)}
             for cfg, cname in enumerate(names):
-                for dec, splits in HOPPER_DECOMPOSITIONS:
+                for dec, splits in selection.hopper_decompositions(cname, HOPPER_DECOMPOSITIONS):
                     try:
                         res[f"{cname}/{dec}/{splits}"] = timed(
                             [lambda q=q, h=h: ours.hopper_gemm(x, q, h, None, bits, G, cfg, dec, splits)

@@ -1,23 +1,28 @@
 """The Hopper GEMM's selection table (gptq_vllm/kernels/selection.py) from a device sweep.
 
-    python benchmarks/pick_hopper.py benchmarks/results/hopper-sweep-h200-<date>.json
+    python benchmarks/pick_hopper.py benchmarks/results/hopper-sweep-h200-<date>.json [--write]
 
 The sweep (`SWEEP=hopper python benchmarks/kernels.py`) times, per Llama-3 shape and M bucket, the Marlin path
 and every Hopper config x decomposition.  Per shape and bucket the table takes the fastest Hopper choice when
 it beats the Marlin path by >= 5 % (else None: the Marlin kernels); the default row, for shapes outside the
 table, takes per bucket the candidate (Marlin included) with the smallest geometric mean of time over that
-shape's fastest time.  Prints both as Python literals, then the per-point gain over the Marlin path.
+shape's fastest time.  Prints both as Python literals, then the per-point gain over the Marlin path; with
+--write, also puts them into gptq_vllm/kernels/selection.py in place of the current tables.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 MARGIN = 1.05
+SELECTION = Path(__file__).resolve().parent.parent / "gptq_vllm" / "kernels" / "selection.py"
+# The two tables in selection.py, from HOPPER_DEFAULT's first line to the closing brace of HOPPER_TUNED.
+TABLES = re.compile(r"^HOPPER_DEFAULT: .*?^HOPPER_TUNED: .*?^}\n", re.S | re.M)
 
 
 def parse(kernel: str):
@@ -38,7 +43,7 @@ def literal(row: dict, indent: int) -> str:
     return "\n".join(lines) + "\n" + " " * (indent - 4) + "}"
 
 
-def main(path: str) -> None:
+def main(path: str, write: bool = False) -> None:
     rows = json.loads(Path(path).read_text())["rows"]
     us: dict[tuple[str, int], dict[str, float]] = defaultdict(dict)
     shape_of: dict[str, tuple[int, int]] = {}
@@ -63,13 +68,21 @@ def main(path: str) -> None:
                              / len(points)) for c in cands}
         pick = min(score, key=score.get)
         default[m] = None if pick == "marlin" else parse(pick)
-    print("HOPPER_DEFAULT: dict[int, HopperChoice | None] = " + literal(default, 4) + "\n")
-    print("HOPPER_TUNED: dict[tuple[int, int], dict[int, HopperChoice | None]] = {")
-    for kn, row in tuned.items():
-        print(f"    {kn}: {literal(row, 8)},")
-    print("}")
+    tables = (f"HOPPER_DEFAULT: dict[int, HopperChoice | None] = {literal(default, 4)}\n\n"
+              f"# (K, N) -> {{bucket: choice}}, from benchmarks/results/{Path(path).name}.\n"
+              "HOPPER_TUNED: dict[tuple[int, int], dict[int, HopperChoice | None]] = {\n"
+              + "".join(f"    {kn}: {literal(row, 8)},\n" for kn, row in tuned.items()) + "}\n")
+    print(tables)
     print("\n".join(lines))
+    if write:
+        source = SELECTION.read_text()
+        if len(TABLES.findall(source)) != 1:
+            raise SystemExit(f"{SELECTION}: cannot find the HOPPER_DEFAULT / HOPPER_TUNED tables")
+        SELECTION.write_text(TABLES.sub(lambda _: tables, source))
+        print(f"wrote the tables into {SELECTION}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if len(sys.argv) not in (2, 3) or sys.argv[2:] not in ([], ["--write"]):
+        raise SystemExit(__doc__)
+    main(sys.argv[1], write=sys.argv[2:] == ["--write"])

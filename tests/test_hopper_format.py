@@ -6,6 +6,8 @@ tests/gpu/test_kernels.py.
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import re
 
@@ -104,12 +106,54 @@ def test_hopper_choice_by_batch_size(monkeypatch):
 def test_every_tabled_choice_names_a_known_config_and_decomposition():
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "hopper", "configs.h")
     with open(path) as f:
-        configs = {f"{w}x{t}_c{c}" for w, t, c in re.findall(r"X\(\d+, (\d+), (\d+), (\d+)\)", f.read())}
-    assert len(configs) >= 9
+        configs = {f"{w}x{t}_c{c}" + ("_pp" if s == "pp" else "")
+                   for w, t, c, s in re.findall(r"X\(\d+, (\d+), (\d+), (\d+), (coop|pp)\)", f.read())}
+    assert len(configs) >= 12 and any(c.endswith(selection.PINGPONG_SUFFIX) for c in configs)
     rows = [selection.HOPPER_DEFAULT, *selection.HOPPER_TUNED.values()]
     for row in rows:
         for choice in row.values():
             if choice is not None:
                 name, decomposition, splits = choice
                 assert name in configs and decomposition in (0, 1, 2, 3) and splits >= 1
+                assert selection.hopper_decompositions(name, ((decomposition, splits),)), choice
     assert set(selection.HOPPER_DEFAULT) == set(selection.HOPPER_BUCKETS)
+
+
+def test_pingpong_configs_run_data_parallel_only():
+    every = ((0, 1), (1, 1), (2, 2), (3, 1))
+    assert selection.hopper_decompositions("128x128_c2", every) == every
+    assert selection.hopper_decompositions("64x128_c2" + selection.PINGPONG_SUFFIX, every) == ((0, 1), (1, 1))
+
+
+def test_pick_hopper_writes_the_tables_it_picks(tmp_path, monkeypatch, capsys):
+    """benchmarks/pick_hopper.py --write: per shape and bucket the fastest Hopper choice that beats the Marlin path
+    by >= 5 %, put into selection.py in place of the old tables, the rest of the file unchanged."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("pick_hopper", os.path.join(root, "benchmarks", "pick_hopper.py"))
+    pick = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pick)
+    rows = []
+    for shape, (k, n) in {"a": (4096, 4096), "b": (8192, 8192)}.items():
+        for m in selection.HOPPER_BUCKETS:
+            fast = m >= 64  # the Hopper GEMM wins from M = 64 on
+            times = {"cublas_fp16": 10.0, "marlin": 10.0, "128x64_c2/3/1": 7.0 if fast else 9.8,
+                     "64x128_c2_pp/0/1": 6.0 if fast and shape == "b" else 12.0}
+            rows += [dict(shape=shape, K=k, N=n, M=m, bits=4, kernel=kern, us=us) for kern, us in times.items()]
+    sweep = tmp_path / "hopper-sweep-test.json"
+    sweep.write_text(json.dumps(dict(meta={}, rows=rows)))
+    target = tmp_path / "selection.py"
+    original = open(selection.__file__).read()
+    target.write_text(original)
+    monkeypatch.setattr(pick, "SELECTION", target)
+    pick.main(str(sweep), write=True)
+    capsys.readouterr()
+    picked = {"HopperChoice": tuple}
+    exec(pick.TABLES.search(target.read_text()).group(0), picked)
+    assert picked["HOPPER_TUNED"][(4096, 4096)] == {m: ("128x64_c2", 3, 1) if m >= 64 else None
+                                                 for m in selection.HOPPER_BUCKETS}
+    assert picked["HOPPER_TUNED"][(8192, 8192)] == {m: ("64x128_c2_pp", 0, 1) if m >= 64 else None
+                                                 for m in selection.HOPPER_BUCKETS}
+    assert "from benchmarks/results/hopper-sweep-test.json" in target.read_text()
+    head = original.split("HOPPER_DEFAULT: ")[0]
+    assert target.read_text().startswith(head)
+    assert target.read_text().endswith(original[original.index("\n_config_ids"):])

@@ -8,6 +8,9 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <string>
+#include <type_traits>
+
 #include "../kernels.h"
 #include "configs.h"
 #include "marlin_layout.hpp"
@@ -21,7 +24,7 @@ template <typename T, int BITS, bool ZERO>
 const char* dispatch(const GemmArgs& g, int config, const at::Tensor& like) {
   size_t bytes = 0;
   switch (config) {
-#define GPTQ_HOPPER_WS(ID, W, TT, C) \
+#define GPTQ_HOPPER_WS(ID, W, TT, C, S) \
   case ID: bytes = hopper::Gemm<T, BITS, ZERO, ID>::workspace_size(g); break;
     GPTQ_HOPPER_CONFIGS(GPTQ_HOPPER_WS)
 #undef GPTQ_HOPPER_WS
@@ -31,7 +34,7 @@ const char* dispatch(const GemmArgs& g, int config, const at::Tensor& like) {
   at::Tensor ws = at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
   void* w = bytes ? ws.data_ptr() : nullptr;
   switch (config) {
-#define GPTQ_HOPPER_RUN(ID, W, TT, C) \
+#define GPTQ_HOPPER_RUN(ID, W, TT, C, S) \
   case ID: return hopper::Gemm<T, BITS, ZERO, ID>::run(g, w);
     GPTQ_HOPPER_CONFIGS(GPTQ_HOPPER_RUN)
 #undef GPTQ_HOPPER_RUN
@@ -46,9 +49,11 @@ const char* dispatch_bits(const GemmArgs& g, int bits, int config, const at::Ten
   return zero ? dispatch<T, 8, true>(g, config, like) : dispatch<T, 8, false>(g, config, like);
 }
 
-#define GPTQ_HOPPER_COUNT(ID, W, T, C) +1
-constexpr int kConfigs = 0 GPTQ_HOPPER_CONFIGS(GPTQ_HOPPER_COUNT);
-#undef GPTQ_HOPPER_COUNT
+// Which configs are ping-pong (data-parallel only), by config id.
+#define GPTQ_HOPPER_PP(ID, W, T, C, S) std::is_same_v<hopper::S, hopper::pp>,
+constexpr bool kPingpong[] = {GPTQ_HOPPER_CONFIGS(GPTQ_HOPPER_PP)};
+#undef GPTQ_HOPPER_PP
+constexpr int kConfigs = sizeof(kPingpong) / sizeof(kPingpong[0]);
 
 }  // namespace
 
@@ -67,7 +72,7 @@ at::Tensor hopper_tile_offsets(int64_t bits) {
 
 std::vector<std::string> hopper_configs() {
   std::vector<std::string> names;
-#define GPTQ_HOPPER_NAME(ID, W, T, C) names.push_back(#W "x" #T "_c" #C);
+#define GPTQ_HOPPER_NAME(ID, W, T, C, S) names.push_back(std::string(#W "x" #T "_c" #C) + (kPingpong[ID] ? "_pp" : ""));
   GPTQ_HOPPER_CONFIGS(GPTQ_HOPPER_NAME)
 #undef GPTQ_HOPPER_NAME
   return names;
@@ -92,6 +97,7 @@ at::Tensor hopper_gemm(const at::Tensor& a_in, const at::Tensor& qweight, const 
   const at::Tensor a = !has_perm ? a_in
                      : gather_columns(a_in, reinterpret_cast<uintptr_t>(perm->data_ptr()) % 16 ? perm->clone() : *perm, K);
   TORCH_CHECK(K % 64 == 0 && N % 64 == 0, "hopper_gemm: K and N must be multiples of 64, got K = ", K, ", N = ", N);
+  TORCH_CHECK(config >= 0 && config < kConfigs, "hopper_gemm: no config ", config);
   const int64_t G = group_size <= 0 || group_size >= K ? K : group_size;
   TORCH_CHECK(G == K || G % 64 == 0, "hopper_gemm: group size must be a multiple of 64 (the k tile) or -1, got ",
               group_size);
@@ -102,9 +108,11 @@ at::Tensor hopper_gemm(const at::Tensor& a_in, const at::Tensor& qweight, const 
     TORCH_CHECK(zeros->scalar_type() == a.scalar_type() && zeros->is_contiguous() && zeros->sizes() == scales.sizes(),
                 "hopper_gemm: zeros must be contiguous, shaped and typed like scales");
   }
-  TORCH_CHECK(config >= 0 && config < kConfigs, "hopper_gemm: no config ", config);
   TORCH_CHECK(decomposition >= 0 && decomposition <= 3, "hopper_gemm: decomposition must be 0..3");
   TORCH_CHECK(splits >= 1, "hopper_gemm: splits must be >= 1");
+  TORCH_CHECK(!kPingpong[config] || (decomposition <= 1 && splits == 1),
+              "hopper_gemm: ping-pong config ", hopper_configs()[config],
+              " runs data-parallel only (decomposition 0 or 1, one split)");
   TORCH_CHECK(sm90a_code_runs(), "hopper_gemm: needs a compute-capability 9.0 GPU and a build with sm_90a code");
 
   at::Tensor out = at::empty({M, N}, a.options());

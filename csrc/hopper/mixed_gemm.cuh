@@ -1,7 +1,8 @@
 // The Hopper mixed-input GEMM kernels: CUTLASS's SM90 collectives assembled for GPTQ weights in the Marlin
 // layout (marlin_layout.hpp) and fp16/bf16 activations.  Nothing here is a hand-written mainloop: the
-// mainloop is CUTLASS's `KernelTmaWarpSpecializedCooperative` mixed-input collective, the epilogue its TMA
-// epilogue, the schedule its stream-K tile scheduler; this file picks the parts and binds the arguments.
+// mainloop is CUTLASS's TMA warp-specialized mixed-input collective (cooperative or ping-pong kernel), the
+// epilogue its TMA epilogue, the tile scheduler its stream-K (cooperative) or persistent (ping-pong) one;
+// this file picks the parts and binds the arguments.
 #pragma once
 
 #include "configs.h"
@@ -20,13 +21,30 @@ namespace gptq_vllm::hopper {
 
 using namespace cute;
 
+// CUTLASS's parts for each schedule of configs.h.
+template <class S>
+struct Schedule;
+template <>
+struct Schedule<coop> {
+  using Kernel = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
+  using Epilogue = cutlass::epilogue::TmaWarpSpecializedCooperative;
+  using TileScheduler = cutlass::gemm::StreamKScheduler;
+};
+template <>
+struct Schedule<pp> {
+  using Kernel = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
+  using Epilogue = cutlass::epilogue::TmaWarpSpecialized;
+  using TileScheduler = cutlass::gemm::PersistentScheduler;
+};
+
 template <int CFG>
 struct Config;
-#define GPTQ_HOPPER_CONFIG_TYPE(ID, W, T, C)                            \
+#define GPTQ_HOPPER_CONFIG_TYPE(ID, W, T, C, S)                         \
   template <>                                                           \
   struct Config<ID> {                                                   \
     using Tile = Shape<Int<W>, Int<T>, _64>; /* k: 128 bytes of T */    \
     using Cluster = Shape<Int<C>, _1, _1>;                              \
+    using Sched = Schedule<S>;                                          \
   };
 GPTQ_HOPPER_CONFIGS(GPTQ_HOPPER_CONFIG_TYPE)
 #undef GPTQ_HOPPER_CONFIG_TYPE
@@ -35,6 +53,7 @@ template <typename T, int BITS, bool ZERO, int CFG>
 struct Kernel {
   using Tile = typename Config<CFG>::Tile;
   using Cluster = typename Config<CFG>::Cluster;
+  using Sched = typename Config<CFG>::Sched;
   using Q = Code<BITS>;
   using LayoutA = MarlinLayout<BITS>;
   // Activations: CUTLASS's B operand, K-major ([tokens, k] row-major).  Output: D^T, column-major
@@ -48,7 +67,7 @@ struct Kernel {
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Tile, Cluster,
       cutlass::epilogue::collective::EpilogueTileAuto, float, float,
       void, LayoutD, kAlign,  // no C operand
-      T, LayoutD, kAlign, cutlass::epilogue::TmaWarpSpecializedCooperative>::CollectiveOp;
+      T, LayoutD, kAlign, typename Sched::Epilogue>::CollectiveOp;
 
   using ElementA = std::conditional_t<ZERO, cute::tuple<Q, T, T>, cute::tuple<Q, T>>;
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
@@ -57,10 +76,10 @@ struct Kernel {
       T, LayoutB, kAlign,
       float, Tile, Cluster,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
-      cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
+      typename Sched::Kernel>::CollectiveOp;
 
   using GemmKernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue,
-                                                          cutlass::gemm::StreamKScheduler>;
+                                                          typename Sched::TileScheduler>;
   using Adapter = cutlass::gemm::device::GemmUniversalAdapter<GemmKernel>;
 
   static typename Adapter::Arguments arguments(const GemmArgs& g) {
@@ -85,10 +104,11 @@ struct Kernel {
     args.epilogue = {{1.f, 0.f}, nullptr, sd, static_cast<T*>(g.d), sd};
     args.hw_info.device_id = 0;
     args.hw_info.sm_count = g.sm_count;
-    using Sched = typename GemmKernel::TileScheduler::Arguments;
-    Sched& s = args.scheduler;
-    s.splits = g.splits;
-    s.decomposition_mode = static_cast<decltype(s.decomposition_mode)>(static_cast<int>(g.decomposition));
+    if constexpr (std::is_same_v<typename Sched::TileScheduler, cutlass::gemm::StreamKScheduler>) {
+      auto& s = args.scheduler;
+      s.splits = g.splits;
+      s.decomposition_mode = static_cast<decltype(s.decomposition_mode)>(static_cast<int>(g.decomposition));
+    }
     return args;
   }
 };

@@ -90,24 +90,41 @@ extern template void launch_bits<__nv_bfloat16, 8>(const Params&, int, bool, dim
 
 }  // namespace marlin
 
+namespace {
+
+template <typename T>
+void launch_gather(const at::Tensor& a, const at::Tensor& perm, int64_t K, at::Tensor& out, cudaStream_t stream) {
+  const int64_t M = a.size(0);
+  const int lda = static_cast<int>(a.size(1)), k = static_cast<int>(K);
+  // Slices per row: about two blocks per SM in all, at most one thread per 8 output columns.
+  const int64_t want = (2 * sm_count() + M - 1) / M;
+  const dim3 blocks(static_cast<unsigned>(M),
+                    static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(want, (K / 8 + marlin::THREADS - 1) / marlin::THREADS))));
+  const size_t row_bytes = static_cast<size_t>(lda) * sizeof(T);
+  const T* src = reinterpret_cast<const T*>(a.data_ptr());
+  T* dst = reinterpret_cast<T*>(out.data_ptr());
+  if (row_bytes <= at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin) {
+    auto kernel = marlin::gather_columns_kernel<T, true>;
+    if (row_bytes > 48 * 1024)
+      AT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(row_bytes)));
+    kernel<<<blocks, marlin::THREADS, row_bytes, stream>>>(src, lda, perm.data_ptr<int>(), k, dst);
+  } else {
+    marlin::gather_columns_kernel<T, false><<<blocks, marlin::THREADS, 0, stream>>>(src, lda, perm.data_ptr<int>(), k, dst);
+  }
+}
+
+}  // namespace
+
 at::Tensor gather_columns(const at::Tensor& a, const at::Tensor& perm, int64_t K) {
   TORCH_CHECK(perm.scalar_type() == at::kInt && perm.dim() == 1 && perm.size(0) == K && perm.is_contiguous() &&
                   reinterpret_cast<uintptr_t>(perm.data_ptr()) % 16 == 0 && K % 8 == 0,
               "gather_columns: perm must be 16-byte aligned contiguous int32 [K], K % 8 == 0");
-  const int64_t M = a.size(0);
-  at::Tensor out = at::empty({M, K}, a.options());
-  if (M == 0) return out;
-  const dim3 blocks(static_cast<unsigned>(M), static_cast<unsigned>((K / 8 + marlin::THREADS - 1) / marlin::THREADS));
-  const int lda = static_cast<int>(a.size(1)), k = static_cast<int>(K);
+  TORCH_CHECK(a.is_contiguous(), "gather_columns: a must be contiguous");
+  at::Tensor out = at::empty({a.size(0), K}, a.options());
+  if (a.size(0) == 0) return out;
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  if (a.scalar_type() == at::kHalf) {
-    marlin::gather_columns_kernel<half><<<blocks, marlin::THREADS, 0, stream>>>(
-        reinterpret_cast<const half*>(a.data_ptr()), lda, perm.data_ptr<int>(), k, reinterpret_cast<half*>(out.data_ptr()));
-  } else {
-    marlin::gather_columns_kernel<__nv_bfloat16><<<blocks, marlin::THREADS, 0, stream>>>(
-        reinterpret_cast<const __nv_bfloat16*>(a.data_ptr()), lda, perm.data_ptr<int>(), k,
-        reinterpret_cast<__nv_bfloat16*>(out.data_ptr()));
-  }
+  if (a.scalar_type() == at::kHalf) launch_gather<half>(a, perm, K, out, stream);
+  else launch_gather<__nv_bfloat16>(a, perm, K, out, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }

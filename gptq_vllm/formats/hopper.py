@@ -22,8 +22,8 @@ import torch
 from . import marlin
 from .gptq import sym_zero
 
-# CUTLASS's mixed-input mainloop applies one scale per k tile (64 rows of fp16/bf16 activations): a group
-# must be a multiple of it, or span all of K.
+# CUTLASS's mixed-input mainloop applies one scale per k tile (64 rows of fp16/bf16 activations; it needs at
+# least four 16-deep wgmma k blocks per tile): a group must be a multiple of it, or span all of K.
 K_TILE = 64
 
 

@@ -105,6 +105,16 @@ HOPPER_BUCKETS = (16, 32, 64, 128, 256, 512, 1024)
 # (config name, decomposition, splits): decomposition 0 heuristic, 1 data-parallel, 2 split-K, 3 stream-K
 # (csrc/hopper/configs.h).  None: the Marlin path.
 HopperChoice = tuple[str, int, int]
+# Ping-pong configs (names ending "_pp") run data-parallel only: decomposition 0 or 1, one split.
+PINGPONG_SUFFIX = "_pp"
+
+
+def hopper_decompositions(config: str, candidates: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], ...]:
+    """The (decomposition, splits) pairs of `candidates` that `config` runs."""
+    if config.endswith(PINGPONG_SUFFIX):
+        return tuple(c for c in candidates if c[0] <= 1 and c[1] == 1)
+    return candidates
+
 
 HOPPER_DEFAULT: dict[int, HopperChoice | None] = {
     16: None, 32: ("128x32_c2", 3, 1), 64: ("128x64_c2", 3, 1), 128: ("128x128_c2", 3, 1), 256: ("128x256_c2", 3, 1),

@@ -24,6 +24,7 @@ from gptq_vllm.formats import act_order, bitpack, exllama, hopper, kernel_layout
 from gptq_vllm.formats.gptq import QuantizedWeight
 from gptq_vllm.formats.kernel_layout import Layout
 from gptq_vllm.formats.reference import dequantize, reference_matmul
+from gptq_vllm.kernels import selection
 
 pytestmark = pytest.mark.gpu
 
@@ -254,7 +255,7 @@ def test_hopper_gemm(kern, bits, group_size, sym, act, dtype):
         xg = gather(x, kw, k_pad)
         first = None
         for cfg, name in enumerate(names):
-            for dec, splits in ((0, 1), (1, 1), (2, 3), (3, 1)):
+            for dec, splits in selection.hopper_decompositions(name, ((0, 1), (1, 1), (2, 3), (3, 1))):
                 y = kern.hopper_gemm(xg, qw, ops.scales, ops.zeros, bits, group_size, cfg, dec, splits)
                 assert y.shape == (M, sc.shape[1]) and y.dtype == dtype
                 check_close(y[:, :N], x, w, f"hopper {name} dec={dec}/{splits} M={M}", zero_term=not sym)
@@ -270,7 +271,6 @@ def test_hopper_gemm(kern, bits, group_size, sym, act, dtype):
 def test_hopper_gemm_llama_shape(kern, bits, K, N):
     """Llama-3-8B shapes through the op's per-M choice (selection.hopper_choice), deterministic on replay."""
     hopper_only(kern)
-    from gptq_vllm.kernels import selection
 
     dev = torch.device("cuda")
     w = make_weight(bits, 128, True, False, K, N, seed=7, dtype=torch.float16)
@@ -298,6 +298,28 @@ def test_hopper_gemm_refuses_what_it_cannot_run(kern):
         kern.hopper_gemm(x, qw, sc, None, 4, 32, 0)
     with pytest.raises(RuntimeError, match="no config"):
         kern.hopper_gemm(x, qw, sc[:1].repeat(2, 1), None, 4, 128, 999)
+    pingpong = [i for i, name in enumerate(kern.hopper_configs()) if name.endswith(selection.PINGPONG_SUFFIX)]
+    assert pingpong
+    with pytest.raises(RuntimeError, match="runs data-parallel only"):
+        kern.hopper_gemm(x, qw, sc[:1].repeat(2, 1), None, 4, 128, pingpong[0], 3, 1)
+
+
+@pytest.mark.parametrize("k_in,k", [(1000, 1024), (1001, 1024), (118784, 118784)],
+                         ids=["aligned-rows", "unaligned-rows", "row-beyond-shared-memory"])
+@pytest.mark.parametrize("M", [3, 64, 700])
+def test_act_order_gather(kern, k_in, k, M):
+    """The activation gather (shared by the Marlin and Hopper paths) equals indexing, bit for bit: a row staged in
+    shared memory with 16-byte or 2-byte loads, or read from L2 where it exceeds shared memory; 0 past K_in."""
+    hopper_only(kern)
+    dev = torch.device("cuda")
+    g = torch.Generator().manual_seed(k_in + M)
+    qw = torch.randint(-2**31, 2**31 - 1, (k // 16, 64 * 4 // 2), generator=g, dtype=torch.int32).to(dev)
+    sc = (torch.rand(k // 128, 64, generator=g) / 64).to(torch.float16).to(dev)
+    perm = torch.randperm(k, generator=g).to(torch.int32).to(dev)
+    x = torch.randn(M, k_in, generator=g).to(torch.float16).to(dev)
+    xg = torch.nn.functional.pad(x, (0, k - k_in))[:, perm.long()]
+    y = kern.hopper_gemm(x, qw, sc, None, 4, 128, 0, 0, 1, perm)
+    assert torch.equal(y, kern.hopper_gemm(xg.contiguous(), qw, sc, None, 4, 128, 0, 0, 1))
 
 
 WIDE_CASES = [(4, 128, True, False), (4, 128, True, True), (8, 128, False, True), (4, 32, False, False),
