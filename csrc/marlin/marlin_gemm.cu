@@ -295,7 +295,7 @@ at::Tensor marlin_gemm(const at::Tensor& a_in, const at::Tensor& qweight, const 
     parts = tuned->cs;
   } else {
     // Not in the table: the least predicted time over the candidates, from a log-linear model fitted to the
-    // 512 timings of those sweeps (M = 1/16/32/64; benchmarks/fit_split_model.py refits it; its picks there
+    // 512 timings of those sweeps (M = 1/16/32/64; benchmarks/tuning/fit_split_model.py refits it; its picks there
     // cost 1.13x the best on average, 1.45x at worst): time ~ work^0.81 (strip-runs on the busiest SM), x1.11 per doubling of split parts, x1.21
     // per doubling of k-phases (8 / sb), and the blocks per SM / short-grid terms.
     double best = 1e30;
