@@ -15,7 +15,7 @@ Prints the `TUNED` rows of csrc/marlin/marlin_gemm.cu (rows 0 = dequantize + cuB
 from __future__ import annotations
 
 from kernels import SHAPES
-from sweep_logs import parse_sweep
+from tuning.sweep_logs import parse_sweep
 
 SWEEPS = {32: "kernels-h200-2026-11-22-issue7-run3-sweep-rows32.txt",
           64: "kernels-h200-2026-11-22-issue7-run3-sweep-rows64.txt"}

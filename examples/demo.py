@@ -4,13 +4,19 @@
   2. gptq-convert convert   OUT/gptq -> OUT/mygptq (Marlin layout, act-order folded offline)
   3. gptq-convert verify    OUT/gptq OUT/mygptq    (both dequantize to the same weights)
   4. vLLM LLM(..., quantization="mygptq") generates from both checkpoints; the greedy texts must agree.
+
+vLLM's own output (its log, its engine processes' warnings and progress bars) goes to OUT/vllm.log, and
+each engine is shut down as soon as its texts are in, so the demo's verdict is the last line printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import shutil
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 PROMPTS = [
@@ -27,13 +33,53 @@ def run_cli(*args: str) -> None:
     main(list(args), standalone_mode=False)
 
 
-def generate(model: Path, max_tokens: int) -> list[str]:
-    from vllm import LLM, SamplingParams
+@contextmanager
+def output_to(log: Path):
+    """Send everything written to this process's stdout and stderr, and to those of the processes it starts
+    (vLLM's engine core and workers inherit them), to the file log; on an error, show the log's tail."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    try:
+        with open(log, "ab") as f:
+            os.dup2(f.fileno(), 1)
+            os.dup2(f.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
+    except BaseException:
+        tail = log.read_text(errors="replace").splitlines()[-40:]
+        print(f"vLLM failed; the last lines of {log}:", *tail, sep="\n", file=sys.stderr)
+        raise
+    finally:
+        os.close(saved[0])
+        os.close(saved[1])
 
-    llm = LLM(model=str(model), quantization="mygptq", dtype="float16", gpu_memory_utilization=0.2,
-              max_model_len=512, seed=0)
-    outputs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=max_tokens))
-    return [o.outputs[0].text for o in outputs]
+
+def generate(model: Path, max_tokens: int, log: Path) -> list[str]:
+    """Greedy texts of PROMPTS from vLLM with --quantization mygptq; the engine is shut down on return."""
+    with output_to(log):
+        from vllm import LLM, SamplingParams
+
+        llm = LLM(model=str(model), quantization="mygptq", dtype="float16", gpu_memory_utilization=0.2,
+                  max_model_len=512, seed=0)
+        outputs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=max_tokens), use_tqdm=False)
+        texts = [o.outputs[0].text for o in outputs]
+        # vLLM 0.32 has no LLM.shutdown(): dropping the last reference (the engine sits in reference cycles,
+        # hence the collection) stops its processes and frees its memory now, not at interpreter exit.
+        del llm, outputs
+        gc.collect()
+    return texts
+
+
+def verdict(texts_a: list[str], texts_b: list[str]) -> str:
+    """The demo's last line."""
+    same = sum(a == b for a, b in zip(texts_a, texts_b, strict=True))
+    return f"{same}/{len(texts_a)} prompts generate the same greedy text from both checkpoints"
 
 
 def main() -> None:
@@ -54,12 +100,14 @@ def main() -> None:
     run_cli("verify", str(gptq_dir), str(mygptq_dir))
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    texts_gptq = generate(gptq_dir, args.max_tokens)
-    texts_mygptq = generate(mygptq_dir, args.max_tokens)
-    for prompt, a, b in zip(PROMPTS, texts_gptq, texts_mygptq):
+    log = out / "vllm.log"
+    texts = {}
+    for name, directory in (("gptq", gptq_dir), ("mygptq", mygptq_dir)):
+        print(f"$ vLLM: LLM({str(directory)!r}, quantization='mygptq').generate(...)   (log: {log})", flush=True)
+        texts[name] = generate(directory, args.max_tokens, log)
+    for prompt, a, b in zip(PROMPTS, texts["gptq"], texts["mygptq"]):
         print(f"\n>>> {prompt}\n[gptq, repacked at load] {a}\n[mygptq, converted]     {b}")
-    same = sum(a == b for a, b in zip(texts_gptq, texts_mygptq))
-    print(f"\n{same}/{len(PROMPTS)} prompts generate the same greedy text from both checkpoints")
+    print("\n" + verdict(texts["gptq"], texts["mygptq"]), flush=True)
 
 
 if __name__ == "__main__":

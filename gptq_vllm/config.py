@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, UnquantizedEmbeddingMethod
 
+from .formats import compressed_tensors, validate
 from .formats.bitpack import SUPPORTED_BITS
 from .formats.gptq import ZeroFormat
 from .formats.kernel_layout import Layout, default_layout
@@ -59,6 +61,7 @@ class LayerScheme:
     desc_act: bool
     zero_format: ZeroFormat | None
     layout: Layout | None
+    compressed: bool = False  # compressed-tensors pack-quantized tensors (weight_packed, ...; exact zeros)
 
     @property
     def is_kernel_layout(self) -> bool:
@@ -99,24 +102,39 @@ def module_matches(name: str, entry: str) -> bool:
     return name == entry or name.endswith("." + entry)
 
 
+def _local_directory(model_name: str, revision: str | None) -> Path | None:
+    """The directory vLLM loads the checkpoint from: a local path, or the cached Hub snapshot."""
+    path = Path(model_name).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model_name, revision=revision, local_files_only=True))
+    except Exception:  # not cached (or not a Hub id): the checks are skipped with a warning
+        return None
+
+
 @register_quantization_config(NAME)
 class MyGPTQConfig(QuantizationConfig):
-    """GPTQ (v1/v2, act-order, 2/3/4/8 bit, sym/asym) and converted `mygptq` checkpoints."""
+    """GPTQ (v1/v2, act-order, 2/3/4/8 bit, sym/asym), compressed-tensors pack-quantized (2/4/8 bit) and
+    converted `mygptq` checkpoints."""
 
     def __init__(self, bits: int, group_size: int, sym: bool, desc_act: bool, zero_format: ZeroFormat | None,
                  layout: Layout | None = None, lm_head: bool = False, dynamic: dict[str, dict] | None = None,
                  modules_in_block_to_quantize: list[str] | None = None,
-                 full_config: dict[str, Any] | None = None) -> None:
+                 full_config: dict[str, Any] | None = None, compressed: bool = False) -> None:
         super().__init__()
         _check_scheme(bits, group_size, "")
         if (zero_format is None) == (layout is None):
             raise ValueError("mygptq: a checkpoint is either GPTQ tensors (zero_format) or our kernel layout (layout)")
-        self.base = LayerScheme(bits, group_size, sym, desc_act and group_size != -1, zero_format, layout)
+        self.base = LayerScheme(bits, group_size, sym, desc_act and group_size != -1, zero_format, layout, compressed)
         self._check_layout(self.base, "")
         self.lm_head = lm_head
         self.dynamic = self._parse_dynamic(dynamic or {})
         self.modules_in_block_to_quantize = list(modules_in_block_to_quantize or [])
         self.full_config = dict(full_config or {})
+        self.module_files: dict[str, str] = {}  # module -> its file(s), for error messages (maybe_update_config)
 
     def __repr__(self) -> str:
         return (f"MyGPTQConfig({self.base}, lm_head={self.lm_head}, dynamic={self.dynamic}, "
@@ -146,13 +164,27 @@ class MyGPTQConfig(QuantizationConfig):
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "MyGPTQConfig":
         method = str(_first(config, ("quant_method", "method"), "gptq")).lower()
+        if method == "compressed-tensors":
+            # llm-compressor's pack-quantized W4A16 / W8A16 (formats.md §6): exact zeros, like GPTQ v2.
+            try:
+                bits, group_size, sym, act_order = compressed_tensors.scheme(config, "mygptq: config.json "
+                                                                                     "quantization_config")
+            except ValueError as e:
+                raise ValueError(f"{e}; serve this checkpoint with vLLM's compressed-tensors method (without "
+                                 f"--quantization mygptq)") from None
+            if bits not in compressed_tensors.CT_BITS:
+                raise ValueError(f"mygptq: compressed-tensors {bits}-bit weights are not read here (only "
+                                 f"{compressed_tensors.CT_BITS}-bit); serve them with vLLM's compressed-tensors method")
+            return cls(bits=bits, group_size=group_size, sym=sym, desc_act=act_order, zero_format=ZeroFormat.V2,
+                       full_config=config, compressed=True)
         fmt = _first(config, ("checkpoint_format", "format"))
         fmt = None if fmt is None else str(fmt).lower()
         if config.get("is_marlin_format") or method == "marlin":
             fmt = "marlin"
         if method not in ("gptq", NAME):
             raise ValueError(f"mygptq: quant_method {method!r} is not GPTQ; mygptq serves GPTQ checkpoints "
-                             f"(quant_method 'gptq') and their `gptq-convert` conversions (quant_method 'mygptq')")
+                             f"(quant_method 'gptq'), compressed-tensors pack-quantized ones and their "
+                             f"`gptq-convert` conversions (quant_method 'mygptq')")
         if fmt in _FOREIGN_FORMATS:
             raise ValueError(f"mygptq: checkpoint_format {fmt!r}: {_FOREIGN_FORMATS[fmt]}")
         pack_dtype = str(config.get("pack_dtype", "int32")).removeprefix("torch.")
@@ -194,10 +226,15 @@ class MyGPTQConfig(QuantizationConfig):
                                      hf_config: Any = None) -> str | None:
         # Our converted checkpoints need this plugin whatever the user asked for; a plain GPTQ checkpoint
         # is claimed only when the user asks for mygptq, so `vllm serve gptq-model` keeps vLLM's own path.
+        # compressed-tensors pack-quantized integer weights (W4A16 / W8A16) are claimed like gptq ones; any
+        # other compressed-tensors scheme is refused here with what serves it, rather than by vLLM's
+        # generic "does not match" error.
         method = str(hf_quant_cfg.get("quant_method", "")).lower()
         if method == NAME:
             return NAME
-        if method == "gptq" and user_quant == NAME:
+        if method in ("gptq", "compressed-tensors") and user_quant == NAME:
+            if method == "compressed-tensors":
+                cls.from_config(hf_quant_cfg)  # raises, naming what works, for schemes mygptq does not read
             return NAME
         return None
 
@@ -215,23 +252,23 @@ class MyGPTQConfig(QuantizationConfig):
             self.modules_in_block_to_quantize = hf_to_vllm_mapper.apply_list(self.modules_in_block_to_quantize)
 
     def maybe_update_config(self, model_name: str, hf_config: Any = None, revision: str | None = None) -> None:
-        """Without `modules_in_block_to_quantize`, list the modules whose `.qweight` the checkpoint holds.
+        """Run the checkpoint checks every gptq-convert command runs, and learn the checkpoint's files.
 
-        Layers absent from the list (MoE routers, vision towers, anything left in float) then load as
+        vLLM hands from_config one config dict; validate.config_sources refuses a directory whose
+        config.json and quantize_config.json disagree (one rule, everywhere).  Without
+        `modules_in_block_to_quantize`, the modules whose quantized tensors the checkpoint holds are
+        listed, so layers absent from it (MoE routers, vision towers, anything left in float) load as
         unquantized instead of failing on a missing qweight.
         """
-        if self.modules_in_block_to_quantize:
+        directory = _local_directory(model_name, revision)
+        if directory is None:
+            logger.warning("mygptq: %s is not a local directory or a cached Hub snapshot; its config files "
+                           "are not cross-checked and every linear layer is treated as quantized", model_name)
             return
-        from vllm.transformers_utils.config import get_safetensors_params_metadata
-
-        try:
-            metadata = get_safetensors_params_metadata(model_name, revision=revision)
-        except Exception as e:  # no metadata only loses the float-layer detection, not correctness
-            logger.warning("mygptq: could not read safetensors metadata of %s (%s); treating every linear "
-                           "layer as quantized", model_name, e)
-            return
-        self.modules_in_block_to_quantize = sorted(
-            name.removesuffix(".qweight") for name in metadata if name.endswith(".qweight"))
+        validate.config_sources(directory)
+        self.module_files = validate.module_files(validate.tensor_files(directory))
+        if not self.modules_in_block_to_quantize:
+            self.modules_in_block_to_quantize = sorted(self.module_files)
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
         from .linear import MyGPTQLinearMethod
@@ -243,12 +280,12 @@ class MyGPTQConfig(QuantizationConfig):
             scheme = self.layer_scheme(prefix)
             if scheme is None:
                 return UnquantizedEmbeddingMethod()
-            return MyGPTQLinearMethod(scheme, prefix, self.shard_names(prefix))
+            return MyGPTQLinearMethod(scheme, prefix, self.shard_names(prefix), self.module_files)
         if isinstance(layer, LinearBase):
             scheme = self.layer_scheme(prefix)
             if scheme is None:
                 return UnquantizedLinearMethod()
-            return MyGPTQLinearMethod(scheme, prefix, self.shard_names(prefix))
+            return MyGPTQLinearMethod(scheme, prefix, self.shard_names(prefix), self.module_files)
         if is_moe_layer(layer):
             return get_moe_method(self, layer, prefix)
         return None

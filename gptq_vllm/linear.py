@@ -19,7 +19,8 @@ carry group ids that are not runs of G, so the kernel gets g_idx_sorted (kernel_
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from fractions import Fraction
 
 import torch
@@ -34,11 +35,13 @@ from vllm.model_executor.parameter import (
 )
 
 from .config import LayerScheme
-from .formats import bitpack, gptq, hopper, marlin
-from .formats.act_order import effective_group_size, num_groups
+from .formats import bitpack, compressed_tensors, gptq, hopper, marlin
+from .formats import validate
+from .formats.act_order import check_g_idx, effective_group_size, num_groups
 from .formats.errors import FormatError
-from .formats.gptq import GPTQTensors, QuantizedWeight
-from .formats.kernel_layout import KernelWeight, Layout, from_kernel, to_kernel
+from .formats.gptq import QuantizedWeight
+from .formats.kernel_layout import KernelWeight, Layout, to_kernel
+from .formats.kernel_layout import expected_shapes as kernel_expected_shapes
 from .kernels import ops, selection  # noqa: F401  (ops: apply calls torch.ops.mygptq.*)
 
 logger = logging.getLogger(__name__)
@@ -54,6 +57,7 @@ class _Partition:
     out_features: int  # N on this rank (sum of the fused outputs)
     full_in_features: int  # K of the whole layer
     full_out_features: list[int]  # N of each checkpoint module fused into the layer, before sharding
+    output_partition_sizes: list[int]  # N of each fused part on this rank
     row_parallel: bool  # K is split across ranks
     all_groups: bool  # scales/zeros hold every group of the full K (not sharded along K)
     num_shards: int  # checkpoint modules fused into this layer (as loaded on this rank)
@@ -72,8 +76,10 @@ class _Gemm:
 
 
 class _TrackedLoader:
-    """Wraps vLLM's weight loader for one parameter: records which shards arrived, and turns a shape
-    mismatch (a bare assert deep in vLLM) into an error naming the checkpoint tensor and its shape."""
+    """Wraps vLLM's weight loader for one parameter.  Before vLLM slices the checkpoint tensor for this rank,
+    it checks the tensor's dtype and full shape (validate's rules, naming the checkpoint's own module, not
+    the fused layer), keeps the act-order tensors of every shard (small: K ints) for the checks that need
+    the whole of them, and records which shards arrived."""
 
     def __init__(self, method: "MyGPTQLinearMethod", tensor: str, loader) -> None:
         self.method, self.tensor, self.loader = method, tensor, loader
@@ -82,22 +88,46 @@ class _TrackedLoader:
         shard_id = args[0] if args else kwargs.get("loaded_shard_id")
         # vLLM names a fused shard by index (gate_up), letter (qkv) or a tuple of indices.
         shards = [_QKV_SHARDS.get(s, s) for s in (shard_id if isinstance(shard_id, tuple) else (shard_id,))]
-        try:
-            self.loader(param, loaded_weight, *args, **kwargs)
-        except (AssertionError, RuntimeError) as e:
-            raise FormatError(self.method.shape_error(self.tensor, shards[0], loaded_weight, param)) from e
-        self.method.loaded.setdefault(self.tensor, set()).update(shards)
+        m = self.method
+        with m.named_errors():
+            m.check_loaded(self.tensor, shards, loaded_weight)
+            if self.tensor in ("g_idx", "perm", "weight_g_idx"):
+                m.act_order[shards[0]] = loaded_weight.detach().to("cpu", copy=True)
+            if self.tensor == "weight_shape":  # per module, so not a parameter of the fused layer
+                m.weight_shapes[shards[0]] = loaded_weight.detach().to("cpu", copy=True)
+                m.loaded.setdefault(self.tensor, set()).update(shards)
+                return
+            try:
+                self.loader(param, loaded_weight, *args, **kwargs)
+            except (AssertionError, RuntimeError) as e:  # a shape check_loaded could not foresee
+                raise FormatError(f"{m.checkpoint_name(shards)}.{self.tensor}: checkpoint tensor of shape "
+                                  f"{tuple(loaded_weight.shape)} does not fit this rank's {tuple(param.shape)} "
+                                  f"({e})") from e
+        m.loaded.setdefault(self.tensor, set()).update(shards)
+
+
+def _cat_columns(weights: list[QuantizedWeight]) -> QuantizedWeight:
+    """The checkpoint modules of a fused layer side by side along N (they share g_idx: check_fused)."""
+    if len(weights) == 1:
+        return weights[0]
+    return replace(weights[0], codes=torch.cat([w.codes for w in weights], dim=1),
+                   scales=torch.cat([w.scales for w in weights], dim=1),
+                   zeros=torch.cat([w.zeros for w in weights], dim=1))
 
 
 @register_weight_loader_v2_supported_method
 class MyGPTQLinearMethod(LinearMethodBase):
     """One quantized linear layer (or quantized lm_head); one instance per layer."""
 
-    def __init__(self, scheme: LayerScheme, prefix: str, shard_names: list[str] | None = None) -> None:
+    def __init__(self, scheme: LayerScheme, prefix: str, shard_names: list[str] | None = None,
+                 files: dict[str, str] | None = None) -> None:
         self.scheme = scheme
         self.prefix = prefix
         self.shard_names = shard_names or [prefix]
+        self.files = files or {}  # checkpoint module -> its file(s), for the messages (config.module_files)
         self.loaded: dict[str, set] = {}
+        self.act_order: dict[int | None, torch.Tensor] = {}  # shard -> its whole g_idx / perm as loaded
+        self.weight_shapes: dict[int | None, torch.Tensor] = {}  # shard -> compressed-tensors weight_shape
         self.part: _Partition | None = None
         self.gemm: _Gemm | None = None
 
@@ -115,8 +145,10 @@ class MyGPTQLinearMethod(LinearMethodBase):
             all_groups = row_parallel and G == -1
         else:
             all_groups = row_parallel and (s.desc_act or G == -1 or K % G != 0)
-        self.part = _Partition(K, N, input_size, list(getattr(layer, "output_sizes", [output_size])),
-                               row_parallel, all_groups, len(output_partition_sizes), params_dtype)
+        # N of each checkpoint module before sharding (the partitions scaled back up when the layer has no list).
+        full_out = getattr(layer, "output_sizes", None) or [n * output_size // N for n in output_partition_sizes]
+        self.part = _Partition(K, N, input_size, list(full_out),
+                               list(output_partition_sizes), row_parallel, all_groups, len(output_partition_sizes), params_dtype)
         self._check_partition(output_partition_sizes)
         loader = extra_weight_attrs["weight_loader"]
         ng = num_groups(input_size, G) if all_groups else num_groups(K, G)
@@ -125,6 +157,9 @@ class MyGPTQLinearMethod(LinearMethodBase):
         def add(name: str, cls: type[BasevLLMParameter], data: torch.Tensor, **dims) -> None:
             layer.register_parameter(name, cls(data=data, weight_loader=_TrackedLoader(self, name, loader), **dims))
 
+        if s.compressed:
+            self._create_compressed(add, K, N, ng, pf, all_groups)
+            return
         if s.layout is Layout.MARLIN:
             # One 16-row Marlin tile of N columns is N*16*b/32 words; marlin_tile_size scales the shard
             # offsets of fused layers by that tile.
@@ -154,6 +189,29 @@ class MyGPTQLinearMethod(LinearMethodBase):
             # producing layer).  It spans the full K on every rank: a row-parallel layer cannot use it.
             add("perm", BasevLLMParameter, torch.empty(input_size, dtype=torch.int32))
 
+    def _create_compressed(self, add, K: int, N: int, ng: int, pf: Fraction, all_groups: bool) -> None:
+        """compressed-tensors pack-quantized parameters: the GPTQ tensors transposed (formats.md §6)."""
+        s = self.scheme
+        add("weight_packed", PackedvLLMParameter, torch.empty(N, bitpack.packed_length(K, s.bits), dtype=torch.int32),
+            input_dim=1, output_dim=0, packed_dim=1, packed_factor=pf)
+        scales = torch.empty(N, ng, dtype=torch.float32)
+        if all_groups:
+            add("weight_scale", ChannelQuantScaleParameter, scales, output_dim=0)
+        else:
+            add("weight_scale", GroupQuantScaleParameter, scales, output_dim=0, input_dim=1)
+        if not s.sym:
+            zeros = torch.empty(bitpack.packed_length(N, s.bits), ng, dtype=torch.int32)
+            if all_groups:
+                add("weight_zero_point", PackedColumnParameter, zeros, output_dim=0, packed_dim=0, packed_factor=pf)
+            else:
+                add("weight_zero_point", PackedvLLMParameter, zeros, input_dim=1, output_dim=0, packed_dim=0,
+                    packed_factor=pf)
+        # Registered even without actorder: a checkpoint may hold a trivial one (our writer does for act-order
+        # checkpoints), and vLLM fails on a tensor without a parameter.
+        add("weight_g_idx", RowvLLMParameter, torch.empty(K, dtype=torch.int32), input_dim=0)
+        # (N, K) of each module: checked and kept by the tracked loader, never sliced (int32 or int64).
+        add("weight_shape", BasevLLMParameter, torch.empty(2, dtype=torch.int64))
+
     def _check_partition(self, output_partition_sizes: list[int]) -> None:
         s, p = self.scheme, self.part
         if s.layout is Layout.MARLIN:
@@ -173,51 +231,85 @@ class MyGPTQLinearMethod(LinearMethodBase):
                 f"{s.group_size}, which a converted checkpoint needs under tensor parallelism; serve the GPTQ "
                 f"source with --quantization mygptq or use a smaller tensor-parallel size")
 
-    # ---- load-time checks --------------------------------------------------------------------------------
+    # ---- load-time checks (gptq_vllm.formats.validate: the rules every gptq-convert command applies) ------
 
-    def _checkpoint_name(self, shard: int | None) -> str:
-        if len(self.shard_names) == 1:
-            return self.shard_names[0]
-        return self.shard_names[shard] if shard is not None and shard < len(self.shard_names) else self.prefix
+    def checkpoint_name(self, shards: list) -> str:
+        """The checkpoint's module behind shard(s) of this layer (q_proj, not qkv_proj)."""
+        if len(self.shard_names) == 1 or len(shards) != 1 or shards[0] is None or shards[0] >= len(self.shard_names):
+            return self.prefix if len(self.shard_names) > 1 else self.shard_names[0]
+        return self.shard_names[shards[0]]
 
-    def expected_shape(self, tensor: str, in_features: int, out_features: int) -> tuple[int, ...]:
-        """Shape of a checkpoint tensor of one module with K = in_features, N = out_features."""
+    @contextmanager
+    def named_errors(self):
+        """Put the file of the module an error names in front of it, as the gptq-convert readers do."""
+        try:
+            yield
+        except FormatError as e:
+            head = str(e).split(": ")[0].split(" ")[0]  # "module.tensor" or "module"
+            where = self.files.get(head, self.files.get(head.rpartition(".")[0]))
+            if where is None or str(e).startswith(where):
+                raise
+            raise FormatError(f"{where}: {e}") from e
+
+    def _shard_dims(self, shards: list) -> tuple[int, int]:
+        """(K, N) of the whole checkpoint tensor behind shard(s) of this layer."""
+        sizes = self.part.full_out_features
+        n = sum(sizes[s] for s in shards) if None not in shards and max(shards) < len(sizes) else sum(sizes)
+        return self.part.full_in_features, n
+
+    def expected_shape(self, tensor: str, K: int, N: int) -> tuple[int, ...]:
         s = self.scheme
-        ng = num_groups(in_features, s.group_size)
-        if tensor == "qweight" and s.layout is Layout.MARLIN:
-            return in_features // marlin.TILE_K, out_features * marlin.TILE_K * s.bits // 32
-        if tensor == "perm":
-            return (in_features,)
-        if s.is_kernel_layout and tensor in ("scales", "qzeros"):
-            return {"scales": (ng, out_features), "qzeros": (ng, out_features * s.bits // 32)}[tensor]
-        return gptq.expected_shapes(in_features, out_features, s.bits, s.group_size)[tensor]
+        if s.compressed:
+            return compressed_tensors.expected_shapes(K, N, s.bits, s.group_size)[tensor]
+        if s.is_kernel_layout:
+            return kernel_expected_shapes(s.layout, s.bits, s.group_size, s.sym, K, N)[tensor]
+        return gptq.expected_shapes(K, N, s.bits, s.group_size)[tensor]
 
-    def shape_error(self, tensor: str, shard: int | None, loaded: torch.Tensor, param: torch.Tensor) -> str:
-        s, p = self.scheme, self.part
-        sizes = p.full_out_features
-        n = sizes[shard] if shard is not None and shard < len(sizes) else sum(sizes)
-        expected = self.expected_shape(tensor, p.full_in_features, n)
-        return (f"{self._checkpoint_name(shard)}.{tensor}: checkpoint tensor has shape {tuple(loaded.shape)}, "
-                f"expected {expected} for K={p.full_in_features}, N={n}, bits={s.bits}, "
-                f"group_size={s.group_size} (this rank holds {tuple(param.shape)} of the layer); the checkpoint "
-                f"does not match its quantization config")
+    def check_loaded(self, tensor: str, shards: list, loaded: torch.Tensor) -> None:
+        """dtype and full shape of one checkpoint tensor, before vLLM slices it for this rank."""
+        s = self.scheme
+        name = f"{self.checkpoint_name(shards)}.{tensor}"
+        table = validate.CT_DTYPES if s.compressed else validate.KERNEL_DTYPES if s.is_kernel_layout else validate.GPTQ_DTYPES
+        validate.check_dtype(name, loaded, table)
+        K, N = self._shard_dims(shards)
+        if tensor == "weight_shape":
+            validate.check_weight_shape(self.checkpoint_name(shards), loaded, K, N)
+            return
+        validate.check_shape(name, loaded, self.expected_shape(tensor, K, N), K=K, N=N, bits=s.bits,
+                             group_size=s.group_size)
 
     def _require(self, *tensors: str) -> None:
+        s = self.scheme
         for t in tensors:
             shards = self.loaded.get(t, set())
             if None in shards or len(shards) >= self.part.num_shards:
                 continue
-            names = [self._checkpoint_name(i) for i in range(self.part.num_shards) if i not in shards]
-            why = ("; an act-order (desc_act=true) checkpoint needs it to know which group dequantizes each "
-                   "input channel") if t == "g_idx" else ""
-            raise FormatError(f"{', '.join(f'{n}.{t}' for n in names)}: missing from the checkpoint{why}")
+            i = next(i for i in range(self.part.num_shards) if i not in shards)
+            K, N = self._shard_dims([i])
+            raise validate.missing(f"{self.checkpoint_name([i])}.{t}", self.expected_shape(t, K, N),
+                                   validate.ACT_ORDER_WHY if t in ("g_idx", "weight_g_idx") else "", K=K, N=N, bits=s.bits,
+                                   group_size=s.group_size)
+
+    def _split(self, t: torch.Tensor | None, per_column: Fraction, dim: int = 1) -> list[torch.Tensor | None]:
+        """This rank's tensor of the layer cut into its checkpoint modules' parts along N (dimension dim)."""
+        if t is None:
+            return [None] * self.part.num_shards
+        if self.part.num_shards == 1:
+            return [t]
+        widths = [int(n * per_column) for n in self.part.output_partition_sizes]
+        return list(torch.split(t, widths, dim=dim))
+
+    def _shard_act_order(self, i: int) -> torch.Tensor | None:
+        return self.act_order.get(i if self.part.num_shards > 1 else next(iter(self.act_order), None))
 
     # ---- convert -----------------------------------------------------------------------------------------
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        kw = self._convert_kernel_layout(layer) if self.scheme.is_kernel_layout else self._convert_gptq(layer)
-        if hasattr(layer, "g_idx"):
-            delattr(layer, "g_idx")  # folded into perm / g_idx_sorted
+        with self.named_errors():
+            kw = self._convert_kernel_layout(layer) if self.scheme.is_kernel_layout else self._convert_gptq(layer)
+        for name in ("g_idx", "weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx", "weight_shape"):
+            if hasattr(layer, name):
+                delattr(layer, name)  # folded into the kernel tensors (perm / g_idx_sorted for g_idx)
         for name in ("qweight", "scales", "qzeros", "perm", "g_idx_sorted"):
             if hasattr(layer, name):
                 delattr(layer, name)
@@ -229,6 +321,7 @@ class MyGPTQLinearMethod(LinearMethodBase):
             layer.register_parameter(name, None if t is None else torch.nn.Parameter(t, requires_grad=False))
         self.gemm = _Gemm(kw.layout, kw.bits, kw.group_size, self.part.in_features, self.part.out_features)
         self.loaded.clear()
+        self.act_order.clear()
 
     def _hopper_operands(self, kw: KernelWeight) -> hopper.HopperOperands | None:
         """The Hopper GEMM's scales (and zero term) for a Marlin layer on an sm_90 GPU, else None."""
@@ -243,46 +336,89 @@ class MyGPTQLinearMethod(LinearMethodBase):
         return hopper.operands(kw.qzeros, kw.scales, bits=kw.bits, group_size=kw.group_size, in_rows=rows)
 
     def _convert_gptq(self, layer: torch.nn.Module) -> KernelWeight:
-        s, p, name = self.scheme, self.part, self.prefix
-        self._require("qweight", "qzeros", "scales")
+        """GPTQ (or compressed-tensors) tensors -> validated canonical weight -> the kernel layout selection picks."""
+        s, p = self.scheme, self.part
+        ct = s.compressed
+        g_name = "weight_g_idx" if ct else "g_idx"
         K, N, G = p.in_features, p.out_features, s.group_size
-        device = layer.qweight.device
+        act_order = s.desc_act and G != -1
+        # In the order validate.gptq_weight / compressed_weight look for them, so the first missing is named alike.
+        if ct:
+            self._require("weight_packed", "weight_scale", *([] if s.sym else ["weight_zero_point"]))
+        else:
+            self._require("qweight", "qzeros", "scales")
+        if g_name in self.loaded or act_order:
+            self._require(g_name)  # every shard's, or none: an act-order layer refuses to guess
+        if ct:
+            self._require("weight_shape")
+        packed = layer.weight_packed if ct else layer.qweight
+        device = packed.device
         # Global input channels of this rank, for the g_idx a checkpoint without act-order implies.
-        first = layer.qweight.tp_rank * K if p.row_parallel else 0
+        first = packed.tp_rank * K if p.row_parallel else 0
         rows = torch.arange(first, first + K, dtype=torch.int32, device=device)
         implied = rows // effective_group_size(p.full_in_features, G)
-        if "g_idx" in self.loaded:
-            self._require("g_idx")
-            g_idx = layer.g_idx.data
-        elif s.desc_act:
-            self._require("g_idx")
+        if ct:
+            zp = getattr(layer, "weight_zero_point", None)
+            parts = zip(self._split(packed.data, Fraction(1), 0), self._split(None if zp is None else zp.data,
+                        Fraction(s.bits, 32), 0), self._split(layer.weight_scale.data, Fraction(1), 0))
         else:
-            # Old GPTQ-for-LLaMa files have no g_idx; without act-order it can only be k // G.
-            g_idx = implied
-        qzeros, scales = layer.qzeros.data, layer.scales.data
-        if s.sym:
-            gptq.check_zero_format(qzeros, s.bits, N, s.zero_format, f"{name}.qzeros")
-        if p.all_groups:
-            # This rank's rows with the scales and zeros of every group: a shard (QuantizedWeight.validate).
-            qw = QuantizedWeight(codes=bitpack.unpack_rows(layer.qweight.data, s.bits, K), scales=scales,
-                                 zeros=gptq.decode_zeros(qzeros, s.bits, N, s.zero_format, f"{name}.qzeros"),
-                                 g_idx=g_idx, bits=s.bits, group_size=G, sym=s.sym)
-            qw.validate(name, shard=True)
-        else:
-            if p.row_parallel:
-                # Scales were sharded along K, which is only right when g_idx is k // G.
-                if not torch.equal(g_idx, implied):
-                    raise FormatError(
-                        f"{name}.g_idx: not k // group_size although the config says desc_act=false; the "
-                        f"checkpoint has act-order: set desc_act: true in its quantization config")
-                g_idx = implied - implied[0]
-            qw = gptq.unpack(GPTQTensors(layer.qweight.data, qzeros, scales, g_idx), s.bits, G, s.sym,
-                             s.zero_format, in_features=K, name=name)
+            parts = zip(self._split(packed.data, Fraction(1)), self._split(layer.qzeros.data, Fraction(s.bits, 32)),
+                        self._split(layer.scales.data, Fraction(1)))
+        weights = []
+        for i, ((qweight, qzeros, scales), n) in enumerate(zip(parts, p.output_partition_sizes)):
+            # Each checkpoint module of the layer is validated on its own, under its own name, by the rules
+            # of validate.gptq_weight / compressed_weight; its whole g_idx (as loaded) by act_order.check_g_idx.
+            name = self.checkpoint_name([i])
+            whole = self._shard_act_order(i)
+            if whole is not None:
+                check_g_idx(whole, p.full_in_features, G, f"{name}.{g_name}")
+            g_idx = implied if whole is None else whole.to(device=device, dtype=torch.int32)[first:first + K]
+            if p.all_groups:
+                # This rank's rows with the scales and zeros of every group: a shard (QuantizedWeight.validate).
+                qw = self._all_groups_shard(name, qweight, qzeros, scales, g_idx, n)
+            else:
+                if p.row_parallel:
+                    # Scales were sharded along K, which is only right when g_idx is k // G.
+                    if not torch.equal(g_idx, implied):
+                        raise FormatError(
+                            f"{name}.{g_name}: not k // group_size although the config says desc_act=false; the "
+                            f"checkpoint has act-order: set desc_act: true in its quantization config")
+                    g_idx = implied - implied[0]
+                if ct:
+                    t = {"weight_packed": qweight, "weight_scale": scales, "weight_zero_point": qzeros,
+                         "weight_g_idx": g_idx, "weight_shape": torch.tensor([n, K])}
+                    qw = validate.compressed_weight({f"{name}.{k}": v for k, v in t.items()}, name, s.bits, G, s.sym,
+                                                    act_order, K, n)
+                else:
+                    qw = validate.gptq_weight({"qweight": qweight, "qzeros": qzeros, "scales": scales,
+                                               "g_idx": g_idx}, name, s.bits, G, s.sym, s.zero_format, act_order, K, n)
+            weights.append(qw)
+        if len(self.act_order) > 1:
+            validate.check_fused({self.checkpoint_name([i]): g for i, g in self.act_order.items()}, g_name)
+        qw = _cat_columns(weights)
         choice = selection.select(bits=s.bits, group_size=G, in_features=K, out_features=N,
                                   row_groups=p.all_groups and G != -1, dtype=p.act_dtype, device_type=device.type,
-                                  name=name)
-        logger.debug("mygptq: %s -> %s layout (%s)", name, choice.layout.value, choice.reason)
+                                  name=self.prefix)
+        logger.debug("mygptq: %s -> %s layout (%s)", self.prefix, choice.layout.value, choice.reason)
         return to_kernel(qw, choice.layout, scale_dtype=p.act_dtype)
+
+    def _all_groups_shard(self, name: str, qweight, qzeros, scales, g_idx, n: int) -> QuantizedWeight:
+        """A row-parallel rank's rows with the scales and zeros of every group (QuantizedWeight.validate(shard))."""
+        s, K = self.scheme, self.part.in_features
+        if s.compressed:  # the GPTQ tensors transposed; zeros exact (formats.md §6)
+            codes = bitpack.unpack_rows(qweight.t().contiguous(), s.bits, K, dtype=torch.uint8)
+            scales = scales.t().contiguous()
+            zeros = (torch.full(scales.shape, gptq.sym_zero(s.bits), dtype=torch.int32, device=scales.device)
+                     if s.sym else bitpack.unpack_rows(qzeros, s.bits, n).t().contiguous())
+        else:
+            if s.sym:
+                gptq.check_zero_format(qzeros, s.bits, n, s.zero_format, f"{name}.qzeros")
+            codes = bitpack.unpack_rows(qweight, s.bits, K, dtype=torch.uint8)
+            zeros = gptq.decode_zeros(qzeros, s.bits, n, s.zero_format, f"{name}.qzeros")
+        qw = QuantizedWeight(codes=codes, scales=scales, zeros=zeros, g_idx=g_idx, bits=s.bits,
+                             group_size=s.group_size, sym=s.sym)
+        qw.validate(name, shard=True)
+        return qw
 
     def _convert_kernel_layout(self, layer: torch.nn.Module) -> KernelWeight:
         s, p, name = self.scheme, self.part, self.prefix
@@ -296,25 +432,33 @@ class MyGPTQLinearMethod(LinearMethodBase):
             self._require("perm")
             if p.row_parallel:
                 raise FormatError(
-                    f"{name}.perm: this row-parallel layer gathers its input by an act-order permutation, "
-                    f"which cannot be split across tensor-parallel ranks; serve the GPTQ source checkpoint with "
-                    f"--quantization mygptq (it repacks at load) or use tensor_parallel_size=1")
+                    f"{self.checkpoint_name([None])}.perm: this row-parallel layer gathers its input by an act-order "
+                    f"permutation, which cannot be split across tensor-parallel ranks; serve the GPTQ source "
+                    f"checkpoint with --quantization mygptq (it repacks at load) or use tensor_parallel_size=1")
             perm = layer.perm.data
-            if not torch.equal(torch.sort(perm).values, torch.arange(K, dtype=perm.dtype, device=perm.device)):
-                raise FormatError(f"{name}.perm: not a permutation of range({K})")
         scales = layer.scales.data
         if s.layout is Layout.MARLIN and p.row_parallel:
             # The converter permuted the scales for the full K; a rank whose K is one group needs the
             # single-group permutation instead (formats.md §4.3).
             scales = marlin.permute_scales(marlin.unpermute_scales(scales, G, p.full_in_features), G, K)
-        kw = KernelWeight(layout=s.layout, bits=s.bits, group_size=G, sym=s.sym, in_features=K, out_features=N,
-                          qweight=layer.qweight.data, scales=scales.to(p.act_dtype),
-                          qzeros=None if qzeros is None else qzeros.data, perm=perm, g_idx_sorted=None)
-        try:
-            from_kernel(kw)  # the inverse validates codes, zeros, scales (NaN) and shapes
-        except FormatError as e:
-            raise FormatError(f"{name}: {e}") from e
-        return kw
+        scales = scales.to(p.act_dtype)
+        qweight_per_column = Fraction(marlin.TILE_K * s.bits, 32) if s.layout is Layout.MARLIN else Fraction(1)
+        parts = zip(self._split(layer.qweight.data, qweight_per_column), self._split(scales, Fraction(1)),
+                    self._split(None if qzeros is None else qzeros.data, Fraction(s.bits, 32)),
+                    p.output_partition_sizes)
+        g_idx = {}
+        for i, (qweight, sc, qz, n) in enumerate(parts):
+            # validate.kernel_weight per checkpoint module: shapes, dtypes, `perm` a permutation, and the
+            # inverse layout (codes, zeros, finite scales), under the module's own name.
+            shard = self.checkpoint_name([i])
+            w = validate.kernel_weight({"qweight": qweight, "scales": sc, "qzeros": qz,
+                                        "perm": self._shard_act_order(i)}, shard, s.layout, s.bits, G, s.sym, K, n)
+            g_idx[shard] = w.g_idx
+        if len(g_idx) > 1 and self.act_order:
+            validate.check_fused(g_idx, "perm")
+        return KernelWeight(layout=s.layout, bits=s.bits, group_size=G, sym=s.sym, in_features=K, out_features=N,
+                            qweight=layer.qweight.data, scales=scales,
+                            qzeros=None if qzeros is None else qzeros.data, perm=perm, g_idx_sorted=None)
 
     # ---- forward -----------------------------------------------------------------------------------------
 

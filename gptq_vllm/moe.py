@@ -51,6 +51,8 @@ def unsupported_reasons(config: "MyGPTQConfig", prefix: str) -> list[str]:
     if scheme is None:
         return []
     reasons = []
+    if scheme.compressed:
+        reasons.append("compressed-tensors experts (serve them with vLLM's compressed-tensors method)")
     if scheme.is_kernel_layout:
         reasons.append("experts stored in the converted mygptq layout (convert MoE models to gptq-v2 instead)")
     if scheme.bits not in (4, 8):

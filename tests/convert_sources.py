@@ -113,8 +113,10 @@ def gptqmodel(float_dir: Path, out: Path, bits=4, group_size=64, desc_act=True, 
     return out
 
 
-def compressed(float_dir: Path, out: Path, bits=4, group_size=64, sym=False, desc_act=True) -> Path:
-    """llm-compressor pack-quantized: weight_packed / weight_scale / weight_zero_point / weight_g_idx."""
+def compressed(float_dir: Path, out: Path, bits=4, group_size=64, sym=False, desc_act=True,
+               shape_dtype=torch.int64) -> Path:
+    """llm-compressor pack-quantized: weight_packed / weight_scale / weight_zero_point / weight_g_idx, and
+    weight_shape as int64, as llm-compressor writes it."""
     out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(2)
     perms: dict = {}
@@ -125,7 +127,9 @@ def compressed(float_dir: Path, out: Path, bits=4, group_size=64, sym=False, des
             tensors[name] = t
             continue
         perm = _act_order_perm(module, t.shape[1], gen, perms) if desc_act else None
-        tensors.update(compressed_tensors.to_tensors(quantize_weight(t, bits, group_size, sym, perm), module))
+        tensors.update(compressed_tensors.to_tensors(quantize_weight(t, bits, group_size, sym, perm), module,
+                                                     write_g_idx=desc_act or None))
+        tensors[f"{module}.weight_shape"] = tensors[f"{module}.weight_shape"].to(shape_dtype)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     config = json.loads((float_dir / "config.json").read_text())
     config["quantization_config"] = quantization_config(Target.COMPRESSED_TENSORS, bits, group_size, sym, desc_act)

@@ -1,6 +1,7 @@
 """convert -> verify for every source dialect and target; act-order folding; what DST contains."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from converters.checkpoint.emit import Target
 from converters.checkpoint.hub import resolve
 from converters.checkpoint.readers import open_checkpoint
 from converters.checkpoint.verify import verify
+from converters.checkpoint.writer import _umask
 from converters.cli import main
 from gptq_vllm.formats.act_order import act_order_perm, is_trivial
 from gptq_vllm.formats.errors import FormatError
@@ -64,7 +66,7 @@ def test_convert_then_verify(fl, tmp_path, kind):
     qcfg = json.loads((dst / "config.json").read_text())["quantization_config"]
     assert qcfg["quant_method"] == "mygptq" and qcfg["checkpoint_format"] == "mygptq"
     assert qcfg["layout"] == "marlin" and qcfg["desc_act"] is True
-    assert qcfg["meta"]["source"]["source"] == str(src.resolve())
+    assert qcfg["meta"]["source"]["source"] == src.name  # the name only: no local path in published files
     assert qcfg["meta"]["converter"].startswith("gptq-vllm:")
     names = tensors_of(dst)
     assert not [n for n in names if n.endswith(("g_idx", "g_idx_sorted"))]
@@ -158,8 +160,20 @@ def test_existing_destination(fl, tmp_path):
     result = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "dst"), "-q"])
     assert result.exit_code == 1 and "already exists" in result.output
     assert (tmp_path / "dst" / "keep").exists()
+    # --overwrite replaces only a checkpoint: a DST holding other files is refused and left as it was.
     result = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "dst"), "-q", "--overwrite"])
-    assert result.exit_code == 0 and not (tmp_path / "dst" / "keep").exists()
+    assert result.exit_code == 1 and "holds files a checkpoint would not (keep)" in result.output, result.output
+    assert sorted(p.name for p in (tmp_path / "dst").iterdir()) == ["keep"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "src"]  # no temporary directory left
+    (tmp_path / "dst" / "keep").unlink()
+    for _ in range(2):  # into the empty directory, then over its own previous output
+        result = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "dst"), "-q", "--overwrite"])
+        assert result.exit_code == 0, result.output
+    dst = tmp_path / "dst"
+    assert dst.stat().st_mode & 0o777 == 0o777 & ~_umask()  # not mkdtemp's 0700
+    (src / "tokenizer.json").chmod(0o444)  # like a Hub cache blob
+    result = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "dst2"), "-q"])
+    assert result.exit_code == 0 and os.access(tmp_path / "dst2" / "tokenizer.json", os.W_OK)
     result = CliRunner().invoke(main, ["convert", str(src), str(src / "inside"), "-q"])
     assert result.exit_code == 1 and "must not be, contain or lie inside the source" in result.output
 

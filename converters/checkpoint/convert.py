@@ -5,8 +5,9 @@ The data flows checkpoint -> reader (format detected, every tensor validated) ->
 threads), so memory is bounded by the largest modules, not the model.  The modules of one parent (a
 layer's self_attn or mlp) are converted together, because act-order ties them (formats.md §3):
 
-  * modules that vLLM fuses into one layer (FUSED_INPUTS: q/k/v, gate/up) read one input, which the
-    kernel gathers once: their act-order permutations must be identical, and that is checked;
+  * modules that vLLM fuses into one layer (validate.FUSED_INPUTS: q/k/v, gate/up) read one input, which
+    the kernel gathers once: their g_idx (so their act-order permutations) must be identical, and
+    validate.check_fused checks it;
   * the input of an MLP's down projection is silu(gate(x)) * up(x), elementwise, so its permutation is
     absorbed exactly by permuting the output channels of gate and up (formats.md §3.4 B): down_proj is
     then stored with its rows permuted and no `perm` at all, and needs no gather at run time.
@@ -41,8 +42,6 @@ from .readers import Checkpoint, ModuleParams, open_checkpoint
 from .readers.config import GPTQ_CONFIG_FILES
 from .writer import DEFAULT_SHARD_BYTES, CheckpointWriter
 
-# Sibling modules that vLLM fuses into one layer reading one input (so: one act-order permutation).
-FUSED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
 # consumer -> the producers whose outputs are combined elementwise into its input (Llama / Mixtral MLPs).
 ABSORBING = {"down_proj": ("gate_proj", "up_proj"), "w2": ("w1", "w3")}
 MARLIN_GROUP_SIZES = (-1, 32, 64, 128)
@@ -156,7 +155,7 @@ def _check_marlin(ckpt: Checkpoint, module: str, p: ModuleParams) -> None:
     if p.group_size not in MARLIN_GROUP_SIZES:
         raise FormatError(f"{where}: the Marlin kernels take group_size in {MARLIN_GROUP_SIZES}, "
                           f"not {p.group_size}; {hint}")
-    dims = ckpt.dims(module)
+    dims = ckpt.model_dims(module) or ckpt.dims(module)  # config.json's sizes first, as vLLM builds the layer
     if dims is None:
         return  # a tensor is missing: load() will name it
     K, N = dims
@@ -205,6 +204,8 @@ class _Converter:
         self.bar = tqdm(total=report.bytes_in, unit="B", unit_scale=True, unit_divisor=1024, desc="convert",
                         disable=not progress, leave=False)
         self.written: set[str] = set()
+        # compressed-tensors: a config saying actorder "group" needs weight_g_idx in every module.
+        self.write_g_idx = True if target is Target.COMPRESSED_TENSORS and ckpt.has_act_order() else None
 
     def run(self) -> None:
         """Parents are converted on COMPUTE_WORKERS threads (torch releases the GIL) and written in order."""
@@ -246,22 +247,22 @@ class _Converter:
         """The quantized modules of one parent: consumers first, so their producers can absorb their perm."""
         absorbing = absorptions(modules) if self.target is Target.MYGPTQ else {}
         out_perms: dict[str, torch.Tensor] = {}
-        perms: dict[str, torch.Tensor | None] = {}
+        g_idx: dict[str, torch.Tensor] = {}
         results = []
         for module in [*absorbing, *(m for m in modules if m not in absorbing)]:
             w = self.ckpt.load(module, out_perm=out_perms.get(module))
             perm = None if is_trivial(w.g_idx, w.group_size) else act_order_perm(w.g_idx)
-            perms[module] = perm
+            g_idx[module] = w.g_idx
             absorbed = perm is not None and module in absorbing
             if absorbed:
                 out_perms.update({producer: perm for producer in absorbing[module]})
             bias = self.ckpt.tensors.get(f"{module}.bias") if f"{module}.bias" in self.ckpt.tensors else None
             if bias is not None and module in out_perms:
                 bias = bias[out_perms[module].to(torch.int64)]
-            tensors = module_tensors(w, module, self.target, self.layout, perm_absorbed=absorbed)
+            tensors = module_tensors(w, module, self.target, self.layout, perm_absorbed=absorbed,
+                                     write_g_idx=self.write_g_idx)
             results.append(_Module(module, tensors, bias, perm is not None, absorbed))
-        if self.target is Target.MYGPTQ:
-            check_fused(self.ckpt, perms)
+        self.ckpt.check_fused(g_idx)  # every target: a checkpoint vLLM would serve wrong is refused
         return results
 
     def _write_configs(self) -> None:
@@ -272,6 +273,9 @@ class _Converter:
             "converter": QUANTIZER_TAG,
             "source": {**self.source.describe(), "format": self.ckpt.describe()},
         }
+        if self.source.repo_id is None:
+            # The directory's name only: an absolute local path would leak when the checkpoint is published.
+            meta["source"]["source"] = self.source.path.name
         qcfg = quantization_config(
             self.target, c.base.bits, c.base.group_size, c.base.sym,
             desc_act=self.report.act_order_modules > 0, layout=self.layout, ignore=self._unquantized_linears(),
@@ -304,18 +308,3 @@ class _Converter:
             if (f.is_file() and not f.name.startswith(".") and f.name not in rewritten
                     and not f.name.endswith(NOT_COPIED_SUFFIXES)):
                 self.writer.copy_file(f)
-
-
-def check_fused(ckpt: Checkpoint, perms: dict[str, torch.Tensor | None]) -> None:
-    """Raise unless the modules of one parent that vLLM fuses (FUSED_INPUTS) share their act-order perm."""
-    by_leaf = {m.rpartition(".")[2]: m for m in perms}
-    for group in FUSED_INPUTS:
-        present = [by_leaf[leaf] for leaf in group if leaf in by_leaf]
-        for other in present[1:]:
-            a, b = perms[present[0]], perms[other]
-            if (a is None) != (b is None) or (a is not None and not torch.equal(a, b)):
-                raise FormatError(
-                    f"{ckpt.where(other)}: {present[0]} and {other} have different act-order permutations, but vLLM "
-                    f"fuses them into one layer that gathers its input once; GPTQ gives modules reading the same "
-                    f"input the same g_idx, so this checkpoint is inconsistent"
-                )

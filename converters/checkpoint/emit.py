@@ -28,18 +28,20 @@ class Target(str, Enum):
 
 
 def module_tensors(weight: QuantizedWeight, prefix: str, target: Target, layout: Layout | None = None,
-                   perm_absorbed: bool = False) -> dict[str, torch.Tensor]:
+                   perm_absorbed: bool = False, write_g_idx: bool | None = None) -> dict[str, torch.Tensor]:
     """Tensors of one quantized module named `prefix.*`.
 
     perm_absorbed (mygptq only): the act-order permutation of this module's input was folded into the
-    module producing that input, so no runtime gather is stored.
+    module producing that input, so no runtime gather is stored.  write_g_idx (compressed-tensors only):
+    True writes weight_g_idx even when trivial, as a checkpoint whose config says actorder "group" must
+    for every module; None writes it where it is not trivial.
     """
     if target is Target.GPTQ_V1:
         return gptq.pack(weight, ZeroFormat.V1).as_dict(prefix)
     if target is Target.GPTQ_V2:
         return gptq.pack(weight, ZeroFormat.V2).as_dict(prefix)
     if target is Target.COMPRESSED_TENSORS:
-        return compressed_tensors.to_tensors(weight, prefix)
+        return compressed_tensors.to_tensors(weight, prefix, write_g_idx=write_g_idx)
     kw = to_kernel(weight, layout, pad=False)
     tensors = kw.tensors(prefix)
     if perm_absorbed:

@@ -17,7 +17,7 @@ from gptq_vllm.formats.errors import FormatError
 from gptq_vllm.formats.kernel_layout import Layout
 
 from ..quantize.targets import layer_index
-from .convert import absorptions, by_parent, check_fused, preflight
+from .convert import absorptions, by_parent, preflight
 from .emit import Target
 from .hub import Source
 from .readers import Checkpoint
@@ -62,6 +62,7 @@ def inspect(source: Source, ckpt: Checkpoint, progress: bool = True) -> InspectR
     with tqdm(total=report.modules, desc="inspect", unit="module", disable=not progress, leave=False) as bar:
         for modules in by_parent(ckpt.modules()).values():
             perms: dict[str, torch.Tensor | None] = {}
+            g_idx: dict[str, torch.Tensor] = {}
             for module in modules:
                 bar.update()
                 try:
@@ -71,10 +72,11 @@ def inspect(source: Source, ckpt: Checkpoint, progress: bool = True) -> InspectR
                     continue
                 params[f"bits={w.bits} group_size={w.group_size} sym={w.sym}"] += 1
                 perms[module] = None if is_trivial(w.g_idx, w.group_size) else act_order_perm(w.g_idx)
+                g_idx[module] = w.g_idx
                 report.act_order_modules += perms[module] is not None
             report.absorbable += sum(perms.get(m) is not None for m in absorptions(modules))
             try:
-                check_fused(ckpt, perms)
+                ckpt.check_fused(g_idx)
             except FormatError as e:
                 report.problems.append(str(e))
     report.module_params = dict(params)

@@ -73,8 +73,10 @@ def verify(src: Checkpoint, dst: Checkpoint, progress: bool = True) -> VerifyRep
     with tqdm(total=len(common), desc="verify", unit="module", disable=not progress, leave=False) as bar:
         for modules in by_parent(common).values():
             consumers = absorptions(modules)
+            g_idx: tuple[dict, dict] = ({}, {})
             for module in [*consumers, *(m for m in modules if m not in consumers)]:
                 s, d = src.load(module), dst.load(module)
+                g_idx[0][module], g_idx[1][module] = s.g_idx, d.g_idx
                 row_perm = None
                 if module in consumers and not is_trivial(s.g_idx, s.group_size) and is_trivial(d.g_idx, d.group_size):
                     row_perm = act_order_perm(s.g_idx)
@@ -85,6 +87,8 @@ def verify(src: Checkpoint, dst: Checkpoint, progress: bool = True) -> VerifyRep
                     report.mismatches.append(f"{module}: {problem}")
                 report.modules += 1
                 bar.update()
+            src.check_fused(g_idx[0])  # the validation every entry point runs (validate.check_fused)
+            dst.check_fused(g_idx[1])
     _compare_tensors(src, dst, out_perms, report)
     return report
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -76,6 +77,27 @@ class _Shard:
         self._file.close()
 
 
+# Weight files a CheckpointWriter names (any shard count): a previous output may have had more shards.
+WEIGHT_FILES = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def check_replaceable(destination: Path, written: set[str]) -> None:
+    """Refuse to --overwrite a directory holding anything this write would not replace (subdirectories,
+    files it does not write): replacing it must delete only a previous output, not unrelated work."""
+    other = sorted(p.name + ("/" if p.is_dir() else "") for p in destination.iterdir()
+                   if not (p.is_file() and (p.name in written or WEIGHT_FILES.fullmatch(p.name))))
+    if other:
+        raise FileExistsError(f"{destination}: holds files a checkpoint would not ({', '.join(other[:5])}"
+                              f"{', ...' if len(other) > 5 else ''}); --overwrite replaces only a checkpoint "
+                              f"directory: remove them or choose another destination")
+
+
 class CheckpointWriter:
     def __init__(self, destination: str | os.PathLike, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
                  overwrite: bool = False, metadata: dict[str, str] | None = None,
@@ -83,6 +105,8 @@ class CheckpointWriter:
         self.destination = Path(destination)
         if self.destination.exists() and not overwrite:
             raise FileExistsError(f"{self.destination}: already exists (pass --overwrite to replace it)")
+        if self.destination.exists() and not self.destination.is_dir():
+            raise FileExistsError(f"{self.destination}: not a directory; --overwrite replaces a checkpoint directory")
         self.destination.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.destination.name}.tmp-", dir=self.destination.parent))
         self.overwrite = overwrite
@@ -146,7 +170,11 @@ class CheckpointWriter:
         (self.tmp / filename).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
     def copy_file(self, source: str | os.PathLike, filename: str | None = None) -> None:
-        shutil.copy2(source, self.tmp / (filename or Path(source).name))
+        # Content and times, not the mode: Hub cache blobs are read-only, the copy must be the user's to edit.
+        target = self.tmp / (filename or Path(source).name)
+        shutil.copyfile(source, target)
+        shutil.copystat(source, target)
+        os.chmod(target, 0o666 & ~_umask())
 
     def finish(self) -> Path:
         """Name the shards HF-style, write the index (when sharded) and move the directory into place."""
@@ -162,7 +190,9 @@ class CheckpointWriter:
         if n > 1:
             self.write_json("model.safetensors.index.json",
                             {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))})
+        os.chmod(self.tmp, 0o777 & ~_umask())  # mkdtemp made it 0700: give the checkpoint the usual mode
         if self.destination.exists() and self.overwrite:
+            check_replaceable(self.destination, {p.name for p in self.tmp.iterdir()})
             shutil.rmtree(self.destination)
         os.replace(self.tmp, self.destination)
         self.tmp = None

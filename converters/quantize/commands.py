@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 import torch
 
+from ..checkpoint.commands import quiet_option
 from ..checkpoint.emit import Target
 from ..errors import user_errors
 from .solver import ACT_ORDERS, QuantSpec
@@ -107,8 +108,9 @@ def _common(f):
 @_common
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("-v", "--verbose", is_flag=True, help="Log every layer's output error.")
+@quiet_option
 def quantize(model, out, method, bits, group_size, sym, act_order, damp, mse, calib, nsamples, seqlen, seed, fmt,
-             dynamic, skip, lm_head, batch_size, device, dtype, overwrite, verbose):
+             dynamic, skip, lm_head, batch_size, device, dtype, overwrite, verbose, quiet):
     """Quantize the float model MODEL (directory or cached Hub id) into the checkpoint OUT.
 
     GPTQ layer by layer, the model streamed from its safetensors; OUT appears only when complete and
@@ -131,7 +133,7 @@ def quantize(model, out, method, bits, group_size, sym, act_order, damp, mse, ca
         raise click.UsageError(str(e)) from None
     job = Job(model_dir=model_dir, out_dir=Path(out), spec=spec, target=target, dynamic=_dynamic(dynamic, skip),
               lm_head=lm_head, method=method, device=resolve_device(device), dtype=_dtype(dtype),
-              batch_size=batch_size, overwrite=overwrite)
+              batch_size=batch_size, overwrite=overwrite, progress=not quiet)
     calibration = None
     if method == "gptq":
         from transformers import AutoTokenizer
@@ -159,7 +161,8 @@ def quantize(model, out, method, bits, group_size, sym, act_order, damp, mse, ca
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Windows per forward.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the results here.")
 @_common
-def evaluate(model, data, seqlen, base, layer_windows, batch_size, json_out, device, dtype):
+@quiet_option
+def evaluate(model, data, seqlen, base, layer_windows, batch_size, json_out, device, dtype, quiet):
     """Perplexity of MODEL (float or quantized: dequantized into transformers) on a text file."""
     from .eval import layer_report, load_model, perplexity
 
@@ -167,15 +170,16 @@ def evaluate(model, data, seqlen, base, layer_windows, batch_size, json_out, dev
     model_dir = resolve_model(model)
     from transformers import AutoTokenizer
 
-    lm = load_model(model_dir, dev, _dtype(dtype))
+    with user_errors():  # a malformed checkpoint: the one-line message of every command (validate)
+        lm = load_model(model_dir, dev, _dtype(dtype))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     text = Path(data).read_text(encoding="utf-8")
-    result = perplexity(lm, tokenizer, text, seqlen, batch_size)
+    result = perplexity(lm, tokenizer, text, seqlen, batch_size, progress=not quiet)
     click.echo(f"perplexity {result['ppl']:.4f} ({result['windows']} windows of {seqlen}, "
                f"{result['tokens_scored']} tokens scored)")
     if base:
         base_lm = load_model(resolve_model(base), dev, _dtype(dtype))
-        rows = layer_report(base_lm, lm, tokenizer, text, seqlen, layer_windows, batch_size)
+        rows = layer_report(base_lm, lm, tokenizer, text, seqlen, layer_windows, batch_size, progress=not quiet)
         result["layers"] = rows
         click.echo(f"{'layer':>5} {'rel. error':>12} {'rtn':>12} {'ratio':>7}")
         for r in rows:

@@ -1,6 +1,7 @@
 """`gptq-convert eval`: perplexity of a float or quantized checkpoint, and per-layer output error.
 
-Quantized checkpoints (GPTQ v1/v2, compressed-tensors, mygptq) are dequantized into the float
+Quantized checkpoints (GPTQ v1/v2, compressed-tensors, mygptq) are read by the checkpoint readers (so
+validated exactly like inspect / convert / verify and the plugin do) and dequantized into the float
 transformers model through the format core (gptq_vllm.formats.reference), so the number measures the
 weights exactly as written, independent of any kernel.
 
@@ -18,12 +19,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
-from gptq_vllm.formats import compressed_tensors, gptq
-from gptq_vllm.formats.kernel_layout import KernelWeight, from_kernel
+from gptq_vllm.formats.errors import FormatError
 from gptq_vllm.formats.reference import dequantize
+from gptq_vllm.formats.validate import config_sources
 
-from ..checkpoint.readers.config import load_quant_config
+from ..checkpoint.convert import by_parent
+from ..checkpoint.readers import open_checkpoint
 from .capture import Checkpoint, decoder_layers, params_on_meta
 from .moe import fused_experts
 from .moe_names import FUSED, ExpertNames, resolve, stored_name
@@ -31,29 +34,18 @@ from .pipeline import ROUTER
 from .rtn import rtn_quantize
 
 
-def _has_quant_config(directory: Path) -> bool:
-    import json
-
-    cfg = json.loads((directory / "config.json").read_text())
-    return any(k in cfg for k in ("quantization_config", "compression_config")) or \
-        (directory / "quantize_config.json").exists()
-
-
-def _dequantized(tensors: dict[str, torch.Tensor], prefix: str, qc, params, K: int, N: int) -> torch.Tensor:
-    """The float weight [N, K] of one quantized module."""
-    if qc.method == "gptq":
-        t = gptq.GPTQTensors(*(tensors[f"{prefix}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")))
-        qw = gptq.unpack(t, params.bits, params.group_size, params.sym, qc.zero_format, K, prefix)
-    elif qc.method == "compressed-tensors":
-        qw = compressed_tensors.from_tensors(tensors, prefix, params.bits, params.group_size, params.sym)
-    else:
-        get = lambda k: tensors.get(f"{prefix}.{k}")  # noqa: E731
-        qw = from_kernel(KernelWeight(qc.layout, params.bits, params.group_size, params.sym, K, N, get("qweight"),
-                                      get("scales"), get("qzeros"), get("perm"), get("g_idx_sorted")))
-    return dequantize(qw).t()
+def _dequantized(reader, prefix: str, K: int, N: int, g_idx: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The float weight [N, K] of one quantized module, read and validated like every gptq-convert command."""
+    w = reader.load(prefix)
+    if (w.in_features, w.out_features) != (K, N):
+        raise FormatError(f"{reader.where(prefix)}: {prefix}: the checkpoint holds (K, N) = "
+                          f"({w.in_features}, {w.out_features}), expected ({K}, {N}) from config.json")
+    g_idx[prefix] = w.g_idx  # for the fused-layer check (validate.check_fused)
+    return dequantize(w).t()
 
 
-def _experts_state(model, tensors: dict[str, torch.Tensor], qc, quantized_modules: dict) -> dict[str, torch.Tensor]:
+def _experts_state(model, tensors: dict[str, torch.Tensor], reader, quantized_modules: dict,
+                   g_idx: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The fused expert parameters of the model, from per-expert tensors (dequantized where quantized) or
     fused ones; consumes what it uses from tensors.  model.expert_names records where each came from."""
     state = {}
@@ -71,9 +63,8 @@ def _experts_state(model, tensors: dict[str, torch.Tensor], qc, quantized_module
             def weight(m: str, rows=rows, K=K) -> torch.Tensor:
                 if f"{m}.weight" in tensors:
                     return tensors.pop(f"{m}.weight")
-                params = qc.params(m)
-                quantized_modules[m] = params
-                w = _dequantized(tensors, m, qc, params, K, rows)
+                quantized_modules[m] = reader.params(m)
+                w = _dequantized(reader, m, K, rows, g_idx)
                 for key in [k for k in tensors if k.startswith(f"{m}.")]:
                     del tensors[key]
                 return w
@@ -88,11 +79,14 @@ def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype | None 
     import transformers
     from transformers.initialization import no_init_weights
 
+    # The checks of every entry point: config.json present, config files agreeing (validate.config_sources);
+    # quantized modules are then read by the same readers as inspect / convert / verify.
+    quantized = bool(config_sources(model_dir)[1])
+    reader = open_checkpoint(model_dir) if quantized else None
+    g_idx: dict[str, torch.Tensor] = {}
     config = transformers.AutoConfig.from_pretrained(model_dir)
     if dtype is None:
         dtype = torch.float32 if device.type == "cpu" else torch.float16
-    quantized = _has_quant_config(model_dir)
-    qc = load_quant_config(model_dir) if quantized else None
     for key in ("quantization_config", "compression_config"):
         if hasattr(config, key):
             delattr(config, key)  # we dequantize ourselves; transformers must not look for GPTQ backends
@@ -103,16 +97,17 @@ def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype | None 
     state: dict[str, torch.Tensor] = {}
     model.quantized_modules = {}
     for name, mod in model.named_modules():
-        if not isinstance(mod, nn.Linear) or f"{name}.weight" in tensors or qc is None:
+        if not isinstance(mod, nn.Linear) or f"{name}.weight" in tensors or reader is None:
             continue
         if not any(k.startswith(f"{name}.") for k in tensors):
             continue  # tied lm_head
-        params = qc.params(name)
-        state[f"{name}.weight"] = _dequantized(tensors, name, qc, params, mod.in_features, mod.out_features)
-        model.quantized_modules[name] = params
+        state[f"{name}.weight"] = _dequantized(reader, name, mod.in_features, mod.out_features, g_idx)
+        model.quantized_modules[name] = reader.params(name)
         for key in [k for k in tensors if k.startswith(f"{name}.") and k != f"{name}.bias"]:
             del tensors[key]
-    state.update(_experts_state(model, tensors, qc, model.quantized_modules))
+    state.update(_experts_state(model, tensors, reader, model.quantized_modules, g_idx))
+    for modules in by_parent(list(g_idx)).values():
+        reader.check_fused({m: g_idx[m] for m in modules})
     for key in model.state_dict():  # tensors saved under their Hub names (Mixtral's block_sparse_moe.gate)
         stored = stored_name(key, tensors) if key not in state else None
         if stored is not None:
@@ -136,14 +131,16 @@ def windows(tokenizer, text: str, seqlen: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def perplexity(model, tokenizer, text: str, seqlen: int = 512, batch_size: int = 8) -> dict:
+def perplexity(model, tokenizer, text: str, seqlen: int = 512, batch_size: int = 8, progress: bool = True) -> dict:
     rows = windows(tokenizer, text, seqlen)
     device = next(model.parameters()).device
     nll = 0.0
-    for i in range(0, rows.shape[0], batch_size):
-        x = rows[i:i + batch_size].to(device)
-        logits = model(input_ids=x, use_cache=False).logits.float()
-        nll += float(F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten(), reduction="sum"))
+    with tqdm(total=rows.shape[0], desc="eval", unit="window", disable=not progress) as bar:
+        for i in range(0, rows.shape[0], batch_size):
+            x = rows[i:i + batch_size].to(device)
+            logits = model(input_ids=x, use_cache=False).logits.float()
+            nll += float(F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten(), reduction="sum"))
+            bar.update(x.shape[0])
     scored = rows.shape[0] * (seqlen - 1)
     return {"ppl": math.exp(nll / scored), "nll": nll / scored, "windows": rows.shape[0], "tokens_scored": scored}
 
@@ -170,7 +167,8 @@ def _rtn_layer(layer: nn.Module, prefix: str, specs: dict, expert_names: dict[st
 
 
 @torch.no_grad()
-def layer_report(base, quant, tokenizer, text: str, seqlen: int, nwindows: int = 16, batch_size: int = 8) -> list[dict]:
+def layer_report(base, quant, tokenizer, text: str, seqlen: int, nwindows: int = 16, batch_size: int = 8,
+                 progress: bool = True) -> list[dict]:
     """Per decoder layer: relative output error of the quantized layer and of RTN (same settings), both
     fed the float model's inputs to that layer, so each number isolates that layer's quantization."""
     rows = windows(tokenizer, text, seqlen)[:nwindows]
@@ -192,8 +190,10 @@ def layer_report(base, quant, tokenizer, text: str, seqlen: int, nwindows: int =
 
     handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
     try:
-        for i in range(0, rows.shape[0], batch_size):
-            base.base_model(input_ids=rows[i:i + batch_size].to(device), use_cache=False)
+        with tqdm(total=rows.shape[0], desc="layer report", unit="window", disable=not progress) as bar:
+            for i in range(0, rows.shape[0], batch_size):
+                base.base_model(input_ids=rows[i:i + batch_size].to(device), use_cache=False)
+                bar.update(min(batch_size, rows.shape[0] - i))
     finally:
         for h in handles:
             h.remove()

@@ -54,6 +54,20 @@ def check_g_idx(g_idx: torch.Tensor, in_features: int, group_size: int, name: st
         )
 
 
+def check_perm(perm: torch.Tensor, in_features: int, name: str = "perm") -> None:
+    """Raise FormatError unless perm holds every input channel 0..K-1 exactly once (else the gather it
+    drives would duplicate some channels and drop others, and its inverse would hide that)."""
+    if tuple(perm.shape) != (in_features,):
+        raise FormatError(f"{name}: shape {tuple(perm.shape)}, expected ({in_features},)")
+    counts = torch.bincount(perm.to(torch.int64).clamp(-1, in_features) + 1, minlength=in_features + 2)
+    bad = (counts[1:-1] != 1).nonzero().flatten()
+    if int(counts[0]) or int(counts[-1]) or bad.numel():
+        detail = (f"values outside [0, {in_features - 1}]" if int(counts[0]) or int(counts[-1])
+                  else f"input channel {int(bad[0])} appears {int(counts[1 + int(bad[0])])} times")
+        raise FormatError(f"{name}: not a permutation of range({in_features}) ({detail}); expected every input "
+                          f"channel exactly once")
+
+
 def act_order_perm(g_idx: torch.Tensor) -> torch.Tensor:
     """Row permutation p (int32 [K]) with g_idx[p] sorted; stable, so it is the identity for trivial g_idx.
 

@@ -5,7 +5,7 @@ Per module, with K = in_features, N = out_features:
     weight_scale       [N, NG]             the GPTQ scales transposed
     weight_zero_point  [N*b/32, NG] int32  asymmetric only; exact zeros packed along N (dim 0)
     weight_g_idx       [K] int32           only for actorder "group"
-    weight_shape       [2] int32           (N, K)
+    weight_shape       [2] int32 or int64  (N, K) (llm-compressor writes int64)
 The stored field u equals the GPTQ code q, so weight_packed is the GPTQ qweight transposed, bit for bit.
 3-bit is refused: compressed-tensors packs 10 codes per word, vLLM allocates ceil(3K/32).
 """
@@ -26,6 +26,45 @@ SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx"
 def _check_bits(bits: int) -> None:
     if bits not in CT_BITS:
         raise FormatError(f"compressed-tensors pack-quantized is supported for {CT_BITS}-bit here, not {bits}-bit")
+
+
+def expected_shapes(in_features: int, out_features: int, bits: int, group_size: int) -> dict[str, tuple[int, ...]]:
+    """Shapes of the tensors of one module (weight_zero_point: asymmetric only; weight_g_idx: act-order)."""
+    ng = num_groups(in_features, group_size)
+    return {
+        "weight_packed": (out_features, bitpack.packed_length(in_features, bits)),
+        "weight_scale": (out_features, ng),
+        "weight_zero_point": (bitpack.packed_length(out_features, bits), ng),
+        "weight_g_idx": (in_features,),
+        "weight_shape": (2,),
+    }
+
+
+def scheme(cfg: dict, where: str) -> tuple[int, int, bool, bool]:
+    """(bits, group_size, sym, act_order) of a compressed-tensors quantization_config holding weight-only
+    pack-quantized integer weights; FormatError naming `where` for anything else."""
+    fmt = cfg.get("format")
+    if fmt != "pack-quantized":
+        raise FormatError(f"{where}: compressed-tensors format {fmt!r} is not supported; only 'pack-quantized' "
+                          f"(integer weights packed into int32) holds GPTQ-style weights")
+    if cfg.get("quantization_status", "compressed") != "compressed":
+        raise FormatError(f"{where}: quantization_status {cfg.get('quantization_status')!r}; expected 'compressed'")
+    schemes = []
+    for name, group in (cfg.get("config_groups") or {}).items():
+        w = group.get("weights") or {}
+        if group.get("input_activations") or group.get("format", fmt) != "pack-quantized":
+            raise FormatError(f"{where}: config group {name!r} is not a weight-only pack-quantized scheme")
+        if w.get("type", "int") != "int" or w.get("strategy") not in ("group", "channel"):
+            raise FormatError(f"{where}: config group {name!r}: weights {w.get('type')!r} with strategy "
+                              f"{w.get('strategy')!r}; expected int weights with strategy 'group' or 'channel'")
+        group_size = int(w["group_size"]) if w.get("strategy") == "group" else -1
+        schemes.append((int(w["num_bits"]), group_size, bool(w.get("symmetric", True)),
+                        w.get("actorder") in ("group", "dynamic")))
+    if not schemes:
+        raise FormatError(f"{where}: compressed-tensors config has no config_groups")
+    if any(s != schemes[0] for s in schemes[1:]):
+        raise FormatError(f"{where}: config groups with different weight schemes are not supported")
+    return schemes[0]
 
 
 def to_tensors(weight: QuantizedWeight, prefix: str, scale_dtype: torch.dtype = torch.float16,
@@ -54,7 +93,7 @@ def from_tensors(tensors: dict[str, torch.Tensor], prefix: str, bits: int, group
     def get(suffix: str) -> torch.Tensor:
         key = f"{prefix}.{suffix}"
         if key not in tensors:
-            raise FormatError(f"{key}: missing")
+            raise FormatError(f"{key} is missing")
         return tensors[key]
 
     N, K = (int(v) for v in get("weight_shape").tolist())

@@ -188,7 +188,8 @@ def check_zero_format(qzeros: torch.Tensor, bits: int, out_features: int, declar
     if detected is not None and detected is not declared:
         raise ZeroFormatError(
             f"{name}: checkpoint says checkpoint_format={declared.value!r} but its zero points are those of "
-            f"{detected.value!r} (a mislabelled checkpoint); pass the format explicitly to override"
+            f"{detected.value!r} (a mislabelled checkpoint); set checkpoint_format {detected.value!r} in its "
+            f"quantization config, or pass --checkpoint-format {detected.value} to gptq-convert"
         )
 
 

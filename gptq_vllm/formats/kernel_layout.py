@@ -63,6 +63,20 @@ class KernelWeight:
         return out
 
 
+def expected_shapes(layout: Layout, bits: int, group_size: int, sym: bool, K: int, N: int) -> dict[str, tuple[int, ...]]:
+    """Shapes of the tensors a converted module (pad=False) of this layout holds; perm only with act-order."""
+    ng = num_groups(K, group_size)
+    shapes = {"scales": (ng, N), "perm": (K,)}
+    if layout is Layout.MARLIN:
+        shapes["qweight"] = (K // marlin.TILE_K, N * marlin.TILE_K * bits // 32)
+        if not sym:
+            shapes["qzeros"] = (ng, bitpack.packed_length(N, bits))
+    else:
+        shapes["qweight"] = (bitpack.packed_length(K, bits), N)
+        shapes["qzeros"] = (ng, bitpack.packed_length(N, bits))
+    return shapes
+
+
 def _groups_are_runs(g_sorted: torch.Tensor, group_size: int) -> bool:
     return bool(torch.equal(g_sorted, default_g_idx(g_sorted.numel(), group_size, g_sorted.device)))
 
@@ -114,8 +128,8 @@ def to_kernel(weight: QuantizedWeight, layout: Layout | None = None, scale_dtype
     )
 
 
-def from_kernel(kw: KernelWeight) -> QuantizedWeight:
-    """Exact inverse of to_kernel (padding removed, rows back in input-channel order)."""
+def from_kernel(kw: KernelWeight, name: str = "weight") -> QuantizedWeight:
+    """Exact inverse of to_kernel (padding removed, rows back in input-channel order); errors name `name`."""
     K, N = kw.in_features, kw.out_features
     if kw.layout is Layout.MARLIN:
         kp = kw.qweight.shape[0] * marlin.TILE_K
@@ -143,5 +157,5 @@ def from_kernel(kw: KernelWeight) -> QuantizedWeight:
         g_idx = default_g_idx(K, kw.group_size, codes.device)
     w = QuantizedWeight(codes=codes.contiguous(), scales=scales[:ng, :N].contiguous(), zeros=zeros[:ng, :N].contiguous(),
                         g_idx=g_idx.to(torch.int32), bits=kw.bits, group_size=kw.group_size, sym=kw.sym)
-    w.validate(shard=kw.g_idx_sorted is not None)
+    w.validate(name, shard=kw.g_idx_sorted is not None)
     return w

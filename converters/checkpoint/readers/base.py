@@ -12,8 +12,10 @@ from pathlib import Path
 
 import torch
 
+from gptq_vllm.formats.act_order import is_trivial
 from gptq_vllm.formats.errors import FormatError
 from gptq_vllm.formats.gptq import QuantizedWeight
+from gptq_vllm.formats.validate import check_fused, model_dims
 
 from ..safetensors_dir import SafetensorsDir
 from .config import QuantConfig
@@ -23,6 +25,7 @@ from .dynamic import ModuleParams
 class Checkpoint(ABC):
     MODULE_TENSORS: tuple[str, ...] = ()  # suffixes of the tensors of one quantized module
     MARKERS: tuple[str, ...] = ()  # suffixes that only quantized modules have
+    ACT_ORDER_TENSOR = "g_idx"  # this format's name for the tensor that carries act-order
 
     def __init__(self, path: Path, config: QuantConfig, tensors: SafetensorsDir):
         self.path = path
@@ -83,6 +86,26 @@ class Checkpoint(ABC):
         except FormatError as e:
             if str(e).startswith(self.where(module)):
                 raise
+            raise FormatError(f"{self.where(module)}: {e}") from e
+
+    def has_act_order(self) -> bool:
+        """Whether any module carries a non-trivial act-order tensor (read from those small tensors only)."""
+        for module in self.modules():
+            t = self.get(module, self.ACT_ORDER_TENSOR)
+            if t is not None and (self.ACT_ORDER_TENSOR == "perm" or not is_trivial(t, self.params(module).group_size)):
+                return True
+        return False
+
+    def model_dims(self, module: str) -> tuple[int, int] | None:
+        """(K, N) that config.json gives the module (what vLLM builds the layer with), where it tells."""
+        return model_dims(self.config.model, module)
+
+    def check_fused(self, g_idx: dict[str, torch.Tensor]) -> None:
+        """validate.check_fused over the modules of one parent, the error naming the file of the module blamed."""
+        try:
+            check_fused(g_idx, self.ACT_ORDER_TENSOR)
+        except FormatError as e:
+            module = str(e).split(f".{self.ACT_ORDER_TENSOR}:")[0]
             raise FormatError(f"{self.where(module)}: {e}") from e
 
     @abstractmethod

@@ -1,12 +1,15 @@
-"""compressed-tensors `pack-quantized` checkpoints (llm-compressor): weight_packed, weight_scale, ... per module."""
+"""compressed-tensors `pack-quantized` checkpoints (llm-compressor): weight_packed, weight_scale, ... per module.
+
+Every check is validate.compressed_weight's (weight_shape may be int32 or int64: llm-compressor writes int64).
+"""
 
 from __future__ import annotations
 
 import torch
 
 from gptq_vllm.formats import compressed_tensors
-from gptq_vllm.formats.errors import FormatError
 from gptq_vllm.formats.gptq import QuantizedWeight
+from gptq_vllm.formats.validate import compressed_weight
 
 from .base import Checkpoint
 from .dynamic import ModuleParams
@@ -14,15 +17,13 @@ from .dynamic import ModuleParams
 
 class CompressedTensorsCheckpoint(Checkpoint):
     MODULE_TENSORS = compressed_tensors.SUFFIXES
-    MARKERS = ("weight_packed",)
+    MARKERS = MODULE_TENSORS  # any of them: a module missing weight_packed is still a broken quantized one
+    ACT_ORDER_TENSOR = "weight_g_idx"
 
     def _load(self, module: str, p: ModuleParams, out_perm: torch.Tensor | None) -> QuantizedWeight:
         tensors = {name: self.tensors.get(name) for name in self.module_tensors(module)}
-        for suffix in ("weight_packed", "weight_zero_point", "weight_shape"):
-            t = tensors.get(f"{module}.{suffix}")
-            if t is not None and t.dtype != torch.int32:
-                raise FormatError(f"{module}.{suffix}: dtype {t.dtype}, expected torch.int32")
-        w = compressed_tensors.from_tensors(tensors, module, p.bits, p.group_size, p.sym)
+        K, N = self.model_dims(module) or (None, None)
+        w = compressed_weight(tensors, module, p.bits, p.group_size, p.sym, self.config.desc_act, K, N)
         return w if out_perm is None else w.permute_cols(out_perm)
 
     def dims(self, module: str) -> tuple[int, int] | None:

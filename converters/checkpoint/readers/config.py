@@ -15,19 +15,16 @@ Dialects:
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from gptq_vllm.formats import compressed_tensors
 from gptq_vllm.formats.errors import FormatError
 from gptq_vllm.formats.gptq import ZeroFormat
 from gptq_vllm.formats.kernel_layout import Layout
+from gptq_vllm.formats.validate import GPTQ_CONFIG_FILES, config_sources
 
 from .dynamic import DynamicRules, ModuleParams
-
-GPTQ_CONFIG_FILES = ("quantize_config.json", "quant_config.json")
-CORE_KEYS = ("bits", "group_size", "sym", "desc_act", "checkpoint_format")
-SYNONYMS = {"w_bit": "bits", "q_group_size": "group_size", "format": "checkpoint_format", "method": "quant_method"}
 
 
 @dataclass(frozen=True)
@@ -45,33 +42,11 @@ class QuantConfig:
     raw: dict  # the config as read (merged over `sources`)
     weight_base_name: str | None = None  # AutoGPTQ model_file_base_name
     ignore: list[str] = field(default_factory=list)  # compressed-tensors modules left unquantized
+    model: dict = field(default_factory=dict)  # config.json (the model's sizes)
 
     def params(self, module: str) -> ModuleParams | None:
         """Parameters of one module; None when a dynamic "-:" rule leaves it unquantized."""
         return self.dynamic.params(module, self.base)
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise FormatError(f"{path}: not valid JSON ({e})") from e
-
-
-def _embedded(config: dict) -> tuple[str, dict] | None:
-    for holder, cfg in (("", config), ("text_config.", config.get("text_config") or {})):
-        for key in ("quantization_config", "compression_config"):
-            if isinstance(cfg.get(key), dict):
-                return f"{holder}{key}", cfg[key]
-    return None
-
-
-def _normalize(cfg: dict) -> dict:
-    out = dict(cfg)
-    for old, new in SYNONYMS.items():
-        if old in out and new not in out:
-            out[new] = out[old]
-    return out
 
 
 def _quantizer(cfg: dict) -> list[str]:
@@ -80,16 +55,8 @@ def _quantizer(cfg: dict) -> list[str]:
 
 
 def load_quant_config(directory: Path) -> QuantConfig:
-    """Find, merge and check the quantization config of a checkpoint directory."""
-    found: list[tuple[str, dict]] = []
-    config_json = directory / "config.json"
-    if config_json.exists():
-        emb = _embedded(_read_json(config_json))
-        if emb is not None:
-            found.append((f"config.json[{emb[0]}]", _normalize(emb[1])))
-    for name in GPTQ_CONFIG_FILES:
-        if (directory / name).exists():
-            found.append((name, _normalize(_read_json(directory / name))))
+    """Find, merge and check the quantization config of a checkpoint directory (validate.config_sources)."""
+    model, found = config_sources(directory)
     if not found:
         raise FormatError(
             f"{directory}: no quantization config (looked for config.json quantization_config, "
@@ -98,13 +65,15 @@ def load_quant_config(directory: Path) -> QuantConfig:
     where, cfg = found[0]
     method = str(cfg.get("quant_method", "gptq")).lower()
     if method == "compressed-tensors":
-        return _compressed_tensors(directory, where, cfg)
-    if method == "mygptq":
-        return _mygptq(directory, where, cfg)
-    if method != "gptq":
+        qc = _compressed_tensors(directory, where, cfg)
+    elif method == "mygptq":
+        qc = _mygptq(directory, where, cfg)
+    elif method == "gptq":
+        qc = _gptq(directory, found)
+    else:
         raise FormatError(f"{directory / where.split('[')[0]}: quant_method {method!r} is not GPTQ; "
                           f"supported sources are GPTQ, compressed-tensors pack-quantized and mygptq checkpoints")
-    return _gptq(directory, found)
+    return replace(qc, model=model)
 
 
 def _gptq(directory: Path, found: list[tuple[str, dict]]) -> QuantConfig:
@@ -114,11 +83,7 @@ def _gptq(directory: Path, found: list[tuple[str, dict]]) -> QuantConfig:
     for name, other in reversed(found):  # the first file wins for non-core keys
         merged.update(other)
         origin.update({k: name for k in other})
-    for name, other in found[1:]:
-        for key in CORE_KEYS:
-            if key in cfg and key in other and other[key] != cfg[key]:
-                raise FormatError(f"{directory}: {where} says {key}={cfg[key]!r} but {name} says {key}={other[key]!r}")
-    cfg = merged
+    cfg = merged  # config_sources has checked that the files agree on every CORE_KEY
     path = directory / origin.get("bits", where).split("[")[0]
     if cfg.get("is_marlin_format") or str(cfg.get("checkpoint_format", "gptq")).lower() not in ("gptq", "gptq_v2"):
         fmt = "marlin" if cfg.get("is_marlin_format") else cfg.get("checkpoint_format")
@@ -144,7 +109,8 @@ def _gptq(directory: Path, found: list[tuple[str, dict]]) -> QuantConfig:
         method="gptq",
         dialect=dialect,
         base=ModuleParams(bits=int(cfg["bits"]), group_size=int(cfg.get("group_size", -1)), sym=bool(cfg.get("sym", True))),
-        desc_act=bool(cfg.get("desc_act", False)),
+        # static_groups quantizes with contiguous groups: g_idx is k // G, no runtime act-order (formats.md §2.6).
+        desc_act=bool(cfg.get("desc_act", False)) and not bool(cfg.get("static_groups", False)),
         lm_head=bool(cfg.get("lm_head", False)),
         dynamic=DynamicRules(cfg.get("dynamic"), str(path)),
         zero_format=ZeroFormat.parse(cfg.get("checkpoint_format")),
@@ -158,28 +124,8 @@ def _gptq(directory: Path, found: list[tuple[str, dict]]) -> QuantConfig:
 
 def _compressed_tensors(directory: Path, where: str, cfg: dict) -> QuantConfig:
     path = directory / "config.json"
-    fmt = cfg.get("format")
-    if fmt != "pack-quantized":
-        raise FormatError(f"{path}: compressed-tensors format {fmt!r} is not supported; only 'pack-quantized' "
-                          f"(integer weights packed into int32) holds GPTQ-style weights")
-    if cfg.get("quantization_status", "compressed") != "compressed":
-        raise FormatError(f"{path}: quantization_status {cfg.get('quantization_status')!r}; expected 'compressed'")
-    schemes = []
-    for name, group in (cfg.get("config_groups") or {}).items():
-        w = group.get("weights") or {}
-        if group.get("input_activations") or group.get("format", fmt) != "pack-quantized":
-            raise FormatError(f"{path}: config group {name!r} is not a weight-only pack-quantized scheme")
-        if w.get("type", "int") != "int" or w.get("strategy") not in ("group", "channel"):
-            raise FormatError(f"{path}: config group {name!r}: weights {w.get('type')!r} with strategy "
-                              f"{w.get('strategy')!r}; expected int weights with strategy 'group' or 'channel'")
-        group_size = int(w["group_size"]) if w.get("strategy") == "group" else -1
-        schemes.append((ModuleParams(int(w["num_bits"]), group_size, bool(w.get("symmetric", True))),
-                        w.get("actorder") in ("group", "dynamic")))
-    if not schemes:
-        raise FormatError(f"{path}: compressed-tensors config has no config_groups")
-    if any(s != schemes[0] for s in schemes[1:]):
-        raise FormatError(f"{path}: config groups with different weight schemes are not supported")
-    base, desc_act = schemes[0]
+    bits, group_size, sym, desc_act = compressed_tensors.scheme(cfg, str(path))
+    base = ModuleParams(bits, group_size, sym)
     return QuantConfig(
         method="compressed-tensors", dialect="compressed-tensors", base=base, desc_act=desc_act,
         lm_head=False, dynamic=DynamicRules(None, str(path)), zero_format=None, layout=None,

@@ -1,6 +1,6 @@
 """Refit the Marlin GEMM's fallback split model (csrc/marlin/marlin_gemm.cu) from the committed H200 sweeps.
 
-    python benchmarks/fit_split_model.py
+    python benchmarks/tuning/fit_split_model.py
 
 Reads the split sweeps in benchmarks/results/ (`SWEEP=1 MS=1,16` and `SWEEP=1 ROWS=16 MS=32,64` runs of
 benchmarks/kernels.py: 16 (strips per block, cluster ranks) per shape and M), fits log(time) by least squares on
@@ -12,10 +12,14 @@ M = 1/16 sweep).
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
-from kernels import SHAPES
-from sweep_logs import parse_sweep
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/, for kernels.py
+from kernels import SHAPES  # noqa: E402
+from sweep_logs import parse_sweep  # noqa: E402
 
 SWEEPS = ["kernels-h200-2026-11-22-issue7-run2-split-sweep-m1-m16.txt",
           "kernels-h200-2026-11-22-issue7-run2-split-sweep-m32-m64.txt"]

@@ -2,7 +2,7 @@
 
     ncu --clock-control none -k regex:marlin_gemm_kernel --section SpeedOfLight --section WarpStateStats \
         --section SchedulerStats --section Occupancy --section LaunchStats \
-        python benchmarks/profile_marlin.py 70b.gate_up:1 8b.qkv:1 8b.qkv:16
+        python benchmarks/tuning/profile_marlin.py 70b.gate_up:1 8b.qkv:1 8b.qkv:16
 
 Arguments: SHAPE:M pairs (shapes of benchmarks/kernels.py); 4-bit symmetric g128 fp16, random weights.
 Each pair is launched twice (a warm-up that ncu also records, then the one to read).
@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks/
 from kernels import G, SHAPES  # noqa: E402  (benchmarks/kernels.py, which also puts the repo root on sys.path)
 
 

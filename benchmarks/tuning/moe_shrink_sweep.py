@@ -1,7 +1,7 @@
 """Why starved MoE experts shrink their routed Hessian toward the all-token one with lambda = 1
 (converters/quantize/moe.py; the table in docs/quantizer.md, "MoE experts").
 
-    python benchmarks/moe_shrink_sweep.py        # CPU, a few minutes
+    python benchmarks/tuning/moe_shrink_sweep.py        # CPU, a few minutes
 
 A synthetic expert: 64 inputs from a correlated, unevenly scaled Gaussian; its tokens are the top 10 % along a
 random router direction.  Each 64-row weight is quantized 4-bit g32 (static groups) by GPTQ against
@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # repo root
 from converters.quantize.moe import shrink  # noqa: E402
 from converters.quantize.rtn import rtn_quantize  # noqa: E402
 from converters.quantize.solver import QuantSpec, gptq_solve  # noqa: E402

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent.parent / "results"
 
 
 def parse_sweep(name: str) -> dict[tuple[str, int], tuple[float, dict[tuple[int, int], float]]]:
