@@ -8,11 +8,13 @@
 #   bash benchmarks/device_suite.sh load                # converted vs source load time in vLLM
 #   bash benchmarks/device_suite.sh e2e                 # offline generation tok/s, mygptq vs in-tree gptq
 #   bash benchmarks/device_suite.sh install tp2         # on two GPUs: plugin TP 2 == TP 1
+#   bash benchmarks/device_suite.sh row-spread          # tuning: the Marlin atom's bank conflicts (benchmarks/tuning/row_spread)
 set -uo pipefail
 : "${OUT:?set OUT to a directory for logs}"
 source /tmp/vllm-site/activate.sh || exit 1
 export TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 PYTHONUNBUFFERED=1 VLLM_DISABLE_COMPILE_CACHE=1
-SWEEP_JSON="hopper-sweep-$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | awk '{print tolower($NF)}')-$(date +%F).json"
+GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -oiE '[a-z][0-9]{2,4}' | head -1 | tr A-Z a-z)
+SWEEP_JSON="hopper-sweep-${GPU:-gpu}-$(date +%F).json"
 status=0
 for stage in "$@"; do
   echo "== $stage $(date +%T)"
@@ -55,6 +57,10 @@ for stage in "$@"; do
     e2e)
       python benchmarks/e2e_throughput.py --out "$OUT" > "$OUT/e2e.log" 2>&1 || status=1
       tail -40 "$OUT/e2e.log" ;;
+    row-spread)  # ROW_SPREAD_SO=path: a library built elsewhere (else a JIT build here)
+      python benchmarks/tuning/row_spread/measure.py "$OUT/row-spread-${GPU:-gpu}-$(date +%F).json" ${ROW_SPREAD_SO:-} \
+        > "$OUT/row-spread.log" 2>&1 || status=1
+      grep "M=" "$OUT/row-spread.log" | tail -32 ;;
     tp2)
       python -m pytest -q -p no:cacheprovider tests/gpu/test_plugin_gpu.py -rA 2>&1 | tee "$OUT/tp2.log" | tail -8 || status=1 ;;
     *) echo "unknown stage $stage"; exit 2 ;;

@@ -3,6 +3,7 @@
     python benchmarks/quantize_speed.py --out /tmp/qspeed                  # 8B shape, 128 x 2048, 4-bit g128
     python benchmarks/quantize_speed.py --out /tmp/qspeed --layer-only 70b # one Llama-3-70B-shaped layer
     python benchmarks/quantize_speed.py --out /tmp/qspeed-tiny --tiny      # CPU smoke run, seconds
+    python benchmarks/quantize_speed.py --out /tmp/qspeed --qep            # with QEP (gptq-convert quantize --qep)
 
 The random model is written once to OUT/model-<shape> (streamed tensor by tensor into shards, in a child
 process so that its memory does not count), then quantized in this process from its safetensors, the
@@ -12,6 +13,7 @@ Hessian accumulation, solve = Cholesky and GPTQ loop, replay = quantized forward
 shard writing), the GPU memory peak (torch.cuda.max_memory_allocated), the host peak RSS, and on CUDA a
 check that the fused Triton column loop gives the same codes as the eager one on a real layer.
 Targets (issue 6): 8B shape <= 100 s end to end, GPU peak <= 12 GB, host RSS <= 8 GB.
+With --qep (issue 12): <= 1.5x the time without, GPU peak <= 14 GB.
 """
 
 from __future__ import annotations
@@ -124,6 +126,9 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-fused-check", action="store_true")
     ap.add_argument("--mse", type=float, default=0.0, help="MSE clipping search norm (gptq-convert quantize --mse)")
+    ap.add_argument("--qep", action="store_true", help="quantization error propagation (gptq-convert quantize --qep)")
+    ap.add_argument("--qep-alpha", action="append", default=[], metavar="[REGEX=]ALPHA",
+                    help="QEP alpha rules, as gptq-convert quantize --qep-alpha (repeatable; default: its defaults)")
     ap.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     shape = "tiny" if args.tiny else (args.layer_only or "8b")
@@ -144,6 +149,7 @@ def main() -> None:
     from converters.checkpoint.emit import Target
     from converters.quantize.calibration import Calibration
     from converters.quantize.pipeline import Job, quantize
+    from converters.quantize.qep import QEP
     from converters.quantize.solver import QuantSpec
 
     device = torch.device(args.device)
@@ -153,11 +159,13 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats()
     job = Job(model_dir=model_dir, out_dir=args.out / f"quantized-{shape}", spec=QuantSpec(4, 128, True, "static", mse=args.mse),
               target=Target.GPTQ_V1, device=device, dtype=dtype if device.type == "cuda" else None,
-              batch_size=args.batch_size, overwrite=True)
+              batch_size=args.batch_size, overwrite=True,
+              qep=QEP(QEP.parse_alpha(args.qep_alpha)) if args.qep else None)
     t0 = time.perf_counter()
     report = quantize(job, Calibration(rows, {"random_tokens": True}))
     total = time.perf_counter() - t0
     layers = SHAPES[shape][2]
+    error = "fp_error" if args.qep else "rel_error"
     result = {
         "shape": shape, "hidden_intermediate_layers_heads_kv_vocab": SHAPES[shape], "nsamples": args.nsamples,
         "seqlen": args.seqlen, "mse": args.mse, "dtype": args.dtype, "device": torch.cuda.get_device_name() if device.type == "cuda"
@@ -166,10 +174,12 @@ def main() -> None:
         "per_layer_s": round(total / layers, 2),
         "gpu_peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if device.type == "cuda" else None,
         "host_peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2),
-        "mean_rel_layer_error": sum(r["rel_error"] for r in report["layers"]) / len(report["layers"]),
+        "qep": report.get("qep"),
+        # with QEP against the full-precision model's outputs (fp_error), else against the float layer's
+        "mean_rel_layer_error": sum(r[error] for r in report["layers"]) / len(report["layers"]),
         # per layer: a random model's layer 0 has by far the largest error (its output is almost all residual
         # branch; deeper layers add to a growing residual stream), so one 70B layer compares with layer 0 only
-        "rel_layer_errors": [round(r["rel_error"], 4) for r in report["layers"]],
+        "rel_layer_errors": [round(r[error], 4) for r in report["layers"]],
         "fallbacks": [f"{r['layer']}.{n}" for r in report["layers"] for n, m in r["modules"].items() if m["fallback"]],
     }
     if shape == "70b":
@@ -179,7 +189,7 @@ def main() -> None:
         result["fused_check"] = fused_check(model_dir, device)
     text = json.dumps(result, indent=2)
     print(text)
-    (args.out / f"quantize_speed-{shape}.json").write_text(text + "\n")
+    (args.out / f"quantize_speed-{shape}{'-qep' if args.qep else ''}.json").write_text(text + "\n")
 
 
 if __name__ == "__main__":

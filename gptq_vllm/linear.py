@@ -47,6 +47,31 @@ from .kernels import ops, selection  # noqa: F401  (ops: apply calls torch.ops.m
 logger = logging.getLogger(__name__)
 
 _QKV_SHARDS = {"q": 0, "k": 1, "v": 2}
+_ROW_PARALLEL_WHY = ("this row-parallel layer cannot honour: tensor parallelism split its scales along K by "
+                     "k // group_size; set desc_act: true in the quantization config (the tensors stay valid) or "
+                     "serve with tensor_parallel_size=1")
+
+
+def _add_group_params(add, scales: str, zeros: str | None, N: int, ng: int, bits: int, pf: Fraction,
+                      all_groups: bool, transposed: bool) -> None:
+    """Register the scales [NG, N] and, unless `zeros` is None, the zeros packed along N [NG, N*b/32].
+
+    transposed: compressed-tensors stores both as [N, NG] and [N*b/32, NG].  They are sharded along the
+    groups, unless this rank keeps every group (all_groups).
+    """
+    group_dim, out_dim = (1, 0) if transposed else (0, 1)
+    groups = {} if all_groups else {"input_dim": group_dim}
+
+    def shape(n: int) -> tuple[int, int]:
+        return (n, ng) if transposed else (ng, n)
+
+    # fp32 until conversion: fp16 and bf16 checkpoint scales both fit exactly.
+    add(scales, ChannelQuantScaleParameter if all_groups else GroupQuantScaleParameter,
+        torch.empty(shape(N), dtype=torch.float32), output_dim=out_dim, **groups)
+    if zeros is not None:
+        add(zeros, PackedColumnParameter if all_groups else PackedvLLMParameter,
+            torch.empty(shape(bitpack.packed_length(N, bits)), dtype=torch.int32), output_dim=out_dim,
+            packed_dim=out_dim, packed_factor=pf, **groups)
 
 
 @dataclass(frozen=True)
@@ -170,23 +195,15 @@ class MyGPTQLinearMethod(LinearMethodBase):
             # GPTQ and ExLlama both pack along K: [K*b/32, N].
             add("qweight", PackedvLLMParameter, torch.empty(bitpack.packed_length(K, s.bits), N, dtype=torch.int32),
                 input_dim=0, output_dim=1, packed_dim=0, packed_factor=pf)
-        # Scales stay in fp32 until conversion: fp16 and bf16 checkpoint scales both fit exactly.
-        scales = torch.empty(ng, N, dtype=torch.float32)
-        if all_groups:
-            add("scales", ChannelQuantScaleParameter, scales, output_dim=1)
-        else:
-            add("scales", GroupQuantScaleParameter, scales, input_dim=0, output_dim=1)
-        if not (s.layout is Layout.MARLIN and s.sym):  # Marlin implies the symmetric zero
-            zeros = torch.empty(ng, N * s.bits // 32, dtype=torch.int32)
-            if all_groups:
-                add("qzeros", PackedColumnParameter, zeros, output_dim=1, packed_dim=1, packed_factor=pf)
-            else:
-                add("qzeros", PackedvLLMParameter, zeros, input_dim=0, output_dim=1, packed_dim=1, packed_factor=pf)
+        marlin_sym = s.layout is Layout.MARLIN and s.sym  # Marlin implies the symmetric zero
+        _add_group_params(add, "scales", None if marlin_sym else "qzeros", N, ng, s.bits, pf, all_groups,
+                          transposed=False)
         if not s.is_kernel_layout:
             add("g_idx", RowvLLMParameter, torch.empty(K, dtype=torch.int32), input_dim=0)
-        elif s.desc_act:
-            # The activation gather of a converted act-order module (absent where it was folded into the
-            # producing layer).  It spans the full K on every rank: a row-parallel layer cannot use it.
+        else:
+            # The activation gather of a converted act-order module, whatever desc_act says (absent where
+            # it was folded into the producing layer, or without act-order).  It spans the full K on every
+            # rank: a row-parallel layer cannot use it.
             add("perm", BasevLLMParameter, torch.empty(input_size, dtype=torch.int32))
 
     def _create_compressed(self, add, K: int, N: int, ng: int, pf: Fraction, all_groups: bool) -> None:
@@ -194,18 +211,8 @@ class MyGPTQLinearMethod(LinearMethodBase):
         s = self.scheme
         add("weight_packed", PackedvLLMParameter, torch.empty(N, bitpack.packed_length(K, s.bits), dtype=torch.int32),
             input_dim=1, output_dim=0, packed_dim=1, packed_factor=pf)
-        scales = torch.empty(N, ng, dtype=torch.float32)
-        if all_groups:
-            add("weight_scale", ChannelQuantScaleParameter, scales, output_dim=0)
-        else:
-            add("weight_scale", GroupQuantScaleParameter, scales, output_dim=0, input_dim=1)
-        if not s.sym:
-            zeros = torch.empty(bitpack.packed_length(N, s.bits), ng, dtype=torch.int32)
-            if all_groups:
-                add("weight_zero_point", PackedColumnParameter, zeros, output_dim=0, packed_dim=0, packed_factor=pf)
-            else:
-                add("weight_zero_point", PackedvLLMParameter, zeros, input_dim=1, output_dim=0, packed_dim=0,
-                    packed_factor=pf)
+        _add_group_params(add, "weight_scale", None if s.sym else "weight_zero_point", N, ng, s.bits, pf,
+                          all_groups, transposed=True)
         # Registered even without actorder: a checkpoint may hold a trivial one (our writer does for act-order
         # checkpoints), and vLLM fails on a tensor without a parameter.
         add("weight_g_idx", RowvLLMParameter, torch.empty(K, dtype=torch.int32), input_dim=0)
@@ -378,11 +385,9 @@ class MyGPTQLinearMethod(LinearMethodBase):
                 qw = self._all_groups_shard(name, qweight, qzeros, scales, g_idx, n)
             else:
                 if p.row_parallel:
-                    # Scales were sharded along K, which is only right when g_idx is k // G.
-                    if not torch.equal(g_idx, implied):
-                        raise FormatError(
-                            f"{name}.{g_name}: not k // group_size although the config says desc_act=false; the "
-                            f"checkpoint has act-order: set desc_act: true in its quantization config")
+                    # Scales were sharded along K (create_weights, from desc_act): right only for k // G.
+                    if whole is not None:
+                        validate.check_implied_g_idx(whole, G, f"{name}.{g_name}", _ROW_PARALLEL_WHY)
                     g_idx = implied - implied[0]
                 if ct:
                     t = {"weight_packed": qweight, "weight_scale": scales, "weight_zero_point": qzeros,

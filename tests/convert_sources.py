@@ -86,15 +86,15 @@ def gptqmodel(float_dir: Path, out: Path, bits=4, group_size=64, desc_act=True, 
               zero_format=ZeroFormat.V2, dynamic=GPTQMODEL_DYNAMIC) -> Path:
     """GPTQModel 4.x: `format`, `pack_dtype`, `meta.quantizer` and per-module `dynamic` overrides."""
     out.mkdir(parents=True, exist_ok=True)
-    from converters.checkpoint.readers.dynamic import DynamicRules, ModuleParams
+    from gptq_vllm.formats.quant_config import parse
 
-    rules = DynamicRules(dynamic, "test")
+    scheme = parse({"bits": bits, "group_size": group_size, "sym": sym, "dynamic": dynamic}, "test")
     gen = torch.Generator().manual_seed(1)
     perms: dict = {}
     packed = {}
     for name, t in load_file(str(float_dir / "model.safetensors")).items():
         module = quantizable_module(name, tuple(t.shape))
-        p = rules.params(module, ModuleParams(bits, group_size, sym)) if module else None
+        p = scheme.params(module) if module else None
         if p is None:
             packed[name] = t
             continue

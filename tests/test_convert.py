@@ -14,7 +14,6 @@ from converters.checkpoint.emit import Target
 from converters.checkpoint.hub import resolve
 from converters.checkpoint.readers import open_checkpoint
 from converters.checkpoint.verify import verify
-from converters.checkpoint.writer import _umask
 from converters.cli import main
 from gptq_vllm.formats.act_order import act_order_perm, is_trivial
 from gptq_vllm.formats.errors import FormatError
@@ -169,13 +168,56 @@ def test_existing_destination(fl, tmp_path):
     for _ in range(2):  # into the empty directory, then over its own previous output
         result = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "dst"), "-q", "--overwrite"])
         assert result.exit_code == 0, result.output
-    dst = tmp_path / "dst"
-    assert dst.stat().st_mode & 0o777 == 0o777 & ~_umask()  # not mkdtemp's 0700
-    (src / "tokenizer.json").chmod(0o444)  # like a Hub cache blob
-    result = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "dst2"), "-q"])
-    assert result.exit_code == 0 and os.access(tmp_path / "dst2" / "tokenizer.json", os.W_OK)
     result = CliRunner().invoke(main, ["convert", str(src), str(src / "inside"), "-q"])
     assert result.exit_code == 1 and "must not be, contain or lie inside the source" in result.output
+
+
+def test_overwrite_replaces_only_a_checkpoint(fl, tmp_path):
+    src, dst = gptqmodel(fl, tmp_path / "src"), tmp_path / "dst"
+
+    def run(*args):
+        return CliRunner().invoke(main, ["convert", str(src), str(dst), "-q", "--overwrite", *args])
+
+    assert run("--shard-size", "200KB").exit_code == 0
+    sharded = sorted(p.name for p in dst.iterdir())
+    assert "model.safetensors.index.json" in sharded and "model-00002-of-00003.safetensors" in sharded, sharded
+    result = run()  # one file now: the previous shards and index go, nothing of theirs is left behind
+    assert result.exit_code == 0, result.output
+    files = sorted(p.name for p in dst.iterdir())
+    assert "model.safetensors" in files and not [f for f in files if f.startswith("model-") or f.endswith("index.json")]
+    assert verify(open_checkpoint(src), open_checkpoint(dst), progress=False).ok
+    for other in ("notes.txt", "runs/"):
+        path = dst / other.rstrip("/")
+        path.mkdir() if other.endswith("/") else path.write_text("mine")
+        before = tree_hash(dst)
+        result = run()
+        assert result.exit_code == 1 and f"holds files a checkpoint would not ({other})" in result.output, result.output
+        assert tree_hash(dst) == before and sorted(p.name for p in tmp_path.iterdir()) == ["dst", "src"]
+        path.rmdir() if other.endswith("/") else path.unlink()
+
+
+def test_output_is_the_users_whatever_the_source_mode(fl, tmp_path, monkeypatch):
+    """A read-only source (a Hub cache) gives a checkpoint with the modes the umask gives new files, and its
+    config.json names the source directory only, never a local path."""
+    src = autogptq(fl, tmp_path / "src")
+    for f in src.iterdir():
+        f.chmod(0o444)
+    src.chmod(0o555)
+    monkeypatch.chdir(tmp_path)
+    old = os.umask(0o022)
+    try:
+        result = CliRunner().invoke(main, ["convert", "src", str(tmp_path / "out" / "dst"), "-q"])
+    finally:
+        os.umask(old)
+        src.chmod(0o755)
+    assert result.exit_code == 0, result.output
+    dst = tmp_path / "out" / "dst"
+    assert (dst.stat().st_mode & 0o777, dst.parent.stat().st_mode & 0o777) == (0o755, 0o755)  # not mkdtemp's 0700
+    assert {f.name: f.stat().st_mode & 0o777 for f in dst.iterdir()} == {f.name: 0o644 for f in dst.iterdir()}
+    assert (dst / "tokenizer.json").stat().st_mtime_ns == (src / "tokenizer.json").stat().st_mtime_ns
+    text = (dst / "config.json").read_text()
+    assert json.loads(text)["quantization_config"]["meta"]["source"]["source"] == "src"
+    assert str(tmp_path) not in text and "/src" not in text
 
 
 def test_inspect_names_a_converted_checkpoint_format_once(fl, tmp_path):

@@ -161,6 +161,20 @@ def test_dynamic_overrides_and_skips(llama, tmp_path, loop_q):
         assert torch.equal(model.state_dict()[f"{name}.weight"], q), name
 
 
+def test_mygptq_dynamic_override_written_in_the_layout_readers_expect(llama, tmp_path):
+    """A 3-bit mygptq checkpoint is ExLlama-layout; a module a `dynamic` rule makes 4-bit stays ExLlama (the
+    readers' rule, kernel_layout.module_layout), not the Marlin layout 4-bit would default to."""
+    dynamic = {"+:.*v_proj": {"bits": 4}}
+    run(llama, tmp_path / "q", target=Target.MYGPTQ, spec=QuantSpec(3, 64, True, "none"), dynamic=dynamic)
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert cfg["layout"] == "exllama"
+    model = load_model(tmp_path / "q", CPU)
+    assert model.quantized_modules["model.layers.0.self_attn.v_proj"].bits == 4
+    float_w = load_model(llama, CPU).state_dict()["model.layers.0.self_attn.v_proj.weight"]
+    got = model.state_dict()["model.layers.0.self_attn.v_proj.weight"]
+    assert (got - float_w).norm() < 0.2 * float_w.norm()
+
+
 def test_lm_head(llama, tmp_path):
     report = run(llama, tmp_path / "q", lm_head=True, spec=QuantSpec(8, 64, True, "static"))
     assert report["lm_head"]["damp"] is not None

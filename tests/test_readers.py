@@ -87,14 +87,14 @@ def test_dynamic_skip_contradicted_by_data(fl, tmp_path):
 
 def test_compressed_tensors(fl, tmp_path):
     ckpt = open_checkpoint(compressed(fl, tmp_path / "src"))
-    assert ckpt.config.method == "compressed-tensors" and ckpt.config.desc_act
+    assert ckpt.config.method == "compressed-tensors" and ckpt.config.base.desc_act
     w = ckpt.load("model.layers.0.mlp.up_proj")
     assert not w.sym and (w.bits, w.group_size) == (4, 64)
 
 
 @pytest.mark.parametrize("edit, message", [
     ({"pack_dtype": "int16"}, "pack_dtype 'int16' is not supported"),
-    ({"checkpoint_format": "marlin"}, "checkpoint_format 'marlin' is not a GPTQ tensor format"),
+    ({"checkpoint_format": "marlin"}, "checkpoint_format 'marlin': AutoGPTQ's own Marlin format"),
     ({"quant_method": "awq"}, "quant_method 'awq' is not GPTQ"),
 ])
 def test_unsupported_configs(fl, tmp_path, edit, message):

@@ -57,9 +57,8 @@ def plugin_load(directories: list[str]) -> list[str]:
                 # vLLM itself refuses a directory without config.json before any plugin code runs; the
                 # plugin's own hook refuses it the same way as the converter (the engine test shows vLLM's).
                 from gptq_vllm.config import MyGPTQConfig
-                from gptq_vllm.formats.gptq import ZeroFormat
 
-                MyGPTQConfig(4, 128, True, False, ZeroFormat.V1).maybe_update_config(d)
+                MyGPTQConfig.from_config({"bits": 4, "group_size": 128, "sym": True}).maybe_update_config(d)
             mc = ModelConfig(model=d, quantization="mygptq", dtype="float16", max_model_len=128, enforce_eager=True)
             vc = VllmConfig(model_config=mc, load_config=LoadConfig(), device_config=DeviceConfig("cpu"))
             with set_current_vllm_config(vc):
@@ -129,6 +128,31 @@ def _another_assignment(g: torch.Tensor) -> torch.Tensor:
     return g
 
 
+def _set_configs(d: Path, **values) -> None:
+    """Set keys of every quantization config of checkpoint d (config.json's and quantize_config.json)."""
+    for f in (d / "config.json", d / "quantize_config.json"):
+        if not f.exists():
+            continue
+        cfg = json.loads(f.read_text())
+        (cfg.get("quantization_config", cfg) if f.name == "config.json" else cfg).update(values)
+        f.write_text(json.dumps(cfg))
+
+
+def _undeclared_act_order(d: Path) -> None:
+    """The config says no act-order; the tensors keep their act-order g_idx (valid: g_idx decides)."""
+    cfg = json.loads((d / "config.json").read_text())
+    if cfg.get("quantization_config", {}).get("quant_method") == "compressed-tensors":
+        cfg["quantization_config"]["config_groups"]["group_0"]["weights"]["actorder"] = None
+        (d / "config.json").write_text(json.dumps(cfg))
+    else:
+        _set_configs(d, desc_act=False)
+
+
+# Checkpoints every entry point must accept alike (dialect, case) -> change(directory).
+ACCEPTED = {(dialect, "act-order g_idx under desc_act=false"): _undeclared_act_order
+            for dialect in ("autogptq-v1", "gptqmodel-v2", "compressed-tensors")}
+
+
 def corruptions(dialect: str) -> dict[str, callable]:
     """Corruption class/tensor kind -> damage(directory), for the tensors this dialect has."""
     _, _, act, scales, packed, zeros = DIALECTS[dialect]
@@ -173,6 +197,11 @@ def corruptions(dialect: str) -> dict[str, callable]:
             qc["bits"] = 8
             (d / "quantize_config.json").write_text(json.dumps(qc))
         cases["quantize_config.json disagrees with config.json"] = disagree
+
+        def declared_by_rule(d):  # GPTQModel `dynamic` may set desc_act per module: that module needs its g_idx
+            _set_configs(d, desc_act=False, dynamic={r"+:.*\.o_proj": {"desc_act": True}})
+            edit(d, lambda t: t.pop(f"{O}.{act}"))
+        cases["dynamic desc_act without g_idx"] = declared_by_rule
     return cases
 
 
@@ -226,12 +255,22 @@ def refusals(sources):
         results[(dialect, case)] = got
         got["dir"] = str(d)
         dirs.append(str(d))
+    for i, ((dialect, case), change) in enumerate(ACCEPTED.items()):
+        d, dst = cases_root / f"ok-{i}", cases_root / f"ok-{i}-out"
+        shutil.copytree(built[dialect], d)
+        change(d)
+        got = {entry: _cli(*args) for entry, args in (
+            ("inspect", ["inspect", d]), ("convert", ["convert", d, dst]), ("verify", ["verify", d, dst]),
+            ("eval", ["eval", d, "--data", root / "text.txt", "--seqlen", "16"]))}
+        got["converted config"] = json.loads((dst / "config.json").read_text())["quantization_config"]
+        results[(dialect, case)] = got
+        dirs.append(str(d))
     spec, out = root / "dirs.json", root / "plugin.json"
     spec.write_text(json.dumps(dirs))
     proc = subprocess.run([sys.executable, __file__, str(spec), str(out)], cwd=HERE.parent, capture_output=True,
                           text=True, timeout=900, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
     assert proc.returncode == 0, proc.stderr[-5000:]
-    for key, message in zip(CASES, json.loads(out.read_text())):
+    for key, message in zip([*CASES, *ACCEPTED], json.loads(out.read_text())):
         results[key]["plugin"] = message
     return results
 
@@ -250,8 +289,50 @@ def test_every_entry_point_refuses_with_the_same_message(refusals, dialect, case
         assert message in got["plugin"], got  # vLLM wraps errors of its config stage in pydantic's words
     else:
         assert got["plugin"] == message, got
-        if True:
-            assert message.startswith(str(Path(message.split(": ")[0]))) and ".safetensors: model.layers." in message
+        assert message.startswith(str(Path(message.split(": ")[0]))) and ".safetensors: model.layers." in message
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("dialect, case", list(ACCEPTED), ids=[f"{d}: {c}" for d, c in ACCEPTED])
+def test_every_entry_point_accepts_act_order_the_config_does_not_declare(refusals, dialect, case):
+    """g_idx, not desc_act, decides act-order handling (validate.check_implied_g_idx): every entry point
+    dequantizes by it, so the checkpoint is served and converted right; convert declares it in its output."""
+    got = refusals[(dialect, case)]
+    assert got["plugin"] == "OK", got
+    for entry in ("inspect", "convert", "verify", "eval"):
+        assert got[entry][0] == 0, (entry, got[entry][1])
+    assert "modules have an act-order g_idx: it is honoured" in got["inspect"][1]
+    assert got["converted config"]["desc_act"] is True
+
+
+@pytest.mark.vllm
+def test_plugin_refuses_experts_whose_g_idx_it_would_drop(tmp_path):
+    """Experts go to vLLM's GPTQ MoE method without their g_idx: an act-order one is refused, a trivial one not."""
+    pytest.importorskip("vllm")
+    from safetensors.torch import save_file
+
+    import gptq_vllm
+    from gptq_vllm.formats.act_order import default_g_idx
+    from gptq_vllm.formats.errors import FormatError
+
+    gptq_vllm.register()
+    from gptq_vllm.config import MyGPTQConfig
+
+    qcfg = {"quant_method": "gptq", "bits": 4, "group_size": 32, "sym": True, "desc_act": False}
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mixtral", "quantization_config": qcfg}))
+    name = "model.layers.0.block_sparse_moe.experts.1.w1.g_idx"
+    trivial = default_g_idx(64, 32)
+    for g_idx, refused in ((trivial, False), (trivial.flip(0).contiguous(), True)):
+        save_file({name: g_idx, name.replace("g_idx", "qweight"): torch.zeros(8, 16, dtype=torch.int32)},
+                  str(tmp_path / "model.safetensors"))
+        config = MyGPTQConfig.from_config(qcfg)
+        if not refused:
+            config.maybe_update_config(str(tmp_path))
+            continue
+        with pytest.raises(FormatError) as e:
+            config.maybe_update_config(str(tmp_path))
+        assert str(e.value).startswith(f"{tmp_path / 'model.safetensors'}: {name}: not k // group_size although "
+                                       f"the config says desc_act=false"), e.value
 
 
 def test_the_table_covers_every_class():
@@ -259,7 +340,7 @@ def test_the_table_covers_every_class():
     for expected in ("missing", "shape", "dtype", "nan scales", "no config.json", "g_idx out of range",
                      "g_idx unbalanced", "g_idx differs across fused shards", "act-order without g_idx",
                      "perm not a permutation", "zeros out of range", "quantize_config.json disagrees with config.json",
-                     "act-order without weight_g_idx"):
+                     "act-order without weight_g_idx", "dynamic desc_act without g_idx"):
         assert expected in classes, expected
 
 

@@ -22,7 +22,7 @@ import time
 from contextlib import contextmanager
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -139,7 +139,8 @@ def preflight(ckpt: Checkpoint, target: Target, layout: Layout | None) -> None:
             if p.bits not in compressed_tensors.CT_BITS:
                 raise FormatError(f"{ckpt.where(module)}: {module} is {p.bits}-bit; compressed-tensors "
                                   f"pack-quantized holds {compressed_tensors.CT_BITS}-bit weights here")
-            if p != ckpt.config.base:
+            # act-order needs no per-module config there: weight_g_idx is written for every module.
+            if replace(p, desc_act=ckpt.config.base.desc_act) != ckpt.config.base:
                 raise FormatError(f"{ckpt.where(module)}: {module} has its own parameters ({p}) from a dynamic "
                                   f"rule, which one compressed-tensors config group cannot express; use --to mygptq "
                                   f"or --to gptq-v2")
@@ -279,7 +280,7 @@ class _Converter:
         qcfg = quantization_config(
             self.target, c.base.bits, c.base.group_size, c.base.sym,
             desc_act=self.report.act_order_modules > 0, layout=self.layout, ignore=self._unquantized_linears(),
-            dynamic=c.dynamic.raw or None, lm_head=any(m.rpartition(".")[2] == "lm_head" for m in modules),
+            dynamic=c.dynamic or None, lm_head=any(m.rpartition(".")[2] == "lm_head" for m in modules),
             meta=meta,
         )
         config_json = self.source.path / "config.json"

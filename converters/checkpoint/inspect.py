@@ -54,11 +54,12 @@ def inspect(source: Source, ckpt: Checkpoint, progress: bool = True) -> InspectR
     names = ckpt.tensors.names()
     report = InspectReport(
         source=source.describe(), format={}, bits=c.base.bits, group_size=c.base.group_size, sym=c.base.sym,
-        desc_act=c.desc_act, dynamic=c.dynamic.raw, lm_head=any(m.rpartition(".")[2] == "lm_head" for m in ckpt.modules()),
+        desc_act=c.base.desc_act, dynamic=c.dynamic, lm_head=any(m.rpartition(".")[2] == "lm_head" for m in ckpt.modules()),
         modules=len(ckpt.modules()), files=len(ckpt.tensors.files), tensors=len(names), size_bytes=ckpt.nbytes(names),
         layers=len({i for m in ckpt.modules() if (i := layer_index(m)) is not None}),
     )
     params: Counter[str] = Counter()
+    undeclared = 0  # modules with an act-order g_idx whose config says desc_act=false
     with tqdm(total=report.modules, desc="inspect", unit="module", disable=not progress, leave=False) as bar:
         for modules in by_parent(ckpt.modules()).values():
             perms: dict[str, torch.Tensor | None] = {}
@@ -74,6 +75,7 @@ def inspect(source: Source, ckpt: Checkpoint, progress: bool = True) -> InspectR
                 perms[module] = None if is_trivial(w.g_idx, w.group_size) else act_order_perm(w.g_idx)
                 g_idx[module] = w.g_idx
                 report.act_order_modules += perms[module] is not None
+                undeclared += perms[module] is not None and not ckpt.params(module).desc_act
             report.absorbable += sum(perms.get(m) is not None for m in absorptions(modules))
             try:
                 ckpt.check_fused(g_idx)
@@ -81,10 +83,12 @@ def inspect(source: Source, ckpt: Checkpoint, progress: bool = True) -> InspectR
                 report.problems.append(str(e))
     report.module_params = dict(params)
     report.format = ckpt.describe()
-    if not c.desc_act and report.act_order_modules:
-        report.problems.append(f"config says desc_act=false but {report.act_order_modules} modules have an act-order "
-                               f"g_idx, which vLLM's gptq loader would ignore (wrong results); convert honours it")
-    if c.desc_act and not report.act_order_modules and report.modules:
+    if undeclared and c.method != "mygptq":
+        # Not a problem: g_idx decides act-order for every gptq-convert command and mygptq (validate.py).
+        report.notes.append(f"config says desc_act=false but {undeclared} modules have an act-order "
+                            f"g_idx: it is honoured (convert writes desc_act=true); vLLM's own gptq method "
+                            f"would ignore it")
+    if c.base.desc_act and not report.act_order_modules and report.modules:
         report.notes.append("config says desc_act=true but every g_idx is trivial (static groups): "
                             "act-order costs nothing here and convert drops it")
     if c.lm_head != report.lm_head and c.method == "gptq":

@@ -21,9 +21,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
 import struct
-import tempfile
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -81,10 +81,17 @@ class _Shard:
 WEIGHT_FILES = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _make_tmp(destination: Path) -> Path:
+    """A new hidden directory beside `destination`, with the mode the umask gives any new directory
+    (tempfile.mkdtemp's 0700 would make the finished checkpoint private; reading the umask would race
+    with the writer thread's file creation)."""
+    while True:
+        tmp = destination.with_name(f".{destination.name}.tmp-{secrets.token_hex(4)}")
+        try:
+            tmp.mkdir()
+            return tmp
+        except FileExistsError:
+            continue
 
 
 def check_replaceable(destination: Path, written: set[str]) -> None:
@@ -108,7 +115,7 @@ class CheckpointWriter:
         if self.destination.exists() and not self.destination.is_dir():
             raise FileExistsError(f"{self.destination}: not a directory; --overwrite replaces a checkpoint directory")
         self.destination.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.destination.name}.tmp-", dir=self.destination.parent))
+        self.tmp = _make_tmp(self.destination)
         self.overwrite = overwrite
         self.max_shard_bytes = max_shard_bytes
         self.metadata = {"format": "pt", **(metadata or {})}
@@ -170,11 +177,12 @@ class CheckpointWriter:
         (self.tmp / filename).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
     def copy_file(self, source: str | os.PathLike, filename: str | None = None) -> None:
-        # Content and times, not the mode: Hub cache blobs are read-only, the copy must be the user's to edit.
+        # Content and times, not the mode: Hub cache blobs are read-only, the copy must be the user's to edit
+        # (a new file, so the umask sets its mode).
         target = self.tmp / (filename or Path(source).name)
         shutil.copyfile(source, target)
-        shutil.copystat(source, target)
-        os.chmod(target, 0o666 & ~_umask())
+        st = os.stat(source)
+        os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
 
     def finish(self) -> Path:
         """Name the shards HF-style, write the index (when sharded) and move the directory into place."""
@@ -190,7 +198,6 @@ class CheckpointWriter:
         if n > 1:
             self.write_json("model.safetensors.index.json",
                             {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))})
-        os.chmod(self.tmp, 0o777 & ~_umask())  # mkdtemp made it 0700: give the checkpoint the usual mode
         if self.destination.exists() and self.overwrite:
             check_replaceable(self.destination, {p.name for p in self.tmp.iterdir()})
             shutil.rmtree(self.destination)

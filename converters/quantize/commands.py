@@ -12,6 +12,7 @@ import torch
 from ..checkpoint.commands import quiet_option
 from ..checkpoint.emit import Target
 from ..errors import user_errors
+from .qep import DEFAULT_ALPHA, QEP
 from .solver import ACT_ORDERS, QuantSpec
 
 
@@ -105,12 +106,23 @@ def _common(f):
 @click.option("--skip", multiple=True, help="Regex of modules kept in float (repeatable; same as -:regex).")
 @click.option("--lm-head", is_flag=True, help="Quantize lm_head too (refused when tied to the embeddings).")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Calibration rows per forward.")
+@click.option("--qep", is_flag=True,
+              help="Quantization error propagation (Arai & Ichikawa, 2025): fit each layer to the full-precision "
+                   "model's outputs instead of its own, correcting the error of the layers quantized before it. "
+                   "Carries a second (full-precision) stream of activations; about 2x the calibration forwards.")
+@click.option("--qep-alpha", multiple=True, metavar="[REGEX=]ALPHA",
+              help="Share of the propagated error QEP corrects, in [0, 1]: REGEX=ALPHA for the modules whose full "
+                   "name matches (re.search, first match wins; repeatable), a bare ALPHA for all others. "
+                   f"Default: {', '.join(f'{p}={a}' if p else str(a) for p, a in DEFAULT_ALPHA)}.")
+@click.option("--qep-compare", is_flag=True,
+              help="With --qep, also solve every layer without the correction and report both output errors "
+                   "against the full-precision model (one more GPTQ loop and layer forward per layer).")
 @_common
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("-v", "--verbose", is_flag=True, help="Log every layer's output error.")
 @quiet_option
 def quantize(model, out, method, bits, group_size, sym, act_order, damp, mse, calib, nsamples, seqlen, seed, fmt,
-             dynamic, skip, lm_head, batch_size, device, dtype, overwrite, verbose, quiet):
+             dynamic, skip, lm_head, batch_size, qep, qep_alpha, qep_compare, device, dtype, overwrite, verbose, quiet):
     """Quantize the float model MODEL (directory or cached Hub id) into the checkpoint OUT.
 
     GPTQ layer by layer, the model streamed from its safetensors; OUT appears only when complete and
@@ -127,13 +139,18 @@ def quantize(model, out, method, bits, group_size, sym, act_order, damp, mse, ca
     model_dir = resolve_model(model)
     if Path(out).exists() and not overwrite:
         raise click.ClickException(f"{out}: already exists (pass --overwrite to replace it)")
+    if (qep_alpha or qep_compare) and not qep:
+        raise click.UsageError("--qep-alpha and --qep-compare need --qep")
+    if qep and method != "gptq":
+        raise click.UsageError("--qep corrects GPTQ's targets: it needs --method gptq")
     try:
         spec = QuantSpec(int(bits), group_size, sym, act_order, damp, mse=mse)
+        qep_settings = QEP(QEP.parse_alpha(qep_alpha), qep_compare) if qep else None
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     job = Job(model_dir=model_dir, out_dir=Path(out), spec=spec, target=target, dynamic=_dynamic(dynamic, skip),
               lm_head=lm_head, method=method, device=resolve_device(device), dtype=_dtype(dtype),
-              batch_size=batch_size, overwrite=overwrite, progress=not quiet)
+              batch_size=batch_size, overwrite=overwrite, progress=not quiet, qep=qep_settings)
     calibration = None
     if method == "gptq":
         from transformers import AutoTokenizer
@@ -142,9 +159,12 @@ def quantize(model, out, method, bits, group_size, sym, act_order, damp, mse, ca
         calibration = build_calibration(tokenizer, list(calib), nsamples, seqlen, seed)
     with user_errors():
         report = run(job, calibration)
-    errors = [layer["rel_error"] for layer in report["layers"]]
-    if errors:
-        click.echo(f"relative layer output error: mean {sum(errors) / len(errors):.4g}, max {max(errors):.4g}")
+    for key, what in (("rel_error", "relative layer output error"),
+                      ("fp_error", "relative layer output error against the full-precision model"),
+                      ("fp_error_without_qep", "the same without the QEP correction")):
+        errors = [layer[key] for layer in report["layers"] if key in layer]
+        if errors:
+            click.echo(f"{what}: mean {sum(errors) / len(errors):.4g}, max {max(errors):.4g}")
     click.echo("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in report["seconds"].items()))
     click.echo(f"wrote {out}")
 

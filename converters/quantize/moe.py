@@ -69,26 +69,33 @@ class RoutedHessians:
     """Per-expert Hessians of one expert input (stage), each from the tokens routed to that expert.
 
     broad: experts whose down input also needs its all-token Hessian (the starved ones, for the shrink).
+    fp_gate_up (QEP): the experts' full-precision gate_up_proj; each expert then also accumulates QEP's
+    cross term, pairing its routed tokens with the same tokens of the full-precision stream (the
+    quantized model's routing decides which tokens an expert serves, in both streams).
     """
 
-    def __init__(self, module: nn.Module, stage: str, broad: set[int] = frozenset()):
-        self.module, self.stage = module, stage
+    def __init__(self, module: nn.Module, stage: str, broad: set[int] = frozenset(),
+                 fp_gate_up: torch.Tensor | None = None):
+        self.module, self.stage, self.fp_gate_up = module, stage, fp_gate_up
         E, _, H = module.gate_up_proj.shape
         columns = H if stage == "gate_up_proj" else module.down_proj.shape[2]
         device = module.gate_up_proj.device
-        self.routed = [Hessian(columns, device) for _ in range(E)]
+        self.routed = [Hessian(columns, device, cross=fp_gate_up is not None) for _ in range(E)]
         self.everyone = {e: Hessian(columns, device) for e in broad}
 
-    def _input(self, x: torch.Tensor, e: int) -> torch.Tensor:
+    def _input(self, x: torch.Tensor, e: int, gate_up: torch.Tensor | None = None) -> torch.Tensor:
         if self.stage == "gate_up_proj":
             return x
-        return self.module._apply_gate(F.linear(x, self.module.gate_up_proj[e]))
+        return self.module._apply_gate(F.linear(x, (self.module.gate_up_proj if gate_up is None else gate_up)[e]))
 
-    def add(self, args: tuple, kwargs: dict) -> None:
+    def add(self, args: tuple, kwargs: dict, fp: torch.Tensor | None = None) -> None:
+        """fp (QEP): the experts' input in the full-precision model, the same tokens as args'."""
         x, index = routing(args, kwargs)
+        fp = None if fp is None else fp.reshape(x.shape)
         for e, acc in enumerate(self.routed):
             tokens = (index == e).any(dim=-1).nonzero().squeeze(1)  # top-k experts are distinct per token
-            acc.add(self._input(x[tokens], e))
+            acc.add(self._input(x[tokens], e),
+                    fp=None if fp is None else self._input(fp[tokens], e, self.fp_gate_up))
             if e in self.everyone:
                 self.everyone[e].add(self._input(x, e))
 
@@ -106,6 +113,7 @@ class ExpertSolve:
     H: torch.Tensor | None
     tokens: int
     fallback: str | None  # None, "rtn" (no token) or "shrink" (fewer tokens than in_features)
+    cross: torch.Tensor | None = None  # QEP's δX̂ᵀ on H's scale; None for starved experts (see expert_solves)
 
 
 def shrink(H_routed: torch.Tensor, n: int, H_all: torch.Tensor, n0: int, lam: float = LAMBDA) -> torch.Tensor:
@@ -137,5 +145,7 @@ def expert_solves(module: nn.Module, names: ExpertNames, prefix: str, stage: str
                         where, n, threshold)
             out.append(ExpertSolve(e, parts, shrink(routed.finalize(), n, everyone, threshold), n, "shrink"))
         else:
-            out.append(ExpertSolve(e, parts, routed.finalize(), n, None))
+            # QEP only here: fitting a starved expert's few tokens' propagated error would overfit them
+            out.append(ExpertSolve(e, parts, routed.finalize(), n, None,
+                                   routed.finalize_cross() if routed.cross is not None else None))
     return out

@@ -12,6 +12,10 @@ For each decoder layer, with only that layer materialized on the compute device:
   4. a replay through the quantized layer gives the next layer's inputs, and the relative output error
      against the float outputs is logged;
   5. the layer's tensors are packed from the loop's codes and streamed to the checkpoint writer.
+With QEP (qep.py) a second stream of activations, the full-precision model's, is carried beside the
+quantized one: every group's input is computed on both (the full-precision pass with the layer's float
+weights swapped in, one copy of the layer), Ĥ and the cross term come from the same pass, each group is
+solved on its corrected target, and the output error is measured against the full-precision outputs.
 MoE experts (transformers-5 fused parameters) join the groups as two pseudo-modules per experts module,
 `experts.gate_up_proj` (reading the block input) and `experts.down_proj`, solved per expert against
 routed Hessians (moe.py) and written per expert under the checkpoint's names (moe_names.py).
@@ -32,6 +36,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from gptq_vllm.formats.kernel_layout import default_layout, module_layout
+
 from ..checkpoint.emit import Target, module_tensors, quantization_config
 from ..checkpoint.safetensors_dir import NON_WEIGHT_FILES
 from ..checkpoint.writer import CheckpointWriter
@@ -40,6 +46,7 @@ from .calibration import Calibration
 from .capture import ModelShell, StopForward
 from .hessian import Hessian
 from .moe_names import LEAVES, ExpertNames, split_fused
+from .qep import QEP, target_shift
 from .rtn import rtn_quantize
 from .solver import QuantSpec, Solution, gptq_solve
 from .targets import quantizable_module
@@ -108,12 +115,21 @@ class Job:
     batch_size: int = 8  # calibration rows per forward
     overwrite: bool = False
     progress: bool = True
+    qep: QEP | None = None  # quantization error propagation (qep.py); GPTQ only
 
     def module_spec(self, module: str, rules: list[Rule]) -> QuantSpec | None:
         spec = spec_for(module, self.spec, rules)
         if spec is not None and self.target is Target.GPTQ_V1 and not spec.sym:
             spec = replace(spec, min_zero=1)  # v1 stores z-1: a zero of 0 cannot be written
         return spec
+
+    def tensors(self, weight, module: str) -> dict[str, torch.Tensor]:
+        """One quantized module's tensors in the target format; a mygptq module in the layout the readers
+        expect for its bits under the checkpoint's layout (the default of the base bits)."""
+        layout = None
+        if self.target is Target.MYGPTQ:
+            layout = module_layout(default_layout(self.spec.bits), weight.bits)
+        return module_tensors(weight, module, self.target, layout=layout)
 
 
 class Timer:
@@ -185,9 +201,14 @@ def _rtn_solution(W: torch.Tensor, spec: QuantSpec) -> Solution:
 
 
 def _solve_parts(prefix: str, parts: list[tuple[str, torch.Tensor]], H: torch.Tensor | None, job: Job,
-                 rules: list[Rule]) -> dict[str, Solution]:
+                 rules: list[Rule], cross: torch.Tensor | None = None,
+                 baseline: list | None = None) -> dict[str, Solution]:
     """Solve weights that read one input (name, weight rows): stacked per spec, each overwritten by its
-    Q in place; H None rounds to nearest."""
+    Q in place; H None rounds to nearest.
+
+    QEP: cross (δX̂ᵀ) shifts each module's target by its job.qep α; baseline, when a list, gets
+    (weight, Q solved without the shift) of every module the shift moved, for the report's comparison.
+    """
     by_spec: dict[QuantSpec, list[tuple[str, torch.Tensor]]] = defaultdict(list)
     for n, w in parts:
         spec = job.module_spec(f"{prefix}.{n}", rules)
@@ -196,10 +217,23 @@ def _solve_parts(prefix: str, parts: list[tuple[str, torch.Tensor]], H: torch.Te
     out = {}
     for spec, group in by_spec.items():
         W = torch.cat([w for _, w in group]).to(torch.float32)
-        sol = gptq_solve(W, H, spec) if H is not None else _rtn_solution(W, spec)
+        shift = plain = None
+        if cross is not None and H is not None:
+            alpha = torch.cat([torch.full((w.shape[0],), job.qep.alpha_for(f"{prefix}.{n}")) for n, w in group])
+            shift = target_shift(W, cross, alpha)
+        if H is None:
+            sol = _rtn_solution(W, spec)
+        elif shift is not None and baseline is not None:  # rows are independent: one factorisation for both
+            R = W.shape[0]
+            both = gptq_solve(torch.cat([W, W]), H, spec, shift=torch.cat([shift, torch.zeros_like(shift)]))
+            sol, plain = both.rows(0, R), both.rows(R, 2 * R)
+        else:
+            sol = gptq_solve(W, H, spec, shift=shift)
         start = 0
         for n, w in group:
             part = sol.rows(start, start + w.shape[0])
+            if plain is not None:
+                baseline.append((w, plain.rows(start, start + w.shape[0]).dequantize().to(w.dtype)))
             start += w.shape[0]
             w.copy_(part.dequantize().to(w.dtype))
             out[n] = part
@@ -207,9 +241,35 @@ def _solve_parts(prefix: str, parts: list[tuple[str, torch.Tensor]], H: torch.Te
 
 
 def _solve_group(layer: nn.Module, prefix: str, names: list[str], H: torch.Tensor, job: Job,
-                 rules: list[Rule]) -> dict[str, Solution]:
-    """Solve the nn.Linear modules reading one input: rows stacked per spec, weights replaced by their Q."""
-    return _solve_parts(prefix, [(n, layer.get_submodule(n).weight) for n in names], H, job, rules)
+                 rules: list[Rule], **qep) -> dict[str, Solution]:
+    """Solve the nn.Linear modules reading one input: rows stacked per spec, weights replaced by their Q.
+    qep: _solve_parts' QEP arguments, passed only when QEP is on."""
+    return _solve_parts(prefix, [(n, layer.get_submodule(n).weight) for n in names], H, job, rules, **qep)
+
+
+@contextmanager
+def _weights(layer: nn.Module, params: dict[str, torch.Tensor]):
+    """The layer computes with params (by parameter name) inside, with its own weights again after."""
+    saved = {n: p.data for n, p in layer.named_parameters()}
+    try:
+        for n, p in layer.named_parameters():
+            p.data = params[n]
+        yield
+    finally:
+        for n, p in layer.named_parameters():
+            p.data = saved[n]
+
+
+def _swap(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Exchange the contents of each (weight, other) pair in place; twice restores them."""
+    for w, other in pairs:
+        kept = w.clone()
+        w.copy_(other)
+        other.copy_(kept)
+
+
+def _sq(t: torch.Tensor) -> float:
+    return float(t.float().pow(2).sum())
 
 
 def _module_record(sol: Solution, tokens: int, fallback: str | None = None) -> dict:
@@ -221,13 +281,19 @@ def _module_record(sol: Solution, tokens: int, fallback: str | None = None) -> d
 
 
 def quantize_layer(layer: nn.Module, prefix: str, X: list[torch.Tensor], calls: dict[int, dict], job: Job,
-                   rules: list[Rule], timer: Timer,
-                   expert_names: dict[str, ExpertNames] | None = None) -> tuple[dict[str, Solution], dict]:
+                   rules: list[Rule], timer: Timer, expert_names: dict[str, ExpertNames] | None = None,
+                   Xf: list[torch.Tensor] | None = None) -> tuple[dict[str, Solution], dict]:
     """GPTQ of one decoder layer in place; X (the layer inputs per batch) becomes its quantized outputs.
 
     expert_names: checkpoint names of the layer's fused experts modules, by name within the layer
     (default: per expert under the module, gate_proj/up_proj/down_proj).
+    Xf (with job.qep, and only then): the layer's inputs in the full-precision model; it becomes the
+    full-precision outputs.  The record then has fp_error, the relative output error against them,
+    and with job.qep.compare fp_error_without_qep, the same for the layer solved without the correction.
     """
+    if (job.qep is None) != (Xf is None):
+        raise ValueError("QEP needs the full-precision stream Xf, and only QEP takes it")
+    qep = job.qep
     call = lambda x: calls[x.shape[0]]  # noqa: E731
     experts = moe.fused_experts(layer)
     names_of = {n: (expert_names or {}).get(n) or ExpertNames(f"{prefix}.{n}", f"{prefix}.{n}", LEAVES, True)
@@ -242,70 +308,102 @@ def quantize_layer(layer: nn.Module, prefix: str, X: list[torch.Tensor], calls: 
         log.warning("%s: not nn.Linear, kept in float: %s", prefix, ", ".join(left))
         record["float"] = left
     routed_tokens: dict[str, list[int]] = {}  # experts module -> tokens per expert (same routing for both stages)
+    # Y: outputs of the float layer on X (the reference of rel_error), or with QEP those of the
+    # full-precision model (Yf); the quantized stream then needs no full float pass of its own.
     Y: list[torch.Tensor] = []
+    floats = {n: p.detach().clone() for n, p in layer.named_parameters()} if qep else None
+    baseline = [] if qep and qep.compare else None  # (weight, Q without the correction)
     for k, names in enumerate(groups):
         stage = {n: n.rpartition(".") for n in names if n.rpartition(".")[0] in experts}  # (owner, ".", stage)
         captures = {n: moe.RoutedHessians(experts[o], st, moe.starved(routed_tokens[o], experts[o].down_proj.shape[2])
-                                          if st == "down_proj" else set()) for n, (o, _, st) in stage.items()}
+                                          if st == "down_proj" else set(),
+                                          floats[f"{o}.gate_up_proj"] if qep else None)
+                    for n, (o, _, st) in stage.items()}
         first = names[0]
         acc = None  # the all-token H of the group's input; a down_proj group's input is per expert
         if first not in stage:
-            acc = Hessian(layer.get_submodule(first).in_features, X[0].device)
+            acc = Hessian(layer.get_submodule(first).in_features, X[0].device, cross=qep is not None)
         elif stage[first][2] == "gate_up_proj":
-            acc = Hessian(experts[stage[first][0]].gate_up_proj.shape[2], X[0].device)
+            acc = Hessian(experts[stage[first][0]].gate_up_proj.shape[2], X[0].device, cross=qep is not None)
         seen: set[str] = set()
+        fp_in: dict[str, torch.Tensor] = {}  # QEP: the group's input in the full-precision pass of this batch
+        mode = {"fp": False}
 
-        def hook(name, shared, acc=acc, captures=captures, members=frozenset(names), stop=k > 0, seen=seen):
+        def hook(name, shared, acc=acc, captures=captures, members=frozenset(names), seen=seen, fp_in=fp_in,
+                 mode=mode, stop_q=k > 0 or qep is not None, stop_fp=k > 0):
             def pre(_module, args, kwargs):
-                if shared:
-                    acc.add(moe.hidden_states(args, kwargs))
-                if name in captures:
-                    captures[name].add(args, kwargs)
+                if mode["fp"]:
+                    fp_in[name] = moe.hidden_states(args, kwargs)
+                else:
+                    if shared:
+                        acc.add(moe.hidden_states(args, kwargs), fp=fp_in.get(name))
+                    if name in captures:
+                        captures[name].add(args, kwargs, fp=fp_in.get(name))
                 seen.add(name)
-                if stop and seen >= members:  # every reader of this input has seen it: the rest is not needed
-                    raise StopForward
+                if (stop_fp if mode["fp"] else stop_q) and seen >= members:
+                    raise StopForward  # every reader of this input has seen it: the rest is not needed
             return pre
 
         handles = [(experts[stage[n][0]] if n in stage else layer.get_submodule(n)).register_forward_pre_hook(
             hook(n, acc is not None and n == first), with_kwargs=True) for n in names]
         with timer("hessians"), torch.no_grad():
-            for x in X:
+            for b, x in enumerate(X):
+                if qep:
+                    seen.clear()
+                    mode["fp"] = True
+                    try:
+                        with _weights(layer, floats):
+                            Y.append(_forward(layer, Xf[b], call(Xf[b])))  # group 0 only: a full pass
+                    except StopForward:
+                        pass
+                    mode["fp"] = False
                 seen.clear()
                 try:
                     y = _forward(layer, x, call(x))
                     Y.append(y)  # only the first (full) pass gets here: the float outputs
                 except StopForward:
                     pass
+                fp_in.clear()
         for h in handles:
             h.remove()
         with timer("solve"), torch.no_grad():
             H = acc.finalize() if acc is not None else None
+            extra = {"cross": acc.finalize_cross() if acc is not None else None, "baseline": baseline} if qep else {}
             linear = [n for n in names if n not in stage]
-            solved = _solve_group(layer, prefix, linear, H, job, rules) if linear else {}
+            solved = _solve_group(layer, prefix, linear, H, job, rules, **extra) if linear else {}
             for n, sol in solved.items():
                 record["modules"][n] = _module_record(sol, acc.tokens)
             for n, cap in captures.items():
                 owner, _, st = stage[n]
                 solved.update(_solve_experts(experts[owner], names_of[owner], owner, st, cap, H, routed_tokens,
-                                             prefix, job, rules, record))
-            del acc, captures
+                                             prefix, job, rules, record, baseline))
+            del acc, captures, extra
         solutions.update(solved)
-    err = ref = 0.0
+    err = ref = base = 0.0
     with timer("replay"), torch.no_grad():
         for b, x in enumerate(X):
             y = _forward(layer, x, call(x))
-            err += float((y.float() - Y[b].float()).pow(2).sum())
-            ref += float(Y[b].float().pow(2).sum())
+            err += _sq(y.float() - Y[b].float())
+            ref += _sq(Y[b])
+            if baseline is not None:
+                _swap(baseline)
+                base += _sq(_forward(layer, x, call(x)).float() - Y[b].float())
+                _swap(baseline)
+            if qep:
+                Xf[b] = Y[b]
             X[b] = y
-    record["rel_error"] = (err / ref) ** 0.5 if ref else 0.0
+    record["fp_error" if qep else "rel_error"] = (err / ref) ** 0.5 if ref else 0.0
+    if baseline is not None:
+        record["fp_error_without_qep"] = (base / ref) ** 0.5 if ref else 0.0
     return solutions, record
 
 
 def _solve_experts(module: nn.Module, names: ExpertNames, owner: str, stage: str, cap: "moe.RoutedHessians",
                    H_all: torch.Tensor | None, routed_tokens: dict[str, list[int]], prefix: str, job: Job,
-                   rules: list[Rule], record: dict) -> dict[str, Solution]:
+                   rules: list[Rule], record: dict, baseline: list | None = None) -> dict[str, Solution]:
     """Every expert's rows of one stage, each against its routed (or shrunk) H; the report gets the
-    token counts and the experts that took a fallback."""
+    token counts and the experts that took a fallback.  With QEP each expert is solved on its routed
+    cross term (baseline: as in _solve_parts)."""
     tokens = cap.tokens
     if stage == "gate_up_proj":
         routed_tokens[owner] = tokens
@@ -315,7 +413,8 @@ def _solve_experts(module: nn.Module, names: ExpertNames, owner: str, stage: str
     summary = record.setdefault("experts", {}).setdefault(owner, {"tokens": tokens, "rtn": [], "shrink": {}})
     out = {}
     for e in moe.expert_solves(module, names, prefix, stage, cap, H_all):
-        solved = _solve_parts(prefix, e.parts, e.H, job, rules)
+        extra = {"cross": e.cross, "baseline": baseline} if job.qep else {}
+        solved = _solve_parts(prefix, e.parts, e.H, job, rules, **extra)
         for n, sol in solved.items():
             record["modules"][n] = _module_record(sol, e.tokens, e.fallback)
         if e.fallback == "rtn" and e.expert not in summary["rtn"]:
@@ -333,7 +432,7 @@ def _layer_tensors(names: list[str], solutions: dict[str, Solution], prefix: str
     out = {}
     quantized = {f"{prefix}.{n}.weight": f"{prefix}.{n}" for n in solutions}
     for name, module in quantized.items():
-        out.update(module_tensors(solutions[module[len(prefix) + 1:]].weight(), module, job.target))
+        out.update(job.tensors(solutions[module[len(prefix) + 1:]].weight(), module))
     rest = split_fused(ckpt.read([n for n in names if n not in quantized]), model_type)
     out.update({n: t for n, t in rest.items() if n not in quantized})
     return out
@@ -356,7 +455,11 @@ def quantize(job: Job, calibration: Calibration | None) -> dict:
     """Quantize job.model_dir into job.out_dir; returns the report (also written as quantize_report.json)."""
     rules = Rule.parse(job.dynamic)
     timer = Timer(job.device)
+    if job.qep is not None and job.method != "gptq":
+        raise ValueError("QEP corrects GPTQ's targets: it needs --method gptq")
     report: dict = {"method": job.method, "spec": {k: str(v) for k, v in asdict(job.spec).items()}, "layers": []}
+    if job.qep is not None:
+        report["qep"] = _qep_meta(job.qep)
     with timer("load"):
         shell = ModelShell(job.model_dir, job.device, job.dtype)
     ckpt = shell.ckpt
@@ -374,6 +477,8 @@ def quantize(job: Job, calibration: Calibration | None) -> dict:
             "true_sequential": True}
     if calibration is not None:
         meta["calibration"] = calibration.meta
+    if job.qep is not None:
+        meta["qep"] = _qep_meta(job.qep)
     qconfig = _config(job, rules, meta)  # refuses impossible settings before any work
     with CheckpointWriter(job.out_dir, overwrite=job.overwrite) as writer:
         head = [n for n in outer if n == "lm_head.weight"] if job.lm_head else []
@@ -398,6 +503,10 @@ def quantize(job: Job, calibration: Calibration | None) -> dict:
     return report
 
 
+def _qep_meta(qep: QEP) -> dict:
+    return {"alpha": [list(rule) for rule in qep.alpha], "compare": qep.compare}
+
+
 def _rtn(job, rules, ckpt, by_layer, head, writer, timer, report) -> None:
     model_type = json.loads((job.model_dir / "config.json").read_text()).get("model_type", "")
     for i in tqdm(sorted(by_layer), desc="rtn", unit="layer", disable=not job.progress):
@@ -410,7 +519,7 @@ def _rtn(job, rules, ckpt, by_layer, head, writer, timer, report) -> None:
                     tensors[name] = t
                     continue
                 qw = rtn_quantize(t, spec.bits, spec.group_size, spec.sym, min_zero=spec.min_zero, mse=spec.mse)
-                tensors.update(module_tensors(qw, module, job.target))
+                tensors.update(job.tensors(qw, module))
         with timer("write"):
             writer.add_all(tensors)
     spec = job.module_spec("lm_head", rules)
@@ -420,7 +529,7 @@ def _rtn(job, rules, ckpt, by_layer, head, writer, timer, report) -> None:
             writer.add(name, t)
         else:
             qw = rtn_quantize(t, spec.bits, spec.group_size, spec.sym, min_zero=spec.min_zero, mse=spec.mse)
-            writer.add_all(module_tensors(qw, "lm_head", job.target))
+            writer.add_all(job.tensors(qw, "lm_head"))
 
 
 def _gptq(job, rules, shell, calibration, by_layer, head, writer, timer, report) -> None:
@@ -430,16 +539,23 @@ def _gptq(job, rules, shell, calibration, by_layer, head, writer, timer, report)
     batches = [rows[i:i + job.batch_size] for i in range(0, rows.shape[0], job.batch_size)]
     with timer("capture"):
         X, calls = shell.capture(batches)
-    for i in tqdm(range(len(shell.layers)), desc="gptq", unit="layer", disable=not job.progress):
+    Xf = list(X) if job.qep else None  # the full-precision stream starts at the same embeddings
+    for i in tqdm(range(len(shell.layers)), desc="gptq+qep" if job.qep else "gptq", unit="layer",
+                  disable=not job.progress):
         prefix = shell.layer_prefix(i)
         with timer("load"):
             layer = shell.load_layer(i)
         per_size = {size: layers[i] for size, layers in calls.items()}
         names = {n[len(prefix) + 1:]: v for n, v in shell.experts.items() if n.startswith(prefix + ".")}
-        solutions, record = quantize_layer(layer, prefix, X, per_size, job, rules, timer, names)
+        solutions, record = quantize_layer(layer, prefix, X, per_size, job, rules, timer, names, Xf)
         record["layer"] = i
         report["layers"].append(record)
-        log.info("layer %d: relative output error %.4g", i, record["rel_error"])
+        if job.qep is None:
+            log.info("layer %d: relative output error %.4g", i, record["rel_error"])
+        else:
+            log.info("layer %d: relative output error against the full-precision model %.4g%s", i,
+                     record["fp_error"], f" (without QEP {record['fp_error_without_qep']:.4g})"
+                     if "fp_error_without_qep" in record else "")
         with timer("write"):
             writer.add_all(_layer_tensors(by_layer[i], solutions, prefix, job, shell.ckpt, shell.config.model_type))
         shell.unload_layer(i)
@@ -448,11 +564,15 @@ def _gptq(job, rules, shell, calibration, by_layer, head, writer, timer, report)
         writer.add_all(shell.ckpt.read(head))
     elif head:
         with timer("hessians"):
-            acc = Hessian(shell.config.get_text_config().hidden_size, job.device)
-            for h in shell.final_hidden(X):
-                acc.add(h)
+            acc = Hessian(shell.config.get_text_config().hidden_size, job.device, cross=job.qep is not None)
+            fp = shell.final_hidden(Xf) if job.qep else None
+            for b, h in enumerate(shell.final_hidden(X)):
+                acc.add(h, fp=fp[b] if fp else None)
         with timer("solve"):
             W = shell.ckpt.read(head, job.device)[head[0]].to(torch.float32)
-            sol = gptq_solve(W, acc.finalize(), spec)
+            shift = None
+            if job.qep:
+                shift = target_shift(W, acc.finalize_cross(), torch.full((W.shape[0],), job.qep.alpha_for("lm_head")))
+            sol = gptq_solve(W, acc.finalize(), spec, shift=shift)
         report["lm_head"] = _module_record(sol, acc.tokens)
-        writer.add_all(module_tensors(sol.weight(), "lm_head", job.target))
+        writer.add_all(job.tensors(sol.weight(), "lm_head"))

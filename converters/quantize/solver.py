@@ -103,10 +103,13 @@ class Solution:
                                zeros=self.zeros, g_idx=self.g_idx, bits=s.bits, group_size=s.group_size, sym=s.sym)
 
 
-def hessian_factor(H: torch.Tensor, perm: torch.Tensor, damp: float, dtype: torch.dtype = torch.float32):
+def hessian_factor(H: torch.Tensor, perm: torch.Tensor, damp: float, dtype: torch.dtype = torch.float32,
+                   rhs: torch.Tensor | None = None):
     """(U, damp used): U upper triangular with U^T U = (H[perm][:, perm] + damp * mean(diag) I)^-1.
 
     None, None when every rung of the damping ladder fails (H not positive definite even then).
+    rhs [R, C] fp64 (columns in perm order), if given, is replaced in place by rhs times that inverse,
+    by two triangular solves with the same Cholesky factor (QEP's target shift, qep.py).
     """
     rev = perm.flip(0)
     A = H.index_select(0, rev).index_select(1, rev).to(torch.float64)  # J P H P^T J in one gather
@@ -124,6 +127,12 @@ def hessian_factor(H: torch.Tensor, perm: torch.Tensor, damp: float, dtype: torc
         log.info("Cholesky failed at damp %.3g (minor %d); retrying with more damping", d, int(info))
     else:
         return None, None
+    if rhs is not None:  # rhs (JAJ)^-1 = (J A^-1 J rhs^T)^T with A = L L^T; A is symmetric
+        Bt = rhs.t().flip(0)  # a copy, solved in place
+        torch.linalg.solve_triangular(L, Bt, upper=False, out=Bt)
+        torch.linalg.solve_triangular(L.mT, Bt, upper=True, out=Bt)
+        rhs.copy_(Bt.flip(0).t())
+        del Bt
     A.zero_().diagonal().fill_(1)  # A's memory becomes the identity, then L^-1 (in place: 2 fp64 C x C at peak)
     Linv = torch.linalg.solve_triangular(L, A, upper=False, out=A)
     del L
@@ -171,11 +180,13 @@ def _columns(Wp, U, i1, i2, scales, zeros, group_of, codes, E1, loss, bits, sym,
 
 
 def gptq_solve(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, dtype: torch.dtype = torch.float32,
-               fused: bool | None = None) -> Solution:
+               fused: bool | None = None, shift: torch.Tensor | None = None) -> Solution:
     """Quantize W [R, C] (rows of one or more modules reading one input) against H [C, C].
 
     dtype is the loop's precision: float32 in production, float64 for exactness tests.  fused runs the
     in-block loop as one Triton kernel per block (triton_block.py; the default on CUDA), else eager torch.
+    shift [R, C] (QEP, qep.py): the rows quantized are W + shift H^-1, with the damped H and its factor;
+    the loss is then measured against those rows.
     """
     R, C = W.shape
     if H.shape != (C, C):
@@ -186,11 +197,17 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, dtype: torch.d
     G = effective_group_size(C, spec.group_size)
     perm = (torch.argsort(torch.diagonal(H), descending=True, stable=True) if spec.act_order != "none"
             else torch.arange(C, device=device))
+    if shift is not None and shift.shape != W.shape:
+        raise ValueError(f"shift has shape {tuple(shift.shape)}, expected {tuple(W.shape)}")
+    rhs = None if shift is None else shift.to(torch.float64)[:, perm]
     with full_precision_matmul():
-        U, damp = hessian_factor(H, perm, spec.damp, dtype)
+        U, damp = hessian_factor(H, perm, spec.damp, dtype, rhs)
     if U is None:
         log.warning("H is not positive definite even at damp %.2f: falling back to round-to-nearest", DAMP_LADDER[-1])
         U = torch.eye(C, dtype=dtype, device=device)
+    elif rhs is not None:  # the static tables below are fitted on these rows too
+        W = (W.to(torch.float64) + rhs[:, torch.argsort(perm)]).to(W.dtype)
+    del rhs
 
     Wp = W.to(dtype)[:, perm].contiguous()
     ng = num_groups(C, spec.group_size)

@@ -44,14 +44,14 @@ struct MarlinAtom<8> {
 template <int BITS>
 using Code = std::conditional_t<BITS == 4, cutlass::uint4b_t, uint8_t>;
 
-// (N, K, L) -> code offset of the whole weight, the type CUTLASS takes in place of a stride for A.
-template <int BITS>
-using MarlinLayout = decltype(tile_to_shape(typename MarlinAtom<BITS>::type{},
-                                            Layout<Shape<int, int, int>, Stride<int64_t, _1, int64_t>>{}));
+// (N, K, L) -> code offset of the whole weight for a 64 x 16 atom, the type CUTLASS takes in place of a stride
+// for A.
+template <class Atom>
+using WeightLayout = decltype(tile_to_shape(Atom{}, Layout<Shape<int, int, int>, Stride<int64_t, _1, int64_t>>{}));
 
-template <int BITS>
-MarlinLayout<BITS> marlin_layout(int n, int k) {
-  return tile_to_shape(typename MarlinAtom<BITS>::type{}, make_shape(n, k, 1));
+template <class Atom>
+WeightLayout<Atom> weight_layout(int n, int k) {
+  return tile_to_shape(Atom{}, make_shape(n, k, 1));
 }
 
 }  // namespace gptq_vllm::hopper

@@ -49,13 +49,14 @@ struct Config;
 GPTQ_HOPPER_CONFIGS(GPTQ_HOPPER_CONFIG_TYPE)
 #undef GPTQ_HOPPER_CONFIG_TYPE
 
-template <typename T, int BITS, bool ZERO, int CFG>
+// Atom: the 64 (n) x 16 (k) weight atom, the Marlin one unless a tuning experiment passes another.
+template <typename T, int BITS, bool ZERO, int CFG, class Atom = typename MarlinAtom<BITS>::type>
 struct Kernel {
   using Tile = typename Config<CFG>::Tile;
   using Cluster = typename Config<CFG>::Cluster;
   using Sched = typename Config<CFG>::Sched;
   using Q = Code<BITS>;
-  using LayoutA = MarlinLayout<BITS>;
+  using LayoutA = WeightLayout<Atom>;
   // Activations: CUTLASS's B operand, K-major ([tokens, k] row-major).  Output: D^T, column-major
   // in CUTLASS's (features, tokens) terms = [tokens, features] row-major.
   using LayoutB = cutlass::layout::ColumnMajor;
@@ -95,10 +96,10 @@ struct Kernel {
     args.mode = cutlass::gemm::GemmUniversalMode::kGemm;
     args.problem_shape = {g.n, g.m, g.k, 1};
     if constexpr (ZERO) {
-      args.mainloop = {static_cast<QP>(g.b), marlin_layout<BITS>(g.n, g.k), static_cast<const T*>(g.a), sb,
+      args.mainloop = {static_cast<QP>(g.b), weight_layout<Atom>(g.n, g.k), static_cast<const T*>(g.a), sb,
                        static_cast<const T*>(g.scales), ss, g.group_size, static_cast<const T*>(g.zeros)};
     } else {
-      args.mainloop = {static_cast<QP>(g.b), marlin_layout<BITS>(g.n, g.k), static_cast<const T*>(g.a), sb,
+      args.mainloop = {static_cast<QP>(g.b), weight_layout<Atom>(g.n, g.k), static_cast<const T*>(g.a), sb,
                        static_cast<const T*>(g.scales), ss, g.group_size};
     }
     args.epilogue = {{1.f, 0.f}, nullptr, sd, static_cast<T*>(g.d), sd};
@@ -113,21 +114,30 @@ struct Kernel {
   }
 };
 
-template <typename T, int BITS, bool ZERO, int CFG>
-size_t Gemm<T, BITS, ZERO, CFG>::workspace_size(const GemmArgs& g) {
-  using K = Kernel<T, BITS, ZERO, CFG>;
+// Workspace bytes and launch of one assembled kernel K (a Kernel<...>).
+template <class K>
+size_t kernel_workspace_size(const GemmArgs& g) {
   return K::Adapter::get_workspace_size(K::arguments(g));
 }
 
-template <typename T, int BITS, bool ZERO, int CFG>
-const char* Gemm<T, BITS, ZERO, CFG>::run(const GemmArgs& g, void* workspace) {
-  using K = Kernel<T, BITS, ZERO, CFG>;
+template <class K>
+const char* run_kernel(const GemmArgs& g, void* workspace) {
   typename K::Adapter gemm;
   const auto args = K::arguments(g);
   if (K::Adapter::can_implement(args) != cutlass::Status::kSuccess) return "CUTLASS cannot implement this problem";
   if (gemm.initialize(args, workspace, g.stream) != cutlass::Status::kSuccess) return "CUTLASS initialize failed";
   if (gemm.run(g.stream) != cutlass::Status::kSuccess) return "CUTLASS launch failed";
   return "";
+}
+
+template <typename T, int BITS, bool ZERO, int CFG>
+size_t Gemm<T, BITS, ZERO, CFG>::workspace_size(const GemmArgs& g) {
+  return kernel_workspace_size<Kernel<T, BITS, ZERO, CFG>>(g);
+}
+
+template <typename T, int BITS, bool ZERO, int CFG>
+const char* Gemm<T, BITS, ZERO, CFG>::run(const GemmArgs& g, void* workspace) {
+  return run_kernel<Kernel<T, BITS, ZERO, CFG>>(g, workspace);
 }
 
 }  // namespace gptq_vllm::hopper

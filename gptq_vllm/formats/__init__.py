@@ -2,7 +2,8 @@
 
 Modules: bitpack (b-bit bitstreams), gptq (checkpoint tensors, v1/v2 zeros, the canonical
 QuantizedWeight), act_order (g_idx and its permutation), marlin and exllama (kernel layouts),
-compressed_tensors (pack-quantized), reference (dequantize and the reference matmul).
+compressed_tensors (pack-quantized), reference (dequantize and the reference matmul), quant_config (every
+config dialect, parsed once), validate (every checkpoint invariant, checked once).
 """
 
 from . import act_order, bitpack, compressed_tensors, exllama, gptq, marlin, reference

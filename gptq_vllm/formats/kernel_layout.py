@@ -38,6 +38,14 @@ def default_layout(bits: int) -> Layout:
     return Layout.MARLIN if bits in marlin.MARLIN_BITS else Layout.EXLLAMA
 
 
+def module_layout(checkpoint_layout: Layout, bits: int) -> Layout:
+    """A converted module's layout: the checkpoint's, unless Marlin cannot hold the module's bits (a `dynamic`
+    override), where it is the default layout of its own bits.  Writers and readers both follow this."""
+    if checkpoint_layout is Layout.MARLIN and bits not in marlin.MARLIN_BITS:
+        return default_layout(bits)
+    return checkpoint_layout
+
+
 @dataclass(frozen=True)
 class KernelWeight:
     layout: Layout

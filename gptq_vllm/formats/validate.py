@@ -6,11 +6,13 @@ with the same one-line message naming the checkpoint's own tensor (never vLLM's 
 was expected; the callers put the file in front.
 
   config     config.json present; config.json and quantize_config.json agree; module sizes from config.json
+             (the config itself is parsed by quant_config.parse, for the readers and the plugin alike)
   tensors    every tensor present with its dtype and shape (gptq_weight, compressed_weight, kernel_weight)
   values     finite scales, codes and zeros in range, symmetric zeros 2^(b-1), v1/v2 label matches the data
              (QuantizedWeight.validate, gptq.check_zero_format / decode_zeros)
   act-order  g_idx a balanced assignment in range (act_order.check_g_idx); present when the config says
-             act-order; `perm` a permutation (act_order.check_perm); equal across modules vLLM fuses (check_fused)
+             act-order; `perm` a permutation (act_order.check_perm); equal across modules vLLM fuses (check_fused);
+             g_idx, not desc_act, decides act-order, refused only where a path cannot honour it (check_implied_g_idx)
 """
 
 from __future__ import annotations
@@ -21,17 +23,20 @@ from pathlib import Path
 import torch
 
 from . import compressed_tensors, gptq
-from .act_order import act_order_perm, check_g_idx, check_perm, default_g_idx
+from .act_order import act_order_perm, check_g_idx, check_perm, default_g_idx, is_trivial
 from .errors import FormatError
 from .gptq import GPTQTensors, QuantizedWeight, ZeroFormat
 from .kernel_layout import KernelWeight, Layout, expected_shapes as kernel_shapes, from_kernel
+from .quant_config import normalize, value
 
 # ---- config files ------------------------------------------------------------------------------------------
 
 GPTQ_CONFIG_FILES = ("quantize_config.json", "quant_config.json")
-# Keys that change how the tensors decode: config.json and quantize_config.json must agree on them.
-CORE_KEYS = ("bits", "group_size", "sym", "desc_act", "checkpoint_format")
-SYNONYMS = {"w_bit": "bits", "q_group_size": "group_size", "format": "checkpoint_format", "method": "quant_method"}
+# Keys that change how the tensors are read: config.json and quantize_config.json must mean the same by them
+# (a missing key means its default), or vLLM (config.json) and AutoGPTQ (quantize_config.json) would read the
+# same tensors differently.
+CORE_KEYS = ("quant_method", "bits", "group_size", "sym", "desc_act", "static_groups", "checkpoint_format",
+             "pack_dtype", "lm_head", "dynamic")
 
 
 def read_json(path: Path) -> dict:
@@ -50,20 +55,12 @@ def embedded(config: dict) -> tuple[str, dict] | None:
     return None
 
 
-def normalize(cfg: dict) -> dict:
-    out = dict(cfg)
-    for old, new in SYNONYMS.items():
-        if old in out and new not in out:
-            out[new] = out[old]
-    return out
-
-
 def config_sources(directory: Path) -> tuple[dict, list[tuple[str, dict]]]:
-    """(config.json, [(where, normalized quantization config), ...]) of a checkpoint directory.
+    """(config.json, [(where, quantization config as written), ...]) of a checkpoint directory, in the order
+    vLLM looks (config.json first).
 
     Refuses a directory without config.json (no engine can build the model) and config files that
-    disagree on a CORE_KEY (vLLM reads config.json, AutoGPTQ quantize_config.json: they would decode
-    the same tensors differently).  An empty list means an unquantized model.
+    disagree on a CORE_KEY.  An empty list means an unquantized model.
     """
     directory = Path(directory)
     config_json = directory / "config.json"
@@ -75,17 +72,18 @@ def config_sources(directory: Path) -> tuple[dict, list[tuple[str, dict]]]:
     found: list[tuple[str, dict]] = []
     emb = embedded(model)
     if emb is not None:
-        found.append((f"config.json[{emb[0]}]", normalize(emb[1])))
+        found.append((f"config.json[{emb[0]}]", emb[1]))
     for name in GPTQ_CONFIG_FILES:
         if (directory / name).is_file():
-            found.append((name, normalize(read_json(directory / name))))
+            found.append((name, read_json(directory / name)))
     if found:
-        where, cfg = found[0]
+        where, cfg = found[0][0], normalize(found[0][1])
         for name, other in found[1:]:
+            other = normalize(other)
             for key in CORE_KEYS:
-                if key in cfg and key in other and other[key] != cfg[key]:
-                    raise FormatError(f"{directory}: {where} says {key}={cfg[key]!r} but {name} says "
-                                      f"{key}={other[key]!r}; make them agree")
+                if value(cfg, key) != value(other, key):
+                    raise FormatError(f"{directory}: {where} says {key}={value(cfg, key)!r} but {name} says "
+                                      f"{key}={value(other, key)!r}; make them agree")
     return model, found
 
 
@@ -172,6 +170,18 @@ KERNEL_DTYPES = {"qweight": (torch.int32,), "qzeros": (torch.int32,), "scales": 
                  "perm": INDEX_DTYPES, "g_idx_sorted": INDEX_DTYPES}
 ACT_ORDER_WHY = ("; an act-order (desc_act) checkpoint needs it to know which group dequantizes each input "
                  "channel (assuming k // group_size would serve wrong weights)")
+
+
+def check_implied_g_idx(g_idx: torch.Tensor, group_size: int, tensor: str, why: str) -> None:
+    """Refuse an act-order g_idx where a serving path can only take k // group_size (`why` says which).
+
+    A g_idx is authoritative whatever desc_act says: the readers and the plugin's linear layers dequantize
+    by it, so an act-order checkpoint labelled desc_act=false is served correctly.  Only a path that drops
+    g_idx or splits the scales along K before seeing it would serve it wrong, and refuses it here.
+    """
+    if not is_trivial(g_idx, group_size):
+        raise FormatError(f"{tensor}: not k // group_size although the config says desc_act=false: an act-order "
+                          f"assignment, which {why}")
 
 
 def _dtypes(name: str, tensors: dict[str, torch.Tensor | None], table: dict[str, tuple[torch.dtype, ...]]) -> None:

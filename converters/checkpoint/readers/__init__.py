@@ -13,12 +13,12 @@ from pathlib import Path
 
 from gptq_vllm.formats.errors import FormatError
 from gptq_vllm.formats.gptq import ZeroFormat
+from gptq_vllm.formats.quant_config import ModuleParams
 
 from ..safetensors_dir import SafetensorsDir
 from .base import Checkpoint
 from .compressed import CompressedTensorsCheckpoint
 from .config import QuantConfig, load_quant_config
-from .dynamic import ModuleParams
 from .gptq import GPTQCheckpoint
 from .mygptq import MyGPTQCheckpoint
 from .weights import weight_files

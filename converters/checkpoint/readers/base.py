@@ -15,11 +15,11 @@ import torch
 from gptq_vllm.formats.act_order import is_trivial
 from gptq_vllm.formats.errors import FormatError
 from gptq_vllm.formats.gptq import QuantizedWeight
+from gptq_vllm.formats.quant_config import ModuleParams
 from gptq_vllm.formats.validate import check_fused, model_dims
 
 from ..safetensors_dir import SafetensorsDir
 from .config import QuantConfig
-from .dynamic import ModuleParams
 
 
 class Checkpoint(ABC):
@@ -74,7 +74,7 @@ class Checkpoint(ABC):
     def params(self, module: str) -> ModuleParams:
         p = self.config.params(module)
         if p is None:
-            rule = self.config.dynamic.match(module)
+            rule = self.config.rule(module)
             raise FormatError(f"{self.where(module)}: {module} has quantized tensors, but the dynamic rule "
                               f"{rule.pattern!r} says it is not quantized")
         return p

@@ -9,10 +9,10 @@ import torch
 
 from gptq_vllm.formats import compressed_tensors
 from gptq_vllm.formats.gptq import QuantizedWeight
+from gptq_vllm.formats.quant_config import ModuleParams
 from gptq_vllm.formats.validate import compressed_weight
 
 from .base import Checkpoint
-from .dynamic import ModuleParams
 
 
 class CompressedTensorsCheckpoint(Checkpoint):
@@ -23,7 +23,7 @@ class CompressedTensorsCheckpoint(Checkpoint):
     def _load(self, module: str, p: ModuleParams, out_perm: torch.Tensor | None) -> QuantizedWeight:
         tensors = {name: self.tensors.get(name) for name in self.module_tensors(module)}
         K, N = self.model_dims(module) or (None, None)
-        w = compressed_weight(tensors, module, p.bits, p.group_size, p.sym, self.config.desc_act, K, N)
+        w = compressed_weight(tensors, module, p.bits, p.group_size, p.sym, p.desc_act, K, N)
         return w if out_perm is None else w.permute_cols(out_perm)
 
     def dims(self, module: str) -> tuple[int, int] | None:

@@ -16,12 +16,12 @@ import torch
 
 from gptq_vllm.formats import gptq
 from gptq_vllm.formats.gptq import QuantizedWeight, ZeroFormat
+from gptq_vllm.formats.quant_config import ModuleParams
 from gptq_vllm.formats.validate import gptq_dims, gptq_weight
 
 from ..safetensors_dir import SafetensorsDir
 from .base import Checkpoint
 from .config import QuantConfig
-from .dynamic import ModuleParams
 
 
 class GPTQCheckpoint(Checkpoint):
@@ -38,7 +38,7 @@ class GPTQCheckpoint(Checkpoint):
     def _load(self, module: str, p: ModuleParams, out_perm: torch.Tensor | None) -> QuantizedWeight:
         tensors = {s: self.get(module, s) for s in self.MODULE_TENSORS}
         K, N = self.model_dims(module) or (None, None)
-        w = gptq_weight(tensors, module, p.bits, p.group_size, p.sym, self.zero_format, self.config.desc_act,
+        w = gptq_weight(tensors, module, p.bits, p.group_size, p.sym, self.zero_format, p.desc_act,
                         K, N, check_label=self.override is None, out_perm=out_perm)
         self._count_zero_format(tensors["qzeros"], p.bits, w.out_features)
         return w

@@ -15,10 +15,10 @@ from gptq_vllm.formats import bitpack, marlin
 from gptq_vllm.formats.errors import FormatError
 from gptq_vllm.formats.gptq import QuantizedWeight
 from gptq_vllm.formats.kernel_layout import Layout
+from gptq_vllm.formats.quant_config import ModuleParams
 from gptq_vllm.formats.validate import kernel_weight
 
 from .base import Checkpoint
-from .dynamic import ModuleParams
 
 
 class MyGPTQCheckpoint(Checkpoint):
@@ -30,7 +30,7 @@ class MyGPTQCheckpoint(Checkpoint):
         qweight, scales, perm = (self.shape(module, s) for s in ("qweight", "scales", "perm"))
         if scales is None or qweight is None:
             return None
-        if self.config.layout is Layout.MARLIN:
+        if self.config.module_layout(self.params(module).bits) is Layout.MARLIN:
             return qweight[0] * marlin.TILE_K, scales[-1]
         if perm is not None:
             return perm[0], scales[-1]
@@ -42,7 +42,7 @@ class MyGPTQCheckpoint(Checkpoint):
         dims = self.model_dims(module) or self.dims(module)
         if dims is None:
             raise FormatError(f"{module}.{'scales' if t['scales'] is None else 'qweight'} is missing")
-        w = kernel_weight(t, module, self.config.layout, p.bits, p.group_size, p.sym, *dims)
+        w = kernel_weight(t, module, self.config.module_layout(p.bits), p.bits, p.group_size, p.sym, *dims)
         return w if out_perm is None else w.permute_cols(out_perm)
 
     def describe(self) -> dict:
