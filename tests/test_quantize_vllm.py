@@ -19,15 +19,17 @@ from converters.checkpoint.emit import Target
 from converters.quantize.calibration import build_calibration
 from converters.quantize.eval import load_model
 from converters.quantize.pipeline import Job, quantize
+from converters.quantize.qep import QEP
 from converters.quantize.solver import QuantSpec
 from factory import build_model
 from test_plugin_engine import MAX_TOKENS, check_against_reference, prompt_ids, vllm_env
 
 HERE = Path(__file__).resolve().parent
-CASES = {  # name: (target, spec)
-    "gptq-v1-4b-g128-desc": (Target.GPTQ_V1, QuantSpec(4, 128, True, "desc")),
-    "gptq-v2-8b-g64-asym-static": (Target.GPTQ_V2, QuantSpec(8, 64, False, "static")),
-    "mygptq-4b-g128-static": (Target.MYGPTQ, QuantSpec(4, 128, True, "static")),
+CASES = {  # name: (target, spec, QEP settings or None)
+    "gptq-v1-4b-g128-desc": (Target.GPTQ_V1, QuantSpec(4, 128, True, "desc"), None),
+    "gptq-v2-8b-g64-asym-static": (Target.GPTQ_V2, QuantSpec(8, 64, False, "static"), None),
+    "mygptq-4b-g128-static": (Target.MYGPTQ, QuantSpec(4, 128, True, "static"), None),
+    "gptq-v1-3b-g64-desc-qep": (Target.GPTQ_V1, QuantSpec(3, 64, True, "desc"), QEP()),
 }
 
 
@@ -39,9 +41,9 @@ def engine_run(tmp_path_factory):
     model = build_model(root / "float", "llama")
     calibration = build_calibration(AutoTokenizer.from_pretrained(model), None, nsamples=16, seqlen=128)
     jobs = []
-    for name, (target, spec) in CASES.items():
+    for name, (target, spec, qep) in CASES.items():
         out, ref = root / name, root / f"{name}-ref"
-        quantize(Job(model, out, spec, target, progress=False), calibration)
+        quantize(Job(model, out, spec, target, progress=False, qep=qep), calibration)
         load_model(out, torch.device("cpu"), torch.float16).save_pretrained(ref)
         for f in model.iterdir():
             if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
