@@ -8,10 +8,12 @@ each kernel is timed by replaying a CUDA graph that cycles through enough weight
     MS=1,16 SHAPES=8b.o,70b.down VARIANTS=base python benchmarks/kernels.py   # a quick subset
 
 Env: MS, SHAPES (comma lists), VARIANTS (comma list of base, marlin, act_order, act_order_gather, bf16, w8,
-exllama; default base,marlin,act_order,bf16,w8), SWEEP=1 (tuning: time the 4-bit Marlin kernel under forced split
-configurations instead of the grid; BITS=8 for 8-bit, ROWS=8/16/32/64 to force the block-tile rows too, WGMMA=1/-1
-the wgmma loop on/off, never dense), SWEEP=hopper (tuning: every Hopper GEMM config and decomposition against the
-Marlin path and cuBLAS; JSON rows for benchmarks/pick_hopper.py), OUT_JSON (output path), NO_VLLM=1 (skip vLLM).
+w3, w2, exllama, exllama3; default base,marlin,act_order,bf16,w8,w3,w2: w3 / w2 are 3- and 2-bit g128 on the
+Marlin kernels, exllama3 the 3-bit ExLlama GEMM they replace), SWEEP=1 (tuning: time the 4-bit Marlin kernel
+under forced split configurations instead of the grid; BITS=8 / 3 / 2 for those widths, ROWS=8/16/32/64 to force
+the block-tile rows too, WGMMA=1/-1 the wgmma loop on/off, never dense), SWEEP=hopper (tuning: every Hopper GEMM
+config and decomposition against the Marlin path and cuBLAS; JSON rows for benchmarks/pick_hopper.py), OUT_JSON
+(output path), NO_VLLM=1 (skip vLLM).
 JSON: {"meta": {gpu, date, command, torch, vllm, copy_TBps}, "rows": [{shape, K, N, M, kernel, us, dtype, bits,
 group_size, act_order, weight_TBps, speedup_vs_fp16}]}.  Reference kernels: cublas_fp16, vllm_marlin,
 vllm_machete; ours start with mygptq: `mygptq` is what the plugin's op runs (the Marlin kernels at decode sizes,
@@ -121,7 +123,7 @@ def main() -> int:
         return 1
     dev = torch.device("cuda")
     torch.manual_seed(0)
-    variants = set(os.environ.get("VARIANTS", "base,marlin,act_order,bf16,w8").split(","))
+    variants = set(os.environ.get("VARIANTS", "base,marlin,act_order,bf16,w8,w3,w2").split(","))
     props = torch.cuda.get_device_properties(0)
     V = _vllm()
     print("device", props.name, "SMs", props.multi_processor_count, "torch", torch.__version__,
@@ -135,7 +137,7 @@ def main() -> int:
     rows = []
     ws = V["ws"](dev) if V else None
     for name, (K, N) in shapes.items():
-        q_bytes = {4: K * N // 2 + (K // G) * N * 2, 8: K * N + (K // G) * N * 2}
+        q_bytes = {b: K * N * b // 8 + (K // G) * N * 2 for b in (2, 3, 4, 8)}
         f_bytes = K * N * 2
         nq = max(1, min(64, math.ceil(L2_DEFEAT / q_bytes[4])))
         nq8 = max(1, min(64, math.ceil(L2_DEFEAT / q_bytes[8])))
@@ -148,10 +150,18 @@ def main() -> int:
         hsb = [None if h is None else h.bfloat16() for h in hs]
         mq8 = ([torch.randint(-2**31, 2**31 - 1, (K // 16, N * 4), dtype=torch.int32, device=dev) for _ in range(nq8)]
                if "w8" in variants else [])
+        # 2/3-bit Marlin words: units of 2 / 4 k-tiles, qweight [K/32, 2N] / [K/64, 6N] (formats/marlin.py).
+        low_shape = {3: (K // 64, N * 6), 2: (K // 32, N * 2)}
+        mql = {b: [torch.randint(-2**31, 2**31 - 1, low_shape[b], dtype=torch.int32, device=dev)
+                   for _ in range(max(1, min(64, math.ceil(L2_DEFEAT / q_bytes[b]))))]
+               for b in (3, 2) if f"w{b}" in variants}
         perm = torch.randperm(K, device=dev).to(torch.int32)
         exq = ([torch.randint(-2**31, 2**31 - 1, (K // 8, N), dtype=torch.int32, device=dev) for _ in range(nq)]
                if "exllama" in variants else [])
         exz = torch.full((K // G, N // 8), 0x77777777, dtype=torch.int32, device=dev)
+        exq3 = ([torch.randint(-2**31, 2**31 - 1, (K * 3 // 32, N), dtype=torch.int32, device=dev)
+                 for _ in range(max(1, min(64, math.ceil(L2_DEFEAT / q_bytes[3]))))] if "exllama3" in variants else [])
+        exz3 = torch.full((K // G, N * 3 // 32), 0, dtype=torch.int32, device=dev)
         if V:
             ops, st = V["ops"], V["st"]
             empty = torch.empty(0, dtype=torch.int, device=dev)
@@ -191,6 +201,14 @@ def main() -> int:
             if "w8" in variants:
                 res.append(("mygptq_w8", timed([lambda q=q, s=s, h=h: our_gemm(ours, x, q, s, h, None, 8)
                                                 for q, s, h in zip(mq8, sc, hs)]), q_bytes[8], "float16", 8, False))
+            for b in (3, 2):
+                if f"w{b}" in variants:
+                    fns = [lambda q=q, s=s, b=b: ours.marlin_gemm(x, q, s, None, None, b, G)
+                           for q, s in zip(mql[b], sc)]
+                    res.append((f"mygptq_w{b}", timed(fns), q_bytes[b], "float16", b, False))
+            if "exllama3" in variants:
+                res.append(("mygptq_exllama_w3", timed([lambda q=q, s=s: ours.exllama_gemm(x, q, exz3, s, None, 3, G)
+                                                        for q, s in zip(exq3, sc)]), q_bytes[3], "float16", 3, False))
             if "exllama" in variants:
                 res.append(("mygptq_exllama", timed([lambda q=q, s=s: ours.exllama_gemm(x, q, exz, s, None, 4, G)
                                                      for q, s in zip(exq, sc)]), q_bytes[4], "float16", 4, False))
@@ -215,7 +233,7 @@ def main() -> int:
                            weight_TBps=round(nbytes / (us * 1e-6) / 1e12, 3), speedup_vs_fp16=round(base / us, 3))
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-        del fw, mq, sc, scb, hs, hsb, mq8, exq
+        del fw, mq, sc, scb, hs, hsb, mq8, exq, mql, exq3
         if V:
             del gq, vmq, vms, vmc
         torch.cuda.empty_cache()
@@ -240,8 +258,9 @@ def sweep_weights(K, N, bits, dev):
     one quantized copy holds, and the three lists."""
     qb = K * N * bits // 8 + (K // G) * N * 2
     nq = max(1, min(64, math.ceil(L2_DEFEAT / qb)))
-    mq = [torch.randint(-2**31, 2**31 - 1, (K // 16, N * 2 * bits // 4), dtype=torch.int32, device=dev)
-          for _ in range(nq)]
+    unit = {2: 2, 3: 4}.get(bits, 1)  # k-tiles per qweight row (formats/marlin.py units)
+    shape = (K // (16 * unit), N * unit * bits // 2)
+    mq = [torch.randint(-2**31, 2**31 - 1, shape, dtype=torch.int32, device=dev) for _ in range(nq)]
     sc = [(torch.rand(K // G, N, device=dev) * 0.01 + 0.001).half() for _ in range(nq)]
     fw = [torch.randn(N, K, device=dev, dtype=torch.float16) * 0.02
           for _ in range(max(1, min(16, math.ceil(L2_DEFEAT / (K * N * 2)))))]

@@ -244,5 +244,5 @@ class MyGPTQConfig(QuantizationConfig):
 
     def _layer_scheme(self, p: ModuleParams) -> LayerScheme:
         s = self.scheme
-        return LayerScheme(p.bits, p.group_size, p.sym, p.desc_act, s.zero_format, s.module_layout(p.bits),
+        return LayerScheme(p.bits, p.group_size, p.sym, p.desc_act, s.zero_format, s.layout,
                            s.compressed)

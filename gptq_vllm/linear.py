@@ -186,18 +186,20 @@ class MyGPTQLinearMethod(LinearMethodBase):
             self._create_compressed(add, K, N, ng, pf, all_groups)
             return
         if s.layout is Layout.MARLIN:
-            # One 16-row Marlin tile of N columns is N*16*b/32 words; marlin_tile_size scales the shard
-            # offsets of fused layers by that tile.
+            # A qweight row holds unit_rows(b) rows of K (one 16-row tile for 4/8 bit, a unit of 2/4 k-tiles
+            # for 2/3 bit): N columns of it are N*unit_rows*b/32 words, so vLLM's shard offsets of fused layers
+            # (N / packed_factor * marlin_tile_size) come out in words with marlin_tile_size = unit_rows.
             add("qweight", PackedvLLMParameter,
-                torch.empty(K // marlin.TILE_K, N * marlin.TILE_K * s.bits // 32, dtype=torch.int32),
-                input_dim=0, output_dim=1, packed_dim=1, packed_factor=pf, marlin_tile_size=marlin.TILE_K)
+                torch.empty(marlin.qweight_shape(K, N, s.bits), dtype=torch.int32),
+                input_dim=0, output_dim=1, packed_dim=1, packed_factor=pf, marlin_tile_size=marlin.unit_rows(s.bits))
         else:
             # GPTQ and ExLlama both pack along K: [K*b/32, N].
             add("qweight", PackedvLLMParameter, torch.empty(bitpack.packed_length(K, s.bits), N, dtype=torch.int32),
                 input_dim=0, output_dim=1, packed_dim=0, packed_factor=pf)
         marlin_sym = s.layout is Layout.MARLIN and s.sym  # Marlin implies the symmetric zero
-        _add_group_params(add, "scales", None if marlin_sym else "qzeros", N, ng, s.bits, pf, all_groups,
-                          transposed=False)
+        zero_bits = marlin.ZERO_BITS[s.bits] if s.layout is Layout.MARLIN else s.bits
+        _add_group_params(add, "scales", None if marlin_sym else "qzeros", N, ng, zero_bits,
+                          Fraction(32, zero_bits), all_groups, transposed=False)
         if not s.is_kernel_layout:
             add("g_idx", RowvLLMParameter, torch.empty(K, dtype=torch.int32), input_dim=0)
         else:
@@ -222,7 +224,10 @@ class MyGPTQLinearMethod(LinearMethodBase):
     def _check_partition(self, output_partition_sizes: list[int]) -> None:
         s, p = self.scheme, self.part
         if s.layout is Layout.MARLIN:
-            k_mult, n_mult, why = marlin.TILE_K, marlin.TILE_N, "the Marlin tile (16 x 64)"
+            # A shard of qweight must be whole rows of it (row-parallel) and whole 64-column strips.
+            k_mult, n_mult = marlin.unit_rows(s.bits), marlin.TILE_N
+            unit = "tile" if k_mult == marlin.TILE_K else "unit"
+            why = f"the {s.bits}-bit Marlin {unit} of qweight ({k_mult} x {n_mult})"
         else:
             k_mult = n_mult = bitpack.block_shape(s.bits)[0]
             why = f"the {s.bits}-bit packing block ({k_mult} codes)"
@@ -334,7 +339,7 @@ class MyGPTQLinearMethod(LinearMethodBase):
         """The Hopper GEMM's scales (and zero term) for a Marlin layer on an sm_90 GPU, else None."""
         if kw.layout is not Layout.MARLIN or not selection.hopper_available(kw.qweight.device):
             return None
-        rows = kw.qweight.shape[0] * marlin.TILE_K
+        rows = marlin.stored_rows(kw.qweight, kw.bits)
         why = hopper.unsupported(bits=kw.bits, group_size=kw.group_size, in_rows=rows,
                                  g_idx_sorted=kw.g_idx_sorted is not None)
         if why is not None:
@@ -447,9 +452,11 @@ class MyGPTQLinearMethod(LinearMethodBase):
             # single-group permutation instead (formats.md §4.3).
             scales = marlin.permute_scales(marlin.unpermute_scales(scales, G, p.full_in_features), G, K)
         scales = scales.to(p.act_dtype)
-        qweight_per_column = Fraction(marlin.TILE_K * s.bits, 32) if s.layout is Layout.MARLIN else Fraction(1)
+        marlin_layout = s.layout is Layout.MARLIN
+        qweight_per_column = Fraction(marlin.unit_rows(s.bits) * s.bits, 32) if marlin_layout else Fraction(1)
+        zero_bits = marlin.ZERO_BITS[s.bits] if marlin_layout else s.bits
         parts = zip(self._split(layer.qweight.data, qweight_per_column), self._split(scales, Fraction(1)),
-                    self._split(None if qzeros is None else qzeros.data, Fraction(s.bits, 32)),
+                    self._split(None if qzeros is None else qzeros.data, Fraction(zero_bits, 32)),
                     p.output_partition_sizes)
         g_idx = {}
         for i, (qweight, sc, qz, n) in enumerate(parts):

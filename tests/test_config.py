@@ -136,13 +136,17 @@ def test_converted_mygptq_config():
     c = parse(quantization_config(Target.MYGPTQ, 4, 128, True, True, layout=Layout.MARLIN))
     assert c.base == LayerScheme(4, 128, True, True, None, Layout.MARLIN)
     c = parse(quantization_config(Target.MYGPTQ, 3, 64, False, False))
+    assert c.base.layout is Layout.MARLIN  # the default layout holds every width
+    c = parse(quantization_config(Target.MYGPTQ, 3, 64, False, False, layout=Layout.EXLLAMA))
     assert c.base.layout is Layout.EXLLAMA
 
 
-def test_converted_dynamic_bits_take_a_layout_that_holds_them():
-    cfg = quantization_config(Target.MYGPTQ, 4, 128, True, False, layout=Layout.MARLIN,
+@pytest.mark.parametrize("layout", [Layout.MARLIN, Layout.EXLLAMA])
+def test_converted_dynamic_bits_keep_the_checkpoint_layout(layout):
+    cfg = quantization_config(Target.MYGPTQ, 4, 128, True, False, layout=layout,
                               dynamic={r"+:.*down_proj": {"bits": 2}})
-    assert parse(cfg).layer_scheme("model.layers.0.mlp.down_proj").layout is Layout.EXLLAMA
+    scheme = parse(cfg).layer_scheme("model.layers.0.mlp.down_proj")
+    assert scheme.bits == 2 and scheme.layout is layout
 
 
 @pytest.mark.parametrize("cfg, message", [
@@ -157,8 +161,8 @@ def test_converted_dynamic_bits_take_a_layout_that_holds_them():
     ({**GPTQMODEL_V4, "dynamic": {"+:(": {}}}, "not a valid regular expression"),
     ({**GPTQMODEL_V4, "dynamic": {r"+:.*": {"format": "gptq"}}}, "changes \\['format'\\]"),
     ({**AUTOGPTQ, "dynamic": {r"+:.*": {"bits": 6}}}, None),  # refused when the layer is resolved
-    ({"quant_method": "mygptq", "checkpoint_format": "mygptq", "layout": "marlin", "bits": 2, "group_size": 128,
-      "sym": True, "desc_act": False}, "layout 'marlin' holds 4- or 8-bit weights"),
+    ({"quant_method": "mygptq", "checkpoint_format": "mygptq", "layout": "bitblas", "bits": 2, "group_size": 128,
+      "sym": True, "desc_act": False}, "layout 'bitblas' is not a kernel layout"),
 ])
 def test_unsupported_configs_say_what_and_what_works(cfg, message):
     if message is None:

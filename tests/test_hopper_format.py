@@ -53,7 +53,7 @@ def test_tile_offsets_follow_the_marlin_tile_map(bits):
 def test_operands_dequantize_like_the_reference(bits, group_size, sym):
     w = weight(bits, group_size, sym)
     kw = to_kernel(w, Layout.MARLIN, scale_dtype=torch.float16)
-    rows = kw.qweight.shape[0] * marlin.TILE_K
+    rows = marlin.stored_rows(kw.qweight, bits)
     ops = hopper.operands(kw.qzeros, kw.scales, bits=bits, group_size=group_size, in_rows=rows)
     # Plain scales: the checkpoint's scales again (Marlin's permutation undone).
     assert torch.equal(ops.scales.float(), w.scales)
@@ -77,6 +77,23 @@ def test_unsupported_names_the_reason():
     assert "group size 32" in hopper.unsupported(bits=4, group_size=32, in_rows=4096, g_idx_sorted=False)
     assert "act-order shard" in hopper.unsupported(bits=4, group_size=128, in_rows=4096, g_idx_sorted=True)
     assert "3-bit" in hopper.unsupported(bits=3, group_size=128, in_rows=4096, g_idx_sorted=False)
+    assert "2-bit" in hopper.unsupported(bits=2, group_size=128, in_rows=4096, g_idx_sorted=False)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_only_4_and_8_bit_marlin_layers_get_hopper_operands(bits, monkeypatch):
+    """2/3-bit weights are Marlin-layout too, but the Hopper GEMM converts 4/8-bit tiles only: on an sm_90 GPU
+    their layers must keep hopper_scales None (the Marlin kernels at every batch size)."""
+    pytest.importorskip("vllm")
+    from gptq_vllm.config import LayerScheme
+    from gptq_vllm.linear import MyGPTQLinearMethod
+
+    assert hopper.HOPPER_BITS == (4, 8)
+    monkeypatch.setattr(selection, "hopper_available", lambda device: True)
+    method = MyGPTQLinearMethod(LayerScheme(bits, 128, True, False, None, None), "model.layers.0.mlp.down_proj")
+    kw = to_kernel(weight(bits, 128, True), Layout.MARLIN, scale_dtype=torch.float16)
+    ops = method._hopper_operands(kw)
+    assert (ops is None) == (bits not in hopper.HOPPER_BITS)
 
 
 def test_hopper_choice_by_batch_size(monkeypatch):

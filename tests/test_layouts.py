@@ -67,10 +67,116 @@ def test_marlin_repack_from_gptq_and_inverse(bits, with_perm):
 
 
 def test_marlin_shape_errors():
-    with pytest.raises(FormatError, match="4- or 8-bit"):
-        marlin.pack(torch.zeros(16, 64, dtype=torch.int32), 3)
+    with pytest.raises(FormatError, match="holds 2, 3, 4, 8-bit codes, not 5-bit"):
+        marlin.pack(torch.zeros(16, 64, dtype=torch.int32), 5)
     with pytest.raises(FormatError, match="N % 64 == 0"):
         marlin.pack(torch.zeros(16, 96, dtype=torch.int32), 4)
+    # 2/3 bit: whole units of 32 / 64 rows.
+    with pytest.raises(FormatError, match=r"3-bit Marlin layout needs K % 64 == 0 and N % 64 == 0, got K=96"):
+        marlin.pack(torch.zeros(96, 64, dtype=torch.int32), 3)
+    with pytest.raises(FormatError, match=r"2-bit Marlin layout needs K % 32 == 0 and N % 64 == 0, got K=48"):
+        marlin.pack(torch.zeros(48, 64, dtype=torch.int32), 2)
+    with pytest.raises(FormatError, match=r"3-bit Marlin layout needs K % 64 == 0"):
+        marlin.unpack(torch.zeros(1, 6 * 64, dtype=torch.int32), 3, 32, 64)
+    with pytest.raises(FormatError, match=r"shape \(2, 128\) torch.int32, expected \(1, 128\) int32"):
+        marlin.unpack(torch.zeros(2, 128, dtype=torch.int32), 2, 32, 64)
+
+
+# ---- 2/3-bit Marlin units -----------------------------------------------------------------------------------
+
+def marlin_unit_formula(Q: torch.Tensor, bits: int) -> torch.Tensor:
+    """The 2/3-bit unit layout element by element, from the rules in marlin.py's docstring (not UNIT_MAP):
+    each code goes to its unit, lane, lane word and bits; unit words are chunk-major."""
+    K, N = Q.shape
+    U, C = {2: (2, 1), 3: (4, 3)}[bits]
+    rows = 16 * U
+    words = torch.zeros(K // rows, N * U * bits // 2, dtype=torch.int64)
+    for k in range(K):
+        for n in range(N):
+            code = int(Q[k, n])
+            ku, v, kk = k // rows, k % rows // 16, k % 16  # unit row, k-tile of the unit, row in the k-tile
+            nt, nn = divmod(n, 64)
+            b, tig, h = kk // 8, kk % 8 // 2, kk % 2  # kk = 2*tig + 8*b + h
+            s, gid = divmod(nn, 8)  # nn = 8*s + gid
+            t, p = 4 * gid + tig, 2 * s + b
+
+            def put(lane_word: int, value: int, bit: int) -> None:
+                c, j = divmod(bits * v + lane_word, 4)  # lane word i = v*W + w, W = bits; chunk c, word j
+                words[ku, 128 * C * nt + 4 * (32 * c + t) + j] |= value << bit
+
+            if bits == 2:
+                put(p // 8, code, 2 * (p % 8) + 16 * h)
+            elif p < 15:
+                put(p // 5, code, 3 * (p % 5) + 16 * h)
+            else:
+                for j in range(3):
+                    put(j, (code >> j) & 1, 15 + 16 * h)
+    return words
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_marlin_units_match_element_formula(bits):
+    g = torch.Generator().manual_seed(20 + bits)
+    Q = torch.randint(0, 2**bits, (128, 128), generator=g, dtype=torch.int32)
+    packed = marlin.pack(Q, bits)
+    assert packed.shape == {2: (4, 256), 3: (2, 768)}[bits]  # [K/32, 2N], [K/64, 6N]
+    assert [u32(v) for v in packed.flatten().tolist()] == marlin_unit_formula(Q, bits).flatten().tolist()
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_marlin_unit_uses_every_bit(bits):
+    words = marlin.pack(torch.full((64, 64), 2**bits - 1, dtype=torch.int32), bits)
+    assert bool((words == -1).all())
+
+
+@pytest.mark.parametrize("bits, k, n, expected", [
+    # Lane t = 4*gid + tig holds rows 2*tig + 8*b + h, column 8*s + gid of each k-tile.  Unit word 4*(32*c + t) + j.
+    (2, 0, 0, [(0, 0)]),  # lane 0, k-tile 0, pair 0, h = 0: lane word 0 = chunk 0 word 0, bit 0
+    (2, 9, 63, [(4 * 28 + 1, 2 * 7 + 16)]),  # row 9: tig 0, b 1, h 1; column 63: s 7, gid 7 -> lane 28, pair 15
+    (2, 16 + 1, 8 * 5 + 2, [(4 * 8 + 3, 2 * (10 % 8) + 16)]),  # k-tile 1, lane 8, pair 10 -> lane word 2 + 1
+    (3, 16 + 2, 1, [(4 * 5 + 3, 0)]),  # k-tile 1, lane 5: lane word 3 -> chunk 0, word 3
+    (3, 32 + 2, 1, [(4 * (32 + 5) + 2, 0)]),  # k-tile 2: lane word 6 -> chunk 1, word 2
+    (3, 48 + 8 + 7, 8 * 6 + 3, [(4 * (64 + 15) + 3, 3 * 3 + 16)]),  # k-tile 3, lane 15, pair 13 (word 2), h 1
+    (3, 8, 8 * 7, [(0, 15), (1, 15), (2, 15)]),  # pair 15, h 0, lane 0: code bit j at bit 15 of lane word j
+    # k-tile 3, lane 31, pair 15, h 1: lane words 9, 10, 11 = chunk 2, words 1, 2, 3, bit 31.
+    (3, 48 + 15, 8 * 7 + 7, [(4 * (64 + 31) + 1, 31), (4 * (64 + 31) + 2, 31), (4 * (64 + 31) + 3, 31)]),
+])
+def test_marlin_unit_word_order_is_chunk_major(bits, k, n, expected):
+    """One code of one unit: the words (chunk-major) and bits it lands in, worked out by hand."""
+    Q = torch.zeros(64, 128, dtype=torch.int32)
+    Q[k, n] = 2**bits - 1
+    words = marlin.pack(Q, bits)
+    assert words.shape[0] == 64 // (16 * marlin.UNIT_TILES[bits])
+    nonzero = {(int(i), u32(int(words.view(-1)[i]))) for i in torch.nonzero(words.view(-1)).flatten()}
+    width = bits if len(expected) == 1 else 1
+    assert nonzero == {(word, (2**width - 1) << bit) for word, bit in expected}
+
+
+@pytest.mark.parametrize("bits, K, N", [(2, 32, 64), (2, 96, 192), (2, 256, 128), (3, 64, 64), (3, 192, 128),
+                                        (3, 320, 192)])
+@pytest.mark.parametrize("with_perm", [False, True])
+def test_marlin_units_round_trip(bits, K, N, with_perm, monkeypatch):
+    # Blocks of 2 units' rows: the block loop of pack/unpack is exercised on these small weights too.
+    monkeypatch.setattr(marlin, "_UNIT_BLOCK_CODES", 2 * marlin.unit_rows(bits) * N)
+    g = torch.Generator().manual_seed(K + N + bits)
+    codes = torch.randint(0, 2**bits, (K, N), generator=g, dtype=torch.int32)
+    perm = torch.randperm(K, generator=g).to(torch.int32) if with_perm else None
+    words = marlin.repack_gptq(bitpack.pack_rows(codes, bits), bits, K, perm)
+    U = marlin.UNIT_TILES[bits]
+    assert words.shape == marlin.qweight_shape(K, N, bits) == (K // (16 * U), N * U * bits // 2)
+    assert marlin.stored_rows(words, bits) == K
+    expected_rows = codes if perm is None else codes[perm.long()]
+    assert torch.equal(marlin.unpack(words, bits, K, N), expected_rows)
+    assert torch.equal(words, marlin.pack(expected_rows.to(torch.uint8), bits))
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_marlin_zero_points_of_2_and_3_bit_use_the_4_bit_packing(bits):
+    assert marlin.ZERO_BITS[bits] == 4
+    z = torch.randint(0, 2**bits, (2, 128), generator=torch.Generator().manual_seed(bits), dtype=torch.int32)
+    packed = marlin.pack_zeros(z, marlin.ZERO_BITS[bits])
+    assert packed.shape == (2, 128 // 8) and torch.equal(packed, marlin.pack_zeros(z, 4))
+    assert torch.equal(marlin.unpack_zeros(packed, 4, 128), z)
 
 
 def test_marlin_scale_permutation_formula():
@@ -180,8 +286,8 @@ def test_compressed_tensors_errors():
 
 LAYOUT_CASES = [
     (bits, layout, sym, G, act, K, N)
-    for bits, layout in [(4, Layout.MARLIN), (8, Layout.MARLIN), (2, Layout.EXLLAMA), (3, Layout.EXLLAMA),
-                         (4, Layout.EXLLAMA), (8, Layout.EXLLAMA)]
+    for bits, layout in [(2, Layout.MARLIN), (3, Layout.MARLIN), (4, Layout.MARLIN), (8, Layout.MARLIN),
+                         (2, Layout.EXLLAMA), (3, Layout.EXLLAMA), (4, Layout.EXLLAMA), (8, Layout.EXLLAMA)]
     for sym, G, act, (K, N) in [(True, 128, False, (256, 192)), (False, 32, True, (256, 128)),
                                 (True, -1, False, (200, 100)), (False, 64, False, (192, 72)),
                                 (True, 64, True, (384, 64))]
@@ -195,8 +301,12 @@ def test_kernel_layout_round_trip(bits, layout, sym, G, act, K, N):
     assert (kw.perm is not None) == (act and G != -1)
     if layout is Layout.MARLIN:
         kp, np_ = marlin.padded_shape(K, N, G)
-        assert kw.qweight.shape == (kp // 16, np_ * 16 * bits // 32)
+        # 4/8 bit: [K/16, N*b/2]; 2 bit: units of 32 rows [K/32, 2N]; 3 bit: units of 64 rows [K/64, 6N].
+        assert kw.qweight.shape == {2: (kp // 32, 2 * np_), 3: (kp // 64, 6 * np_), 4: (kp // 16, 2 * np_),
+                                    8: (kp // 16, 4 * np_)}[bits]
         assert kw.scales.shape[1] == np_
+        assert kw.qzeros is None if sym else kw.qzeros.shape == (kw.scales.shape[0], np_ * (4 if bits < 8 else 8) // 32)
+        assert kernel_layout.expected_shapes(layout, bits, G, sym, kp, np_)["qweight"] == tuple(kw.qweight.shape)
     back = kernel_layout.from_kernel(kw)
     assert torch.equal(back.codes, w.codes) and torch.equal(back.g_idx, w.g_idx)
     assert torch.equal(dequantize(back), dequantize(w))
@@ -212,11 +322,12 @@ def test_marlin_padding_dequantizes_to_zero():
 
 
 @pytest.mark.parametrize("N", [64, 100])
-def test_row_parallel_act_order_shard_keeps_global_groups(N):
+@pytest.mark.parametrize("bits", [3, 4])
+def test_row_parallel_act_order_shard_keeps_global_groups(N, bits):
     # A TP rank of a row-parallel act-order layer: half of K, global group ids, every group's scales.
-    full = make_weight(4, 32, True, True, K=256, N=N)
+    full = make_weight(bits, 32, True, True, K=256, N=N)
     rows = torch.arange(128, 256)
-    shard = QuantizedWeight(full.codes[rows], full.scales, full.zeros, full.g_idx[rows], 4, 32, True)
+    shard = QuantizedWeight(full.codes[rows], full.scales, full.zeros, full.g_idx[rows], bits, 32, True)
     shard.validate(shard=True)
     kw = kernel_layout.to_kernel(shard, Layout.MARLIN)
     assert kw.g_idx_sorted is not None and bool((kw.g_idx_sorted[1:] >= kw.g_idx_sorted[:-1]).all())

@@ -51,6 +51,10 @@ CASES = [  # layout, bits, group_size, sym, act_order, K, N
     (Layout.MARLIN, 4, 32, False, True, 96, 80),  # padded to K 128, N 128
     (Layout.MARLIN, 8, 128, True, True, 256, 64),
     (Layout.MARLIN, 8, 64, False, False, 192, 96),
+    (Layout.MARLIN, 2, 64, True, True, 128, 64),
+    (Layout.MARLIN, 2, -1, False, False, 64, 32),  # padded to K 128, N 64
+    (Layout.MARLIN, 3, 128, True, False, 256, 96),
+    (Layout.MARLIN, 3, 32, False, True, 96, 64),  # K padded to 128: two 3-bit units
     (Layout.EXLLAMA, 2, 64, True, True, 128, 64),
     (Layout.EXLLAMA, 2, -1, False, False, 64, 32),
     (Layout.EXLLAMA, 3, 128, True, False, 256, 96),
@@ -72,12 +76,12 @@ def test_op_matches_reference(layout, bits, group_size, sym, act_order, K, N, dt
     assert_matches(call(kw, x), expected(x, qw))
 
 
-@pytest.mark.parametrize("layout", [Layout.MARLIN, Layout.EXLLAMA])
+@pytest.mark.parametrize("layout, bits", [(Layout.MARLIN, 4), (Layout.MARLIN, 3), (Layout.EXLLAMA, 4)])
 @pytest.mark.parametrize("rank", [0, 1])
-def test_row_parallel_act_order_shard(layout, rank):
+def test_row_parallel_act_order_shard(layout, bits, rank):
     # TP=2 on K: each rank has half the rows, group ids that are not runs of G, and every group's scales.
     K, N, G = 256, 128, 32
-    full = make_weight(K, N, 4, G, sym=False, act_order=True, seed=3)
+    full = make_weight(K, N, bits, G, sym=False, act_order=True, seed=3)
     rows = slice(rank * K // 2, (rank + 1) * K // 2)
     shard = replace(full, codes=full.codes[rows], g_idx=full.g_idx[rows])
     shard.validate("shard", shard=True)
@@ -95,7 +99,7 @@ def test_op_result_does_not_depend_on_batch_composition():
 
 
 def _opcheck_args():
-    for layout, bits, group_size, sym, act_order, K, N in [CASES[1], CASES[3], CASES[9], CASES[12]]:
+    for layout, bits, group_size, sym, act_order, K, N in [CASES[1], CASES[3], CASES[9], CASES[13], CASES[16]]:
         kw = to_kernel(make_weight(K, N, bits, group_size, sym, act_order), layout, scale_dtype=torch.float16)
         yield kw, torch.randn(3, K, dtype=torch.float16)
 
@@ -137,12 +141,15 @@ def select(**kw):
     return selection.select(**{**args, **kw})
 
 
-def test_selection_picks_marlin_for_4_and_8_bit_and_exllama_otherwise():
+def test_selection_picks_marlin_for_every_width_and_exllama_for_other_group_sizes():
     assert select().layout is Layout.MARLIN
     assert select(bits=8, group_size=-1).layout is Layout.MARLIN
-    assert select(bits=2).layout is Layout.EXLLAMA
-    assert select(bits=3).layout is Layout.EXLLAMA
+    assert select(bits=2).layout is Layout.MARLIN
+    assert select(bits=3, group_size=32).layout is Layout.MARLIN
+    assert select(bits=3, in_features=96).layout is Layout.MARLIN  # padded at load to two 64-row units
     assert select(group_size=256).layout is Layout.EXLLAMA
+    assert select(bits=3, group_size=256).layout is Layout.EXLLAMA
+    assert select(bits=2, row_groups=True, in_features=64).layout is Layout.EXLLAMA
     # A row-parallel act-order shard cannot be padded, so Marlin needs aligned shapes.
     assert select(row_groups=True).layout is Layout.MARLIN
     assert select(row_groups=True, in_features=64).layout is Layout.EXLLAMA
@@ -166,6 +173,11 @@ def test_stored_marlin_layout_must_fit_the_rank():
     ok = dict(bits=4, group_size=128, in_features=256, out_features=128, dtype=torch.float16, device_type="cpu",
               name="model.layers.0.mlp.down_proj")
     assert selection.check_stored(Layout.MARLIN, **ok).layout is Layout.MARLIN
+    for bits in (2, 3):
+        assert selection.check_stored(Layout.MARLIN, **{**ok, "bits": bits}).layout is Layout.MARLIN
     with pytest.raises(selection.KernelSelectionError, match="down_proj: .*K=64.*Serve the GPTQ source"):
         selection.check_stored(Layout.MARLIN, **{**ok, "in_features": 64})
+    with pytest.raises(selection.KernelSelectionError,
+                       match="converted 3-bit Marlin layout cannot serve group size 256"):
+        selection.check_stored(Layout.MARLIN, **{**ok, "bits": 3, "group_size": 256})
     assert selection.check_stored(Layout.EXLLAMA, **{**ok, "in_features": 64}).layout is Layout.EXLLAMA

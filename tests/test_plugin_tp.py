@@ -92,7 +92,9 @@ ROW_CASES = [  # bits, group_size, sym, act_order, K, tp, layout the rank must r
     (8, 64, True, False, 256, 2, Layout.MARLIN),  # scales sharded along K
     (4, 128, True, False, 256, 4, Layout.EXLLAMA),  # a group straddles the ranks: every group's scales
     (4, -1, False, False, 256, 2, Layout.MARLIN),  # one group: replicated scales
-    (3, 64, False, True, 256, 2, Layout.EXLLAMA),
+    (3, 64, False, True, 256, 2, Layout.MARLIN),  # 3-bit act-order shard of 128 rows: two Marlin units
+    (3, 64, False, True, 256, 4, Layout.EXLLAMA),  # 64 rows: no padding, ExLlama
+    (2, 32, True, False, 256, 2, Layout.MARLIN),
 ]
 
 
@@ -123,23 +125,38 @@ def test_merged_column_parallel_gptq(monkeypatch, act_order):
         assert_matches(method.apply(layer, x), ref)
 
 
-@pytest.mark.parametrize("layout, sym", [(Layout.MARLIN, True), (Layout.MARLIN, False), (Layout.EXLLAMA, False)])
-def test_converted_checkpoint_row_and_column_parallel(monkeypatch, layout, sym):
+@pytest.mark.parametrize("layout, bits, sym", [(Layout.MARLIN, 4, True), (Layout.MARLIN, 4, False),
+                                              (Layout.EXLLAMA, 4, False), (Layout.MARLIN, 3, True),
+                                              (Layout.MARLIN, 3, False), (Layout.MARLIN, 2, False),
+                                              (Layout.EXLLAMA, 3, True)])
+def test_converted_checkpoint_row_and_column_parallel(monkeypatch, layout, bits, sym):
     K, N, tp = 256, 128, 2
-    scheme = LayerScheme(4, 128, sym, False, None, layout)
-    qw = weight(K, N, 4, 128, sym, None)
+    scheme = LayerScheme(bits, 128, sym, False, None, layout)
+    qw = weight(K, N, bits, 128, sym, None)
     x = torch.randn(2, K, dtype=torch.float16)
     for rank in range(tp):
         # K per rank == group size: the Marlin scales need the single-group permutation there.
         layer, method = load_rank(monkeypatch, scheme, {"down_proj": qw}, rank, tp, row_parallel=True)
         rows = slice(rank * K // tp, (rank + 1) * K // tp)
         assert_matches(method.apply(layer, x[:, rows]), expected(x[:, rows], qw, rows=rows))
-        gate, up = weight(K, N, 4, 128, sym, None, seed=5), weight(K, N, 4, 128, sym, None, seed=6)
+        gate, up = weight(K, N, bits, 128, sym, None, seed=5), weight(K, N, bits, 128, sym, None, seed=6)
         layer, method = load_rank(monkeypatch, scheme, {"gate_proj": gate, "up_proj": up}, rank, tp,
                                   row_parallel=False)
         cols = slice(rank * N // tp, (rank + 1) * N // tp)
         ref = torch.cat([expected(x, gate, cols=cols), expected(x, up, cols=cols)], dim=1)
         assert_matches(method.apply(layer, x), ref)
+
+
+@pytest.mark.parametrize("bits, tp, message", [
+    (3, 4, r"layer: this rank's part of the layer \(K=32, N parts \[128\]\) does not align with the 3-bit Marlin "
+           r"unit of qweight \(64 x 64\): K must be a multiple of 64"),
+    (2, 8, r"K=16, .*the 2-bit Marlin unit of qweight \(32 x 64\): K must be a multiple of 32"),
+    (4, 16, r"K=8, .*the 4-bit Marlin tile of qweight \(16 x 64\): K must be a multiple of 16"),
+])
+def test_converted_marlin_row_shard_must_be_whole_units(monkeypatch, bits, tp, message):
+    scheme = LayerScheme(bits, -1, True, False, None, Layout.MARLIN)
+    with pytest.raises(ValueError, match=message):
+        load_rank(monkeypatch, scheme, {"down_proj": weight(128, 128, bits, -1, True, None)}, 0, tp, row_parallel=True)
 
 
 def test_converted_act_order_perm_loads_column_parallel_and_refuses_row_parallel(monkeypatch):

@@ -9,6 +9,7 @@ import pytest
 import torch
 import transformers
 from click.testing import CliRunner
+from safetensors import safe_open
 
 from converters.checkpoint.emit import Target
 from converters.cli import main
@@ -161,13 +162,16 @@ def test_dynamic_overrides_and_skips(llama, tmp_path, loop_q):
         assert torch.equal(model.state_dict()[f"{name}.weight"], q), name
 
 
-def test_mygptq_dynamic_override_written_in_the_layout_readers_expect(llama, tmp_path):
-    """A 3-bit mygptq checkpoint is ExLlama-layout; a module a `dynamic` rule makes 4-bit stays ExLlama (the
-    readers' rule, kernel_layout.module_layout), not the Marlin layout 4-bit would default to."""
+def test_mygptq_3bit_with_a_4bit_dynamic_override_is_marlin_throughout(llama, tmp_path):
+    """A 3-bit mygptq checkpoint is Marlin-layout (units of 64 rows); a module a `dynamic` rule makes 4-bit is
+    Marlin too (16-row tiles), the one layout the config records and the readers expect for every module."""
     dynamic = {"+:.*v_proj": {"bits": 4}}
     run(llama, tmp_path / "q", target=Target.MYGPTQ, spec=QuantSpec(3, 64, True, "none"), dynamic=dynamic)
     cfg = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
-    assert cfg["layout"] == "exllama"
+    assert cfg["layout"] == "marlin" and cfg["bits"] == 3
+    with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
+        assert tuple(f.get_slice("model.layers.0.self_attn.q_proj.qweight").get_shape()) == (128 // 64, 6 * 128)
+        assert tuple(f.get_slice("model.layers.0.self_attn.v_proj.qweight").get_shape()) == (128 // 16, 2 * 64)
     model = load_model(tmp_path / "q", CPU)
     assert model.quantized_modules["model.layers.0.self_attn.v_proj"].bits == 4
     float_w = load_model(llama, CPU).state_dict()["model.layers.0.self_attn.v_proj.weight"]

@@ -53,9 +53,8 @@ quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bar
               help="Output format: mygptq (our kernel layout, for `vllm serve --quantization mygptq`), gptq-v1 / "
                    "gptq-v2 (AutoGPTQ/GPTQModel tensors), or compressed-tensors (pack-quantized).")
 @click.option("--layout", type=click.Choice([layout.value for layout in Layout]), default=None,
-              help="Kernel layout of --to mygptq: marlin (4/8-bit, K % 128 == 0, N % 64 == 0, group_size "
-                   "-1/32/64/128) or exllama (2/3/4/8-bit, any shape).  Default: marlin for 4- and 8-bit "
-                   "checkpoints, exllama otherwise.")
+              help="Kernel layout of --to mygptq: marlin (2/3/4/8-bit, K % 128 == 0, N % 64 == 0, group_size "
+                   "-1/32/64/128) or exllama (2/3/4/8-bit, any shape).  Default: marlin.")
 @checkpoint_format_option
 @revision_option
 @click.option("--shard-size", default="4GiB", show_default=True, callback=_parse_size,

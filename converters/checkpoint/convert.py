@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from gptq_vllm.formats import compressed_tensors, marlin
+from gptq_vllm.formats import compressed_tensors
 from gptq_vllm.formats.act_order import act_order_perm, is_trivial
 from gptq_vllm.formats.errors import FormatError
 from gptq_vllm.formats.gptq import ZeroFormat
@@ -151,8 +151,6 @@ def preflight(ckpt: Checkpoint, target: Target, layout: Layout | None) -> None:
 def _check_marlin(ckpt: Checkpoint, module: str, p: ModuleParams) -> None:
     hint = "use --layout exllama, or --to gptq-v2 to keep a GPTQ checkpoint"
     where = f"{ckpt.where(module)}: {module}"
-    if p.bits not in marlin.MARLIN_BITS:
-        raise FormatError(f"{where}: the Marlin layout holds 4- and 8-bit weights, this module is {p.bits}-bit; {hint}")
     if p.group_size not in MARLIN_GROUP_SIZES:
         raise FormatError(f"{where}: the Marlin kernels take group_size in {MARLIN_GROUP_SIZES}, "
                           f"not {p.group_size}; {hint}")

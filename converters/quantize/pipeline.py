@@ -36,8 +36,6 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from gptq_vllm.formats.kernel_layout import default_layout, module_layout
-
 from ..checkpoint.emit import Target, module_tensors, quantization_config
 from ..checkpoint.safetensors_dir import NON_WEIGHT_FILES
 from ..checkpoint.writer import CheckpointWriter
@@ -124,12 +122,9 @@ class Job:
         return spec
 
     def tensors(self, weight, module: str) -> dict[str, torch.Tensor]:
-        """One quantized module's tensors in the target format; a mygptq module in the layout the readers
-        expect for its bits under the checkpoint's layout (the default of the base bits)."""
-        layout = None
-        if self.target is Target.MYGPTQ:
-            layout = module_layout(default_layout(self.spec.bits), weight.bits)
-        return module_tensors(weight, module, self.target, layout=layout)
+        """One quantized module's tensors in the target format (mygptq: the default layout, which the
+        config records and which holds every module's bits)."""
+        return module_tensors(weight, module, self.target)
 
 
 class Timer:
@@ -308,9 +303,11 @@ def quantize_layer(layer: nn.Module, prefix: str, X: list[torch.Tensor], calls: 
         log.warning("%s: not nn.Linear, kept in float: %s", prefix, ", ".join(left))
         record["float"] = left
     routed_tokens: dict[str, list[int]] = {}  # experts module -> tokens per expert (same routing for both stages)
-    # Y: outputs of the float layer on X (the reference of rel_error), or with QEP those of the
-    # full-precision model (Yf); the quantized stream then needs no full float pass of its own.
+    # Y: outputs of the float layer on X (the reference of rel_error).  With QEP the reference is the
+    # full-precision model's outputs instead, which replace Xf batch by batch in the last group's pass (the
+    # only full one): Xf is read by every group's full-precision pass, and inputs and outputs never coexist.
     Y: list[torch.Tensor] = []
+    last = len(groups) - 1
     floats = {n: p.detach().clone() for n, p in layer.named_parameters()} if qep else None
     baseline = [] if qep and qep.compare else None  # (weight, Q without the correction)
     for k, names in enumerate(groups):
@@ -330,7 +327,7 @@ def quantize_layer(layer: nn.Module, prefix: str, X: list[torch.Tensor], calls: 
         mode = {"fp": False}
 
         def hook(name, shared, acc=acc, captures=captures, members=frozenset(names), seen=seen, fp_in=fp_in,
-                 mode=mode, stop_q=k > 0 or qep is not None, stop_fp=k > 0):
+                 mode=mode, stop_q=k > 0 or qep is not None, stop_fp=k < last):
             def pre(_module, args, kwargs):
                 if mode["fp"]:
                     fp_in[name] = moe.hidden_states(args, kwargs)
@@ -353,7 +350,8 @@ def quantize_layer(layer: nn.Module, prefix: str, X: list[torch.Tensor], calls: 
                     mode["fp"] = True
                     try:
                         with _weights(layer, floats):
-                            Y.append(_forward(layer, Xf[b], call(Xf[b])))  # group 0 only: a full pass
+                            out = _forward(layer, Xf[b], call(Xf[b]))
+                        Xf[b] = out  # the last group only: its pass runs through
                     except StopForward:
                         pass
                     mode["fp"] = False
@@ -383,14 +381,13 @@ def quantize_layer(layer: nn.Module, prefix: str, X: list[torch.Tensor], calls: 
     with timer("replay"), torch.no_grad():
         for b, x in enumerate(X):
             y = _forward(layer, x, call(x))
-            err += _sq(y.float() - Y[b].float())
-            ref += _sq(Y[b])
+            want = Xf[b] if qep else Y[b]
+            err += _sq(y.float() - want.float())
+            ref += _sq(want)
             if baseline is not None:
                 _swap(baseline)
-                base += _sq(_forward(layer, x, call(x)).float() - Y[b].float())
+                base += _sq(_forward(layer, x, call(x)).float() - want.float())
                 _swap(baseline)
-            if qep:
-                Xf[b] = Y[b]
             X[b] = y
     record["fp_error" if qep else "rel_error"] = (err / ref) ** 0.5 if ref else 0.0
     if baseline is not None:

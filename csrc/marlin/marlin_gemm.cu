@@ -1,4 +1,4 @@
-// Marlin-layout W4A16 / W8A16 GEMM:  C[M, N] = A[M, K] @ dequant(B)[K, N],  dequant = s * (q - z).
+// Marlin-layout W2/W3/W4/W8 x A16 GEMM:  C[M, N] = A[M, K] @ dequant(B)[K, N],  dequant = s * (q - z).
 //
 // Layout (formats.md §4, gptq_vllm/formats/marlin.py): B is cut into 16 (k) x 64 (n) tiles; tile (kt, nt)
 // is 1024*b/32 consecutive int32 words of row kt of qweight [K/16, N*16*b/32], i.e. 512 (4-bit) or 1024
@@ -12,6 +12,11 @@
 //          bytes Q[r,c] Q[r+8,c] Q[r+1,c] Q[r+9,c].
 // So one warp reading one tile is one perfectly coalesced 512/1024-byte load, and sub-tile s of a strip
 // always covers strip columns 8s .. 8s+7 with the lane's B column gid = t/4.
+//   2/3-bit (issue 14): units of 2 / 4 k-tiles (qweight [K/32, 2N] / [K/64, 6N]); lane t's words of a unit are
+//          chunk-major (int4 32c + t), 2 / 3 words per k-tile holding the same 16 fragment pairs (rows r, r+1 in
+//          the low / high 16-bit half at one bit offset): pair p = 2s + b (rows + 8b of sub-tile s) at bit 2(p%8)
+//          of word p/8 (2-bit), or at bit 3(p%5) of word p/5 with pair 15 spread over bit 15 of the three words
+//          (3-bit).  Zero points use the 4-bit packing.  Definition: formats/marlin.py; kernel: marlin_kernel.cuh.
 //
 // Work decomposition (issue 7): see marlin_kernel.cuh (per-warp cp.async ring for B, A staged per chunk,
 // k-phases reduced in shared memory, split-K parts as thread-block clusters reduced through distributed shared
@@ -85,8 +90,12 @@ const Tuned* tuned_split(int64_t K, int64_t N, int64_t M, int sms) {
 
 extern template void launch_bits<half, 4>(const Params&, int, bool, dim3, int, size_t, cudaStream_t);
 extern template void launch_bits<half, 8>(const Params&, int, bool, dim3, int, size_t, cudaStream_t);
+extern template void launch_bits<half, 2>(const Params&, int, bool, dim3, int, size_t, cudaStream_t);
+extern template void launch_bits<half, 3>(const Params&, int, bool, dim3, int, size_t, cudaStream_t);
 extern template void launch_bits<__nv_bfloat16, 4>(const Params&, int, bool, dim3, int, size_t, cudaStream_t);
 extern template void launch_bits<__nv_bfloat16, 8>(const Params&, int, bool, dim3, int, size_t, cudaStream_t);
+extern template void launch_bits<__nv_bfloat16, 2>(const Params&, int, bool, dim3, int, size_t, cudaStream_t);
+extern template void launch_bits<__nv_bfloat16, 3>(const Params&, int, bool, dim3, int, size_t, cudaStream_t);
 
 }  // namespace marlin
 
@@ -110,6 +119,28 @@ void launch_gather(const at::Tensor& a, const at::Tensor& perm, int64_t K, at::T
     kernel<<<blocks, marlin::THREADS, row_bytes, stream>>>(src, lda, perm.data_ptr<int>(), k, dst);
   } else {
     marlin::gather_columns_kernel<T, false><<<blocks, marlin::THREADS, 0, stream>>>(src, lda, perm.data_ptr<int>(), k, dst);
+  }
+}
+
+template <typename T>
+void launch_dequant(const marlin::Params& p, int64_t bits, dim3 blocks, at::Tensor& w, cudaStream_t stream) {
+  using namespace marlin;
+  T* out = reinterpret_cast<T*>(w.data_ptr());
+  if (bits == 2) marlin_dequant_kernel<T, 2><<<blocks, THREADS, 0, stream>>>(p, out);
+  else if (bits == 3) marlin_dequant_kernel<T, 3><<<blocks, THREADS, 0, stream>>>(p, out);
+  else if (bits == 4) marlin_dequant_kernel<T, 4><<<blocks, THREADS, 0, stream>>>(p, out);
+  else marlin_dequant_kernel<T, 8><<<blocks, THREADS, 0, stream>>>(p, out);
+}
+
+template <typename T>
+void launch_gemm(const marlin::Params& p, int64_t bits, int mb, bool wg, dim3 grid, int cs, size_t smem,
+                 cudaStream_t stream) {
+  using namespace marlin;
+  switch (bits) {
+    case 2: return launch_bits<T, 2>(p, mb, wg, grid, cs, smem, stream);
+    case 3: return launch_bits<T, 3>(p, mb, wg, grid, cs, smem, stream);
+    case 4: return launch_bits<T, 4>(p, mb, wg, grid, cs, smem, stream);
+    default: return launch_bits<T, 8>(p, mb, wg, grid, cs, smem, stream);
   }
 }
 
@@ -146,17 +177,19 @@ at::Tensor marlin_gemm(const at::Tensor& a_in, const at::Tensor& qweight, const 
                        const std::optional<at::Tensor>& qzeros, const std::optional<at::Tensor>& g_idx_sorted,
                        int64_t bits, int64_t group_size, const std::optional<at::Tensor>& perm_in) {
   using namespace marlin;
-  TORCH_CHECK(bits == 4 || bits == 8, "marlin_gemm: bits must be 4 or 8, got ", bits);
+  TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8, "marlin_gemm: bits must be 2, 3, 4 or 8, got ", bits);
   TORCH_CHECK(a_in.is_cuda() && a_in.dim() == 2, "marlin_gemm: a must be a 2-D CUDA tensor");
   TORCH_CHECK(a_in.scalar_type() == at::kHalf || a_in.scalar_type() == at::kBFloat16,
               "marlin_gemm: a must be float16 or bfloat16");
   TORCH_CHECK(scales.scalar_type() == a_in.scalar_type(), "marlin_gemm: scales dtype must equal a's dtype");
   TORCH_CHECK(qweight.scalar_type() == at::kInt && qweight.dim() == 2 && qweight.is_contiguous(),
-              "marlin_gemm: qweight must be contiguous int32 [K/16, N*b/2]");
+              "marlin_gemm: qweight must be contiguous int32 [K/(16U), N*U*b/2]");
   TORCH_CHECK(scales.dim() == 2 && scales.is_contiguous(), "marlin_gemm: scales must be contiguous [NG, N]");
   TORCH_CHECK(qweight.device() == a_in.device() && scales.device() == a_in.device(),
               "marlin_gemm: tensors must be on one device");
-  const int64_t K = qweight.size(0) * 16;
+  // Rows of qweight are units of U k-tiles (U = 1 for 4/8-bit, 2 for 2-bit, 4 for 3-bit).
+  const int unit = bits == 2 ? unit_tiles<2>() : (bits == 3 ? unit_tiles<3>() : 1);
+  const int64_t K = qweight.size(0) * 16 * unit;
   const int64_t N = scales.size(1);
   const int64_t NG = scales.size(0);
   const bool has_perm = perm_in.has_value() && perm_in->defined();
@@ -170,8 +203,8 @@ at::Tensor marlin_gemm(const at::Tensor& a_in, const at::Tensor& qweight, const 
   }
   TORCH_CHECK(N % 64 == 0 && K % 64 == 0, "marlin_gemm: needs N % 64 == 0 and K % 64 == 0 (pad above), got K=",
               K, " N=", N);
-  TORCH_CHECK(qweight.size(1) == N * 16 * bits / 32, "marlin_gemm: qweight has ", qweight.size(1),
-              " columns, expected N*16*b/32 = ", N * 16 * bits / 32);
+  TORCH_CHECK(qweight.size(1) == N * unit * bits / 2, "marlin_gemm: qweight has ", qweight.size(1),
+              " columns, expected N*U*b/2 = ", N * unit * bits / 2);
   TORCH_CHECK(group_size == -1 || group_size > 0, "marlin_gemm: bad group_size ", group_size);
   TORCH_CHECK(a_in.size(0) < (int64_t(1) << 31) && K < (int64_t(1) << 31) && N < (int64_t(1) << 31),
               "marlin_gemm: too large");
@@ -208,8 +241,9 @@ at::Tensor marlin_gemm(const at::Tensor& a_in, const at::Tensor& qweight, const 
   }
   if (qzeros.has_value() && qzeros->defined() && qzeros->numel() > 0) {
     TORCH_CHECK(qzeros->scalar_type() == at::kInt && qzeros->dim() == 2 && qzeros->size(0) == NG &&
-                    qzeros->size(1) == N * bits / 32 && qzeros->is_contiguous() && qzeros->device() == a.device(),
-                "marlin_gemm: qzeros must be contiguous int32 [NG, N*b/32]");
+                    qzeros->size(1) == N * (bits == 8 ? 8 : 4) / 32 && qzeros->is_contiguous() &&
+                    qzeros->device() == a.device(),
+                "marlin_gemm: qzeros must be contiguous int32 [NG, N*b/32] (b = 4 for 2/3-bit codes)");
   }
 
   Params p{};
@@ -256,13 +290,8 @@ at::Tensor marlin_gemm(const at::Tensor& a_in, const at::Tensor& qweight, const 
     Params pd = p;
     pd.scale_epilogue = 0;
     const dim3 blocks(static_cast<unsigned>((N / 64 + WARPS - 1) / WARPS), static_cast<unsigned>(K / 16));
-    if (a.scalar_type() == at::kHalf) {
-      if (bits == 4) marlin_dequant_kernel<half, 4><<<blocks, THREADS, 0, stream>>>(pd, reinterpret_cast<half*>(w.data_ptr()));
-      else marlin_dequant_kernel<half, 8><<<blocks, THREADS, 0, stream>>>(pd, reinterpret_cast<half*>(w.data_ptr()));
-    } else {
-      if (bits == 4) marlin_dequant_kernel<__nv_bfloat16, 4><<<blocks, THREADS, 0, stream>>>(pd, reinterpret_cast<__nv_bfloat16*>(w.data_ptr()));
-      else marlin_dequant_kernel<__nv_bfloat16, 8><<<blocks, THREADS, 0, stream>>>(pd, reinterpret_cast<__nv_bfloat16*>(w.data_ptr()));
-    }
+    if (a.scalar_type() == at::kHalf) launch_dequant<half>(pd, bits, blocks, w, stream);
+    else launch_dequant<__nv_bfloat16>(pd, bits, blocks, w, stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     at::matmul_out(out, a, w);
     return out;
@@ -278,7 +307,8 @@ at::Tensor marlin_gemm(const at::Tensor& a_in, const at::Tensor& qweight, const 
   const int KT = static_cast<int>(K / 16);
   const int KR = (KT + RUN - 1) / RUN;  // runs along K
   const int sms = sm_count();
-  const int ring = (bits == 4 ? ring_bytes<4>() : ring_bytes<8>()) + sring_bytes();
+  const int ring = (bits == 2 ? ring_bytes<2>() : bits == 3 ? ring_bytes<3>() : bits == 4 ? ring_bytes<4>() : ring_bytes<8>()) +
+                   sring_bytes();
   const int kcmax = (R >= 32 ? A_SMEM_BYTES_WIDE : A_SMEM_BYTES) / (2 * R);
   auto kc_for = [&](int kpp) { return std::min(kcmax, (16 * kpp + 16 * RUN - 1) / (16 * RUN) * (16 * RUN)); };
   auto smem_for = [&](int kpp) {  // ring + A chunk; the partial-sum tile reuses all of it at the end
@@ -348,13 +378,8 @@ at::Tensor marlin_gemm(const at::Tensor& a_in, const at::Tensor& qweight, const 
   const bool wg = want_wg && R == 64 && sb >= 4 && !needs_general(p) && sm90a_code_runs();
   const at::Tensor ws = bind_output(p, slices, out);
   dim3 grid(cs, mblocks, (NS / sb) * slices);
-  if (a.scalar_type() == at::kHalf) {
-    if (bits == 4) launch_bits<half, 4>(p, mb, wg, grid, cs, smem, stream);
-    else launch_bits<half, 8>(p, mb, wg, grid, cs, smem, stream);
-  } else {
-    if (bits == 4) launch_bits<__nv_bfloat16, 4>(p, mb, wg, grid, cs, smem, stream);
-    else launch_bits<__nv_bfloat16, 8>(p, mb, wg, grid, cs, smem, stream);
-  }
+  if (a.scalar_type() == at::kHalf) launch_gemm<half>(p, bits, mb, wg, grid, cs, smem, stream);
+  else launch_gemm<__nv_bfloat16>(p, bits, mb, wg, grid, cs, smem, stream);
   if (slices > 1) reduce_slices(ws, out);
   return out;
 }

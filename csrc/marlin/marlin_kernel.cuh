@@ -46,6 +46,23 @@ struct Params {
   int slices;          // global split-K slices (fp32 workspace + reduce kernel); 1 = write C directly
 };
 
+// ---- weight layout per code width (gptq_vllm/formats/marlin.py) ---------------------------------------------
+// A unit is unit_tiles() k-tiles of one 64-column strip; a lane holds unit_chunks() 16-byte chunks of it, and
+// BITS 32-bit words per k-tile: 4-bit one chunk per tile, 8-bit two, 2-bit one chunk for two tiles, 3-bit three
+// chunks for four tiles (the 8 or 12 bytes of a 2/3-bit k-tile are grouped so that every copy is 16 bytes).
+// Units (ku, nt) are ordered k-unit-major, as Marlin's tiles: unit (ku, nt) starts at int4 (ku * N/64 + nt) * 32 C.
+template <int BITS>
+__host__ __device__ constexpr int unit_tiles() { return BITS == 2 ? 2 : (BITS == 3 ? 4 : 1); }
+template <int BITS>
+__host__ __device__ constexpr int unit_chunks() { return BITS == 3 ? 3 : (BITS == 8 ? 2 : 1); }
+// int4 index of lane t's chunk c inside a unit: 8-bit Marlin is lane-major (lane t's 32 bytes at 32 t); the
+// 2/3-bit units are chunk-major (chunk c of all 32 lanes is 512 contiguous bytes: one coalesced warp-wide copy).
+template <int BITS>
+__host__ __device__ constexpr int chunk_index(int lane, int c) { return BITS == 8 ? 2 * lane + c : 32 * c + lane; }
+// Zero points of 2/3-bit weights use the 4-bit Marlin zero-point packing (formats/marlin.py ZERO_BITS).
+template <int BITS>
+__host__ __device__ constexpr int zero_bits() { return BITS == 8 ? 8 : 4; }
+
 // Index of the scale of strip nt, sub-tile s (0..7), column n_in (0..7) inside the sub-tile, i.e. of
 // column c = 64*nt + 8*s + n_in, inside a row of the Marlin-permuted scales (marlin.permute_scales):
 //   SCALE_PERM (grouped) on runs of 64: position p = 8i + j holds column i + 8j, so column c' = 8s + n_in
@@ -67,7 +84,7 @@ __device__ __forceinline__ int scale_pos(int nt, int s, int n_in, bool single) {
 //   8-bit: word 16*nt + p/4 = 16*nt + 2*n_in + s/4, field (0,2,1,3)[s%4] (that interleave is an involution).
 template <int BITS>
 __device__ __forceinline__ int zero_point(const uint32_t* __restrict__ zrow, int nt, int s, int n_in) {
-  if constexpr (BITS == 4) {
+  if constexpr (zero_bits<BITS>() == 4) {
     const int field = ((s & 1) << 2) | (s >> 1);  // (0,4,1,5,2,6,3,7)[s]
     return (__ldg(zrow + 8 * nt + n_in) >> (4 * field)) & 0xf;
   } else {
@@ -75,10 +92,6 @@ __device__ __forceinline__ int zero_point(const uint32_t* __restrict__ zrow, int
     const int field = (f4 == 1) ? 2 : (f4 == 2 ? 1 : f4);
     return (__ldg(zrow + 16 * nt + 2 * n_in + (s >> 2)) >> (8 * field)) & 0xff;
   }
-}
-
-__device__ __forceinline__ uint32_t word_of(const int4& v, int j) {
-  return static_cast<uint32_t>(j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w);
 }
 
 // Per-lane cache of the scales / zero offsets of the group in use, for the 8 sub-tiles of its strip at
@@ -94,14 +107,10 @@ struct GroupCache {
   __device__ __forceinline__ void set_zero(int s, int z) {
     zf[s] = static_cast<float>(z);
     if constexpr (std::is_same<T, half>::value) {
-      if constexpr (BITS == 4) {
-        off_a[s] = __float2half2_rn(1024.f + z);   // lo halves hold 1024 + q
-        off_b[s] = __float2half2_rn(-64.f - z);    // hi halves hold 1024 + 16 q; * 1/16 -> 64 + q
-      } else {
-        off_a[s] = __float2half2_rn(1024.f + z);   // prmt halves hold 1024 + q
-      }
+      off_a[s] = __float2half2_rn(1024.f + z);     // lo halves / prmt halves / 2-3-bit fields hold 1024 + q
+      if constexpr (BITS == 4) off_b[s] = __float2half2_rn(-64.f - z);  // hi halves hold 1024 + 16 q; * 1/16 -> 64 + q
     } else {
-      off_a[s] = __float2bfloat162_rn(128.f + z);  // bf16 halves hold 128 + q (4-bit)
+      off_a[s] = __float2bfloat162_rn(128.f + z);  // bf16 halves hold 128 + q (2/3/4-bit)
     }
   }
 
@@ -122,46 +131,126 @@ struct GroupCache {
       }
     }
     if (p.zeros != nullptr) {
-      const uint32_t* zrow = p.zeros + static_cast<int64_t>(g) * (p.N * BITS / 32);
+      const uint32_t* zrow = p.zeros + static_cast<int64_t>(g) * (p.N * zero_bits<BITS>() / 32);
 #pragma unroll
       for (int s = 0; s < 8; ++s) set_zero(s, zero_point<BITS>(zrow, nt, s, gid));
     }
   }
 };
 
-// Dequantize the lane's B words of one k-tile into the B fragments of the 8 sub-tiles:
+// 2/3-bit fields (formats/marlin.py): a pair of codes (rows k, k+1 of one column) sits at the same bit offset L of
+// the low and the high 16-bit half of a word, so or-ing the field into the mantissa of a magic number (fp16 1024
+// = 0x6400, bf16 128 = 0x4300) converts both at once.  All results are exact small integers.
+//   fp16_field: compile-time zero Z and L + W <= 10: the field stays in place (1024 + 2^L c) and one fma with
+//               2^-L undoes the offset, as the 4-bit path's hi nibble: one lop3 + one HFMA2 per pair.
+//   shifted_field: any dtype and zero (off = magic + z, from GroupCache): shift, lop3, subtract.
+template <int W, int L, int Z>
+__device__ __forceinline__ half2 fp16_field(uint32_t x) {
+  static_assert(L + W <= 10, "the field must stay inside the fp16 mantissa");
+  const uint32_t m = lop3_and_or(x, (((1u << W) - 1u) << L) * 0x00010001u, 0x64006400u);
+  return __hfma2(from_u32<half2>(m), __float2half2_rn(1.f / (1 << L)),
+                 __float2half2_rn(-(1024.f / (1 << L) + static_cast<float>(Z))));
+}
+template <typename T, int W, int L>
+__device__ __forceinline__ typename TypeTraits<T>::T2 shifted_field(uint32_t x, typename TypeTraits<T>::T2 off) {
+  constexpr uint32_t MAGIC = std::is_same<T, half>::value ? 0x64006400u : 0x43004300u;
+  const uint32_t m = lop3_and_or(x >> L, ((1u << W) - 1u) * 0x00010001u, MAGIC);
+  return __hsub2(from_u32<typename TypeTraits<T>::T2>(m), off);
+}
+
+// Dequantize the lane's B words of one k-tile (q[0 .. BITS-1]) into the B fragments of the 8 sub-tiles:
 // bf[s][0] = (k 2tig, 2tig+1), bf[s][1] = (k 2tig+8, 2tig+9) at column gid of sub-tile s, value (q - z) [* s].
 // All magic-number conversions are exact: q, z < 256 and 1024 + q (fp16) / 128 + q (bf16, q < 16) are
-// representable, and the differences are small integers.
-template <typename T, int BITS>
-__device__ __forceinline__ void dequant(const int4* bq, const GroupCache<T, BITS>& gc, bool apply_scale,
+// representable, and the differences are small integers.  SYM: the zero is 2^(BITS-1) at compile time (the lean
+// instantiation), which lets the 2/3-bit fp16 path use fp16_field.
+template <typename T, int BITS, bool SYM = false>
+__device__ __forceinline__ void dequant(const uint32_t* q, const GroupCache<T, BITS>& gc, bool apply_scale,
                                         uint32_t (*bf)[2]) {
   using T2 = typename TypeTraits<T>::T2;
-  if constexpr (BITS == 4) {
+  constexpr bool FP16_SYM = SYM && std::is_same<T, half>::value;
+  constexpr int Z = 1 << (BITS - 1);
+  if constexpr (BITS == 2) {
+    // Lane word j (0, 1): pair p = 8j + i (i = 0..7) at bit 2i of each half = sub-tile 4j + i/2, rows + 8 (i % 2).
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const uint32_t hi = q[j] >> 8;  // pairs 4..7 of the word, for the fp16 fields
+      T2 v[8];
+      if constexpr (FP16_SYM) {
+        v[0] = fp16_field<2, 0, Z>(q[j]); v[1] = fp16_field<2, 2, Z>(q[j]);
+        v[2] = fp16_field<2, 4, Z>(q[j]); v[3] = fp16_field<2, 6, Z>(q[j]);
+        v[4] = fp16_field<2, 0, Z>(hi);   v[5] = fp16_field<2, 2, Z>(hi);
+        v[6] = fp16_field<2, 4, Z>(hi);   v[7] = fp16_field<2, 6, Z>(hi);
+      } else {
+        v[0] = shifted_field<T, 2, 0>(q[j], gc.off_a[4 * j]);      v[1] = shifted_field<T, 2, 2>(q[j], gc.off_a[4 * j]);
+        v[2] = shifted_field<T, 2, 4>(q[j], gc.off_a[4 * j + 1]);  v[3] = shifted_field<T, 2, 6>(q[j], gc.off_a[4 * j + 1]);
+        v[4] = shifted_field<T, 2, 8>(q[j], gc.off_a[4 * j + 2]);  v[5] = shifted_field<T, 2, 10>(q[j], gc.off_a[4 * j + 2]);
+        v[6] = shifted_field<T, 2, 12>(q[j], gc.off_a[4 * j + 3]); v[7] = shifted_field<T, 2, 14>(q[j], gc.off_a[4 * j + 3]);
+      }
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const int s = 4 * j + i / 2;
+        bf[s][i & 1] = as_u32(apply_scale ? __hmul2(v[i], gc.s2[s]) : v[i]);
+      }
+    }
+  } else if constexpr (BITS == 3) {
+    // Lane word j (0..2): pair p = 5j + f (f = 0..4) at bit 3f of each half; pair p = sub-tile p/2, rows + 8 (p % 2).
+    // Pair 15 (sub-tile 7, rows + 8) is spread over bit 15 of each half of the three words (its code bit j in word j).
+    T2 v[16];
+#pragma unroll
+    for (int j = 0; j < 3; ++j) {
+      const int p = 5 * j;
+      if constexpr (FP16_SYM) {
+        const uint32_t hi = q[j] >> 9;  // fields 3, 4
+        v[p] = fp16_field<3, 0, Z>(q[j]);
+        v[p + 1] = fp16_field<3, 3, Z>(q[j]);
+        v[p + 2] = fp16_field<3, 6, Z>(q[j]);
+        v[p + 3] = fp16_field<3, 0, Z>(hi);
+        v[p + 4] = fp16_field<3, 3, Z>(hi);
+      } else {
+        v[p] = shifted_field<T, 3, 0>(q[j], gc.off_a[p / 2]);
+        v[p + 1] = shifted_field<T, 3, 3>(q[j], gc.off_a[(p + 1) / 2]);
+        v[p + 2] = shifted_field<T, 3, 6>(q[j], gc.off_a[(p + 2) / 2]);
+        v[p + 3] = shifted_field<T, 3, 9>(q[j], gc.off_a[(p + 3) / 2]);
+        v[p + 4] = shifted_field<T, 3, 12>(q[j], gc.off_a[(p + 4) / 2]);
+      }
+    }
+    {
+      constexpr uint32_t MAGIC = std::is_same<T, half>::value ? 0x64006400u : 0x43004300u;
+      uint32_t m = lop3_and_or(q[0] >> 15, 0x00010001u, MAGIC);
+      m = lop3_and_or(q[1] >> 14, 0x00020002u, m);
+      m = lop3_and_or(q[2] >> 13, 0x00040004u, m);
+      v[15] = __hsub2(from_u32<T2>(m), gc.off_a[7]);
+    }
+#pragma unroll
+    for (int p = 0; p < 16; ++p) {
+      const int s = p / 2;
+      bf[s][p & 1] = as_u32(apply_scale ? __hmul2(v[p], gc.s2[s]) : v[p]);
+    }
+  } else if constexpr (BITS == 4) {
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      uint32_t q = word_of(bq[0], j);
+      uint32_t w = q[j];
       T2 v[4];  // (e0,e1) and (e2,e3) of sub-tiles 2j and 2j+1
       if constexpr (std::is_same<T, half>::value) {
-        // lo = (q & 0x000f000f) | 0x64006400 = half2(1024 + nib0, 1024 + nib4): rows r, r+1, column c
-        // hi = (q & 0x00f000f0) | 0x64006400 = half2(1024 + 16 nib1, 1024 + 16 nib5): rows r+8, r+9
-        // q >> 8 brings nibbles 2,6 (column c+8, rows r, r+1) and 3,7 (rows r+8, r+9) into place.
+        // lo = (w & 0x000f000f) | 0x64006400 = half2(1024 + nib0, 1024 + nib4): rows r, r+1, column c
+        // hi = (w & 0x00f000f0) | 0x64006400 = half2(1024 + 16 nib1, 1024 + 16 nib5): rows r+8, r+9
+        // w >> 8 brings nibbles 2,6 (column c+8, rows r, r+1) and 3,7 (rows r+8, r+9) into place.
         const half2 sixteenth = __float2half2_rn(0.0625f);
-        uint32_t lo = lop3_and_or(q, 0x000f000fu, 0x64006400u);
-        uint32_t hi = lop3_and_or(q, 0x00f000f0u, 0x64006400u);
+        uint32_t lo = lop3_and_or(w, 0x000f000fu, 0x64006400u);
+        uint32_t hi = lop3_and_or(w, 0x00f000f0u, 0x64006400u);
         v[0] = __hsub2(from_u32<half2>(lo), gc.off_a[2 * j]);
         v[1] = __hfma2(from_u32<half2>(hi), sixteenth, gc.off_b[2 * j]);
-        q >>= 8;
-        lo = lop3_and_or(q, 0x000f000fu, 0x64006400u);
-        hi = lop3_and_or(q, 0x00f000f0u, 0x64006400u);
+        w >>= 8;
+        lo = lop3_and_or(w, 0x000f000fu, 0x64006400u);
+        hi = lop3_and_or(w, 0x00f000f0u, 0x64006400u);
         v[2] = __hsub2(from_u32<half2>(lo), gc.off_a[2 * j + 1]);
         v[3] = __hfma2(from_u32<half2>(hi), sixteenth, gc.off_b[2 * j + 1]);
       } else {
         // bf16 has 7 mantissa bits: (x & 0x000f000f) | 0x43004300 = bf162(128 + a, 128 + b) for nibbles
-        // at bits 0 and 16; shifting q by 0/4/8/12 selects the pairs (0,4) (1,5) (2,6) (3,7).
+        // at bits 0 and 16; shifting w by 0/4/8/12 selects the pairs (0,4) (1,5) (2,6) (3,7).
 #pragma unroll
         for (int u = 0; u < 4; ++u) {
-          uint32_t x = lop3_and_or(q >> (4 * u), 0x000f000fu, 0x43004300u);
+          uint32_t x = lop3_and_or(w >> (4 * u), 0x000f000fu, 0x43004300u);
           v[u] = __hsub2(from_u32<__nv_bfloat162>(x), gc.off_a[2 * j + (u >> 1)]);
         }
       }
@@ -179,16 +268,16 @@ __device__ __forceinline__ void dequant(const int4* bq, const GroupCache<T, BITS
   } else {
 #pragma unroll
     for (int s = 0; s < 8; ++s) {
-      const uint32_t q = word_of(bq[s >> 2], s & 3);  // bytes: Q[r,c] Q[r+8,c] Q[r+1,c] Q[r+9,c]
+      const uint32_t w = q[s];  // bytes: Q[r,c] Q[r+8,c] Q[r+1,c] Q[r+9,c]
       T2 v0, v1;
       if constexpr (std::is_same<T, half>::value) {
         // prmt builds half2(1024 + byte0, 1024 + byte2) and half2(1024 + byte1, 1024 + byte3).
-        v0 = __hsub2(from_u32<half2>(__byte_perm(q, 0x64u, 0x4240)), gc.off_a[s]);
-        v1 = __hsub2(from_u32<half2>(__byte_perm(q, 0x64u, 0x4341)), gc.off_a[s]);
+        v0 = __hsub2(from_u32<half2>(__byte_perm(w, 0x64u, 0x4240)), gc.off_a[s]);
+        v1 = __hsub2(from_u32<half2>(__byte_perm(w, 0x64u, 0x4341)), gc.off_a[s]);
       } else {
         const float z = gc.zf[s];
-        v0 = __floats2bfloat162_rn(static_cast<float>(q & 0xff) - z, static_cast<float>((q >> 16) & 0xff) - z);
-        v1 = __floats2bfloat162_rn(static_cast<float>((q >> 8) & 0xff) - z, static_cast<float>(q >> 24) - z);
+        v0 = __floats2bfloat162_rn(static_cast<float>(w & 0xff) - z, static_cast<float>((w >> 16) & 0xff) - z);
+        v1 = __floats2bfloat162_rn(static_cast<float>((w >> 8) & 0xff) - z, static_cast<float>(w >> 24) - z);
       }
       if (apply_scale) {
         v0 = __hmul2(v0, gc.s2[s]);
@@ -200,13 +289,30 @@ __device__ __forceinline__ void dequant(const int4* bq, const GroupCache<T, BITS
   }
 }
 
+// The code of fragment element e (row 2tig + (0, 1, 8, 9)[e]) of sub-tile s in the lane's words of one k-tile
+// (the field orders above and in marlin_gemm.cu): h = e & 1 selects the 16-bit half, b = e >> 1 the rows + 8.
+template <int BITS>
+__device__ __forceinline__ uint32_t fragment_code(const uint32_t* q, int s, int e) {
+  const int h = e & 1, b = e >> 1;
+  if constexpr (BITS == 2) {
+    const int p = 2 * s + b;
+    return (q[p >> 3] >> (2 * (p & 7) + 16 * h)) & 0x3;
+  } else if constexpr (BITS == 3) {
+    const int p = 2 * s + b;
+    if (p < 15) return (q[p / 5] >> (3 * (p % 5) + 16 * h)) & 0x7;
+    const int bit = 15 + 16 * h;
+    return ((q[0] >> bit) & 1) | (((q[1] >> bit) & 1) << 1) | (((q[2] >> bit) & 1) << 2);
+  } else if constexpr (BITS == 4) {
+    return (q[s >> 1] >> (4 * (2 * (s & 1) + 4 * h + b))) & 0xf;
+  } else {
+    return (q[s] >> (8 * (2 * h + b))) & 0xff;
+  }
+}
+
 // Slow path for a k-tile whose 16 rows span several groups (row-parallel act-order shards, or group sizes
 // that are not multiples of 16): every fragment element gets its own group's scale and zero.
-// Element e of a fragment is row 2tig + (0, 1, 8, 9)[e]; its field in the lane's words:
-//   4-bit: word s/2, nibble 2*(s%2) + 4*(e&1) + (e>>1)    (from the nibble order listed at the top)
-//   8-bit: word s, byte 2*(e&1) + (e>>1)
 template <typename T, int BITS>
-__device__ __forceinline__ void dequant_rows(const Params& p, const int4* bq, int kt, int nt, int gid, int tig,
+__device__ __forceinline__ void dequant_rows(const Params& p, const uint32_t* q, int kt, int nt, int gid, int tig,
                                           uint32_t (*bf)[2]) {
   using TT = TypeTraits<T>;
   const T* scales = reinterpret_cast<const T*>(p.scales);
@@ -216,15 +322,11 @@ __device__ __forceinline__ void dequant_rows(const Params& p, const int4* bq, in
     const int row = kt * 16 + 2 * tig + ((e & 1) | ((e >> 1) << 3));
     const int g = p.gidx != nullptr ? __ldg(p.gidx + row) : (p.group_rows ? row / p.group_rows : 0);
     const T* srow = scales + static_cast<int64_t>(g) * p.N;
-    const uint32_t* zrow = p.zeros != nullptr ? p.zeros + static_cast<int64_t>(g) * (p.N * BITS / 32) : nullptr;
+    const uint32_t* zrow =
+        p.zeros != nullptr ? p.zeros + static_cast<int64_t>(g) * (p.N * zero_bits<BITS>() / 32) : nullptr;
 #pragma unroll
     for (int s = 0; s < 8; ++s) {
-      uint32_t code;
-      if constexpr (BITS == 4) {
-        code = (word_of(bq[0], s >> 1) >> (4 * (2 * (s & 1) + 4 * (e & 1) + (e >> 1)))) & 0xf;
-      } else {
-        code = (word_of(bq[s >> 2], s & 3) >> (8 * (2 * (e & 1) + (e >> 1)))) & 0xff;
-      }
+      const uint32_t code = fragment_code<BITS>(q, s, e);
       const int z = zrow != nullptr ? zero_point<BITS>(zrow, nt, s, gid) : (1 << (BITS - 1));
       const float sc = TT::to_float(srow[scale_pos(nt, s, gid, p.single_perm)]);
       // Same rounding as the fast path: (q - z) exact, one rounding of the product to T.
@@ -271,7 +373,7 @@ template <int MB>
 __host__ __device__ constexpr int a_smem_bytes() { return wide<MB>() ? A_SMEM_BYTES_WIDE : A_SMEM_BYTES; }
 
 template <int BITS>
-__host__ __device__ constexpr int ring_bytes() { return WARPS * RUN * 32 * 16 * (BITS / 4); }
+__host__ __device__ constexpr int ring_bytes() { return WARPS * (RUN / unit_tiles<BITS>()) * 32 * 16 * unit_chunks<BITS>(); }
 __host__ __device__ constexpr int sring_bytes() { return WARPS * 32 * 16; }  // one 8-scale slot per lane
 
 template <int BITS, int MB>
@@ -441,13 +543,16 @@ __global__ void __launch_bounds__(THREADS, wide<MB>() ? 1 : 2) marlin_gemm_kerne
   using T2 = typename TT::T2;
   constexpr int R = 8 * MB;
   constexpr bool FOLD = !GEN && !wide<MB>();   // scales applied to the fp32 sums of a run
-  constexpr int W4 = BITS / 4;                  // 16-byte words per lane per k-tile
-  constexpr int TILE_I4 = 32 * W4;              // 16-byte words per 16x64 tile
+  constexpr int UT = unit_tiles<BITS>();        // k-tiles per unit (one ring slot)
+  constexpr int UC = unit_chunks<BITS>();       // 16-byte chunks per lane per unit
+  constexpr int UNIT_I4 = 32 * UC;              // 16-byte chunks per unit
+  constexpr int SLOTS = RUN / UT;               // ring slots (units) per run
+  constexpr int STEP = UT > 2 ? UT : 2;         // k-tiles per step of the run loop: a unit, at least a tile pair
   constexpr int NACC = 4 * MB;                  // m16n8 accumulators per lane
-  constexpr int UNROLL_PAIRS = GEN ? 1 : RUN / 2;
+  constexpr int UNROLL_STEPS = GEN ? 1 : RUN / STEP;
 
   extern __shared__ __align__(16) unsigned char smem[];
-  int4* ring = reinterpret_cast<int4*>(smem);                                     // [WARPS][RUN][32][W4]
+  int4* ring = reinterpret_cast<int4*>(smem);                                     // [WARPS][SLOTS][UNIT_I4]
   int4* sring = reinterpret_cast<int4*>(smem + ring_bytes<BITS>());               // [WARPS][32]
   T* As = reinterpret_cast<T*>(smem + ring_bytes<BITS>() + sring_bytes());        // [R][kc + A_PAD], a_pos order
   float* red = reinterpret_cast<float*>(smem);                                    // [sb][R][RED_STRIDE] (reuse)
@@ -475,7 +580,7 @@ __global__ void __launch_bounds__(THREADS, wide<MB>() ? 1 : 2) marlin_gemm_kerne
   const bool ring_scales = !GEN && !p.scale_epilogue;  // one group per run: its scales ride in the ring
   const T* scales = reinterpret_cast<const T*>(p.scales);
 
-  const int4* my_ring = ring + warp * RUN * TILE_I4 + lane * W4;  // slot u at my_ring + u * TILE_I4
+  const int4* my_ring = ring + warp * SLOTS * UNIT_I4;  // slot x at my_ring + x * UNIT_I4 (chunk_index inside)
   const int4* my_sring = sring + warp * 32 + lane;
   const uint32_t ring_s = smem_addr(my_ring), sring_s = smem_addr(my_sring);
   // This lane's A operand row in m8 block mb: 8 mb + gid.
@@ -484,22 +589,24 @@ __global__ void __launch_bounds__(THREADS, wide<MB>() ? 1 : 2) marlin_gemm_kerne
   for (int mb = 0; mb < MB; ++mb) arow[mb] = As + (8 * mb + gid) * astride + 8 * tig;
 
   // Issue state: the warp's next run to stream (first k-tile ikt), running pointers.
-  const int64_t tstride = static_cast<int64_t>(NS) * TILE_I4;  // int4s between k-tiles of a strip
-  const int64_t rstride = static_cast<int64_t>(RUN) * kw * tstride;
-  const int4* isrc = p.B + static_cast<int64_t>(kt_beg + RUN * phase) * tstride + nt * TILE_I4 + lane * W4;
+  const int64_t ustride = static_cast<int64_t>(NS) * UNIT_I4;  // int4s between units of a strip
+  const int64_t rstride = static_cast<int64_t>(SLOTS) * kw * ustride;
+  const int4* isrc = p.B + static_cast<int64_t>((kt_beg + RUN * phase) / UT) * ustride + nt * UNIT_I4;
   const T* ssrc = scales + nt * 64 + 8 * gid;
   int ikt = kt_beg + RUN * phase, irun = 0;
-  auto issue = [&](int u) {  // tile u of the next run into slot u (zero-filled past K or past the last run)
-    const bool ok = irun < nr && ikt + u < kt_end;
+  auto issue = [&](int x) {  // unit x of the next run into slot x (zero-filled past K or past the last run)
+    const bool ok = irun < nr && ikt + x * UT < kt_end;
 #pragma unroll
-    for (int w = 0; w < W4; ++w)
-      cp_async16_cg(ring_s + (u * TILE_I4 + w) * 16, ok ? isrc + u * tstride + w : p.B, ok ? 16 : 0);
-    if (u == 0 && ring_scales) {
+    for (int c = 0; c < UC; ++c) {
+      const int ci = chunk_index<BITS>(lane, c);
+      cp_async16_cg(ring_s + (x * UNIT_I4 + ci) * 16, ok ? isrc + x * ustride + ci : p.B, ok ? 16 : 0);
+    }
+    if (x == 0 && ring_scales) {
       const int g = ikt >> p.tpg_shift;
       cp_async16_ca(sring_s, ok ? ssrc + static_cast<int64_t>(g) * p.N : scales, ok ? 16 : 0);
     }
-    cp_async_commit();  // one group per tile: wait_group<RUN-1> then covers the oldest tile
-    if (u == RUN - 1) {
+    cp_async_commit();  // one group per unit: wait_group<SLOTS-1> then covers the oldest unit
+    if (x == SLOTS - 1) {
       ++irun;
       ikt += RUN * kw;
       isrc += rstride;
@@ -508,7 +615,7 @@ __global__ void __launch_bounds__(THREADS, wide<MB>() ? 1 : 2) marlin_gemm_kerne
 
   // 1. Fill the ring, then zero the A rows past M (they stay zero for every chunk).
 #pragma unroll
-  for (int u = 0; u < RUN; ++u) issue(u);
+  for (int x = 0; x < SLOTS; ++x) issue(x);
   for (int id = threadIdx.x; id < (R - mv) * (astride / 8); id += THREADS) {
     const int r = mv + id / (astride / 8), c8 = id % (astride / 8);
     if constexpr (WG) {
@@ -605,17 +712,23 @@ __global__ void __launch_bounds__(THREADS, wide<MB>() ? 1 : 2) marlin_gemm_kerne
           for (int e = 0; e < 4; ++e) part_acc[q][e] = 0.f;
       }
       uint32_t af[MB][4];  // A operands of a tile pair (see a_pos)
-      // Fully unrolled in the lean swapped modes (slot offsets become immediates); by tile pairs elsewhere,
-      // where the wider state (zero points, 32-128 accumulators) would otherwise spill.
-#pragma unroll UNROLL_PAIRS
-      for (int pr = 0; pr < RUN / 2; ++pr) {
+      uint32_t uw[4 * UC];  // the lane's words of the current unit
+      // Fully unrolled in the lean swapped modes (slot offsets become immediates); by steps (a tile pair or a
+      // unit) elsewhere, where the wider state (zero points, 32-128 accumulators) would otherwise spill.
+#pragma unroll UNROLL_STEPS
+      for (int st = 0; st < RUN / STEP; ++st) {
 #pragma unroll
-        for (int t = 0; t < 2; ++t) {
-          const int u = 2 * pr + t;  // slot = tile of the run
-          cp_async_wait<RUN - 1>();
-          int4 bq[W4];
+        for (int t = 0; t < STEP; ++t) {
+          const int u = STEP * st + t;  // tile of the run; its unit is slot u / UT
+          if (u % UT == 0) {
+            cp_async_wait<SLOTS - 1>();
 #pragma unroll
-          for (int w = 0; w < W4; ++w) bq[w] = my_ring[u * TILE_I4 + w];
+            for (int c = 0; c < UC; ++c) {
+              const int4 v = my_ring[(u / UT) * UNIT_I4 + chunk_index<BITS>(lane, c)];
+              uw[4 * c] = v.x; uw[4 * c + 1] = v.y; uw[4 * c + 2] = v.z; uw[4 * c + 3] = v.w;
+            }
+          }
+          const uint32_t* q = uw + (u % UT) * BITS;  // this tile's BITS words
           if constexpr (!GEN) {
             if (u == 0 && ring_scales) {
               const int4 sv = *my_sring;
@@ -627,15 +740,15 @@ __global__ void __launch_bounds__(THREADS, wide<MB>() ? 1 : 2) marlin_gemm_kerne
               }
             }
           }
-          if (t == 0 && !WG) {
+          if (u % 2 == 0 && !WG) {
 #pragma unroll
             for (int mb = 0; mb < MB; ++mb) {
-              const int4 v = *reinterpret_cast<const int4*>(arow[mb] + aoff + 32 * pr);
+              const int4 v = *reinterpret_cast<const int4*>(arow[mb] + aoff + 16 * u);
               af[mb][0] = v.x; af[mb][1] = v.y; af[mb][2] = v.z; af[mb][3] = v.w;
             }
           }
-          // Refill the slot (its words are in registers now) with tile u of the next run.
-          issue(u);
+          // Refill the slot (its words are in registers now) with the same unit of the next run.
+          if (u % UT == 0) issue(u / UT);
 
           // WG: tile u's fragments stay in use by its wgmma until WG_BUFS tiles later (RUN % WG_BUFS == 0).
           uint32_t(&bf)[8][2] = bfs[WG ? u % WG_BUFS : 0];
@@ -656,9 +769,9 @@ __global__ void __launch_bounds__(THREADS, wide<MB>() ? 1 : 2) marlin_gemm_kerne
                 g_cur = g;
               }
             }
-            if (per_row) dequant_rows<T, BITS>(p, bq, kt, nt, gid, tig, bf);
+            if (per_row) dequant_rows<T, BITS>(p, q, kt, nt, gid, tig, bf);
           }
-          if (!per_row) dequant<T, BITS>(bq, gc, !FOLD && !p.scale_epilogue, bf);
+          if (!per_row) dequant<T, BITS, !GEN>(q, gc, !FOLD && !p.scale_epilogue, bf);
 
           if constexpr (WG) {
             const uint64_t desc = wg_desc(as_s + 2 * (aoff + 16 * u) * WG_ROWS);
@@ -670,7 +783,7 @@ __global__ void __launch_bounds__(THREADS, wide<MB>() ? 1 : 2) marlin_gemm_kerne
             wg_commit();
             wg_wait<WG_BUFS - 1>();  // the oldest tile's wgmma done: its buffer is free for the next tile
           } else {
-            const int h = 2 * t;  // this tile's words in the pair's operands
+            const int h = 2 * (u % 2);  // this tile's words in the pair's operands
 #pragma unroll
             for (int mb = 0; mb < MB; ++mb) {
               const uint32_t b[2] = {af[mb][h], af[mb][h + 1]};
@@ -769,13 +882,13 @@ __global__ void __launch_bounds__(THREADS, wide<MB>() ? 1 : 2) marlin_gemm_kerne
 }
 
 // Large-M path: dequantize the Marlin weight to a dense [K, N] matrix of a's dtype, then multiply with cuBLAS.
-// One warp per 16x64 tile (8 strips of one k-tile per block): the lane's fragment words are dequantized by
+// One warp per 16x64 tile (8 strips of one k-tile per block; a 2/3-bit warp reads its tile's unit and keeps its
+// tile's words): the lane's fragment words are dequantized by
 // the GEMM's own dequant() (same rounding: (q - z) exact, one rounding of the product), scattered into a
 // per-warp shared-memory tile and written out as 16 rows of 128 coalesced bytes.
 template <typename T, int BITS>
 __global__ void __launch_bounds__(THREADS) marlin_dequant_kernel(const Params p, T* __restrict__ W) {
-  constexpr int W4 = BITS / 4;
-  constexpr int TILE_I4 = 32 * W4;
+  constexpr int UT = unit_tiles<BITS>(), UC = unit_chunks<BITS>();
   constexpr int TS = 64 + 8;  // halves per tile row in shared memory
   __shared__ __align__(16) T tile[WARPS][16][TS];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -783,10 +896,14 @@ __global__ void __launch_bounds__(THREADS) marlin_dequant_kernel(const Params p,
   const int NS = p.N / 64;
   const int nt = blockIdx.x * WARPS + warp, kt = blockIdx.y;
   if (nt >= NS) return;
-  int4 bq[W4];
-  const int4* src = p.B + (static_cast<int64_t>(kt) * NS + nt) * TILE_I4 + lane * W4;
+  uint32_t uw[4 * UC];
+  const int4* src = p.B + (static_cast<int64_t>(kt / UT) * NS + nt) * (32 * UC);
 #pragma unroll
-  for (int w = 0; w < W4; ++w) bq[w] = __ldg(src + w);
+  for (int c = 0; c < UC; ++c) {
+    const int4 v = __ldg(src + chunk_index<BITS>(lane, c));
+    uw[4 * c] = v.x; uw[4 * c + 1] = v.y; uw[4 * c + 2] = v.z; uw[4 * c + 3] = v.w;
+  }
+  const uint32_t* q = uw + (kt % UT) * BITS;
   uint32_t bf[8][2];
   bool per_row = false;
   int g = 0;
@@ -798,13 +915,13 @@ __global__ void __launch_bounds__(THREADS) marlin_dequant_kernel(const Params p,
     g = (kt * 16) / p.group_rows;
   }
   if (per_row) {
-    dequant_rows<T, BITS>(p, bq, kt, nt, gid, tig, bf);
+    dequant_rows<T, BITS>(p, q, kt, nt, gid, tig, bf);
   } else {
     GroupCache<T, BITS> gc;
 #pragma unroll
     for (int s = 0; s < 8; ++s) gc.set_zero(s, 1 << (BITS - 1));
     gc.load(p, g, nt, gid);  // p.scale_epilogue is 0 here: the scales are always applied
-    dequant<T, BITS>(bq, gc, true, bf);
+    dequant<T, BITS>(q, gc, true, bf);
   }
   // bf[s][h] = (rows 2tig + 8h, 2tig + 8h + 1; column 8s + gid)
 #pragma unroll

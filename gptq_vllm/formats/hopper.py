@@ -22,6 +22,9 @@ import torch
 from . import marlin
 from .gptq import sym_zero
 
+# The widths the Hopper GEMM converts (gptq_convert.hpp): the 4/8-bit Marlin tiles.  2/3-bit Marlin units keep the
+# Marlin kernels at every batch size.
+HOPPER_BITS = (4, 8)
 # CUTLASS's mixed-input mainloop applies one scale per k tile (64 rows of fp16/bf16 activations; it needs at
 # least four 16-deep wgmma k blocks per tile): a group must be a multiple of it, or span all of K.
 K_TILE = 64
@@ -35,7 +38,7 @@ class HopperOperands:
 
 def unsupported(*, bits: int, group_size: int, in_rows: int, g_idx_sorted: bool) -> str | None:
     """Why the Hopper GEMM cannot run a Marlin weight of these facts (None: it can).  in_rows = K_pad."""
-    if bits not in marlin.MARLIN_BITS:
+    if bits not in HOPPER_BITS:
         return f"{bits}-bit codes"
     if g_idx_sorted:
         return "rows whose groups are not runs of G (a row-parallel act-order shard)"
@@ -50,7 +53,7 @@ def operands(qzeros: torch.Tensor | None, scales: torch.Tensor, *, bits: int, gr
     plain = marlin.unpermute_scales(scales, group_size, in_rows)
     if qzeros is None:
         return HopperOperands(plain, None)
-    z = marlin.unpack_zeros(qzeros, bits, plain.shape[1]).to(torch.float32)
+    z = marlin.unpack_zeros(qzeros, marlin.ZERO_BITS[bits], plain.shape[1]).to(torch.float32)
     zeros = (plain.to(torch.float32) * (sym_zero(bits) - z)).to(scales.dtype)
     return HopperOperands(plain, zeros.contiguous())
 

@@ -4,11 +4,14 @@ One function, `to_kernel`, turns a canonical QuantizedWeight into it; the plugin
 time for GPTQ checkpoints, the converter calls it offline, and `from_kernel` inverts it for `verify`
 and the tests.  Layouts:
 
-  marlin  (4 and 8 bit)  qweight = Marlin words of the rows taken in `perm` order, K and N padded to the
-                         GEMM's tile multiples; scales Marlin-permuted; qzeros Marlin zero points (asym
-                         only); the kernel computes s * (q - z), z implied 2^(b-1) when symmetric.
+  marlin  (2, 3, 4, 8)   qweight = Marlin words of the rows taken in `perm` order (marlin.py: tiles for 4/8
+                         bit, units of 2/4 k-tiles for 2/3 bit), K and N padded to the GEMM's tile multiples;
+                         scales Marlin-permuted; qzeros Marlin zero points (asym only; 2/3 bit in the 4-bit
+                         packing); the kernel computes s * (q - z), z implied 2^(b-1) when symmetric.  The
+                         default for every width.
   exllama (2, 3, 4, 8)   qweight = ExLlama-shuffled words of the rows taken in `perm` order; scales plain;
-                         qzeros exact zeros packed along N like GPTQ v2.
+                         qzeros exact zeros packed along N like GPTQ v2.  Written on request (--layout
+                         exllama), read wherever a checkpoint holds it.
 
 Act-order: perm = argsort(g_idx) (stable); rows are stored permuted, so the kernel sees contiguous
 full groups and the activations are gathered x[:, perm] (formats.md §3.4 A).  A trivial g_idx gives no
@@ -35,15 +38,9 @@ class Layout(str, Enum):
 
 
 def default_layout(bits: int) -> Layout:
-    return Layout.MARLIN if bits in marlin.MARLIN_BITS else Layout.EXLLAMA
-
-
-def module_layout(checkpoint_layout: Layout, bits: int) -> Layout:
-    """A converted module's layout: the checkpoint's, unless Marlin cannot hold the module's bits (a `dynamic`
-    override), where it is the default layout of its own bits.  Writers and readers both follow this."""
-    if checkpoint_layout is Layout.MARLIN and bits not in marlin.MARLIN_BITS:
-        return default_layout(bits)
-    return checkpoint_layout
+    """The layout converted checkpoints get unless asked otherwise: Marlin, which holds every GPTQ width
+    (marlin.MARLIN_BITS); ExLlama is written only on request."""
+    return Layout.MARLIN
 
 
 @dataclass(frozen=True)
@@ -76,9 +73,9 @@ def expected_shapes(layout: Layout, bits: int, group_size: int, sym: bool, K: in
     ng = num_groups(K, group_size)
     shapes = {"scales": (ng, N), "perm": (K,)}
     if layout is Layout.MARLIN:
-        shapes["qweight"] = (K // marlin.TILE_K, N * marlin.TILE_K * bits // 32)
+        shapes["qweight"] = marlin.qweight_shape(K, N, bits)
         if not sym:
-            shapes["qzeros"] = (ng, bitpack.packed_length(N, bits))
+            shapes["qzeros"] = (ng, bitpack.packed_length(N, marlin.ZERO_BITS[bits]))
     else:
         shapes["qweight"] = (bitpack.packed_length(K, bits), N)
         shapes["qzeros"] = (ng, bitpack.packed_length(N, bits))
@@ -109,8 +106,6 @@ def to_kernel(weight: QuantizedWeight, layout: Layout | None = None, scale_dtype
     g_sorted = None if _groups_are_runs(w.g_idx, w.group_size) else w.g_idx.to(torch.int32)
     scales = w.scales if scale_dtype is None else w.scales.to(scale_dtype)
     if layout is Layout.MARLIN:
-        if w.bits not in marlin.MARLIN_BITS:
-            raise FormatError(f"the Marlin layout holds 4- or 8-bit weights, not {w.bits}-bit")
         if pad:
             kp, np_ = marlin.padded_shape(K, N, w.group_size)
             if g_sorted is not None and kp != K:
@@ -124,7 +119,7 @@ def to_kernel(weight: QuantizedWeight, layout: Layout | None = None, scale_dtype
             layout=layout, bits=w.bits, group_size=w.group_size, sym=w.sym, in_features=K, out_features=N,
             qweight=marlin.pack(w.codes, w.bits, pack_perm),
             scales=marlin.permute_scales(scales, w.group_size, kp),
-            qzeros=None if w.sym else marlin.pack_zeros(w.zeros, w.bits),
+            qzeros=None if w.sym else marlin.pack_zeros(w.zeros, marlin.ZERO_BITS[w.bits]),
             perm=perm, g_idx_sorted=g_sorted,
         )
     return KernelWeight(
@@ -140,12 +135,12 @@ def from_kernel(kw: KernelWeight, name: str = "weight") -> QuantizedWeight:
     """Exact inverse of to_kernel (padding removed, rows back in input-channel order); errors name `name`."""
     K, N = kw.in_features, kw.out_features
     if kw.layout is Layout.MARLIN:
-        kp = kw.qweight.shape[0] * marlin.TILE_K
+        kp = marlin.stored_rows(kw.qweight, kw.bits)
         np_ = kw.scales.shape[1]
         codes = marlin.unpack(kw.qweight, kw.bits, kp, np_)
         scales = marlin.unpermute_scales(kw.scales, kw.group_size, kp)
         zeros = (torch.full(scales.shape, sym_zero(kw.bits), dtype=torch.int32, device=codes.device) if kw.sym
-                 else marlin.unpack_zeros(kw.qzeros, kw.bits, np_))
+                 else marlin.unpack_zeros(kw.qzeros, marlin.ZERO_BITS[kw.bits], np_))
     else:
         kp, np_ = K, kw.scales.shape[1]
         codes = exllama.unshuffle_codes(kw.qweight, kw.bits, K)

@@ -1,21 +1,47 @@
-"""Marlin weight layout for 4- and 8-bit codes (vLLM gptq_marlin_repack, IST-DASLab Marlin).
+"""Marlin weight layout (vLLM gptq_marlin_repack, IST-DASLab Marlin) for 4/8-bit codes, and its 2/3-bit units.
 
-The weight is cut into 16 (k) x 64 (n) tiles.  Tile (kt, nt) becomes 1024*b/32 consecutive int32 words
-of output row kt, so the result is [K/16, N*16*b/32]: [K/16, 2N] for 4 bit, [K/16, 4N] for 8 bit.
-Inside a tile the words are ordered so that one 32-bit load per thread gives each lane of each of the
-4 warps exactly the B fragments of two mma.m16n8k16 n8 sub-tiles (formats.md §4.1):
+The weight is cut into 16 (k) x 64 (n) tiles.  Lane t of a warp (tig = t % 4, gid = t // 4) holds, for the
+8 n8 sub-tiles s of a tile (sub-tile s covers tile columns 8s .. 8s+7), the mma.m16n8k16 B fragments: the
+codes at tile row k = 2*tig + 8*b + h, column n = 8*s + gid, b in {0, 1} (register b0 / b1), h in {0, 1}
+(the two halves of the register).  A "pair" P(s, b) is the two codes h = 0 and h = 1 (formats.md §4.1).
 
-    lane t owns rows k = 2*(t%4) + {0, 1} (register b0) and k + 8 (register b1), at column n = t//4
-    of an n8 sub-tile; warp w owns the 16 columns 16*w .. 16*w+15 of the tile (two n8 sub-tiles).
-
+4 and 8 bit (vLLM's layout, unchanged): tile (kt, nt) becomes 1024*b/32 consecutive int32 words of output
+row kt, so the result is [K/16, N*16*b/32]: [K/16, 2N] for 4 bit, [K/16, 4N] for 8 bit.  Inside a tile the
+words are ordered so that one 32-bit load per thread gives each lane of each of the 4 warps exactly the B
+fragments of two n8 sub-tiles: lane t of warp w holds the columns 16*w + t//4 (+8) of the tile.
 TILE_MAP[bits] lists, for every field of every word of a tile, the flat tile position k*64 + n it holds.
 unpack scatters through it; pack produces the same words with strided byte moves (fast on huge weights),
 and the tests check it against a gather through TILE_MAP: one definition, two directions.
+
+2 and 3 bit (ours, read by csrc/marlin): a lane's fragment of one k-tile is 64 (2-bit) or 96 (3-bit) bits,
+too little for a 16-byte load, so the weight is cut into units of U = UNIT_TILES[bits] k-tiles x 64 columns
+(2-bit: 2 k-tiles = 32 rows, 3-bit: 4 k-tiles = 64 rows), in which lane t owns C = UNIT_CHUNKS[bits]
+16-byte chunks (2-bit: 1, 3-bit: 3):
+
+  - Unit words: int32 word 4*(32*c + t) + j of a unit is word j (0..3) of lane t's chunk c, so one warp-wide
+    16-byte load of chunk c reads 512 contiguous bytes.  Lane word i = 4*c + j; k-tile v (0..U-1) of the
+    unit uses the lane words i in [v*W, (v+1)*W), W = bits (a lane holds 32 codes of each k-tile).
+  - Fields: pair p = 2*s + b of the k-tile, h = 0 at bit x of lane word w (of the k-tile's W), h = 1 at
+    bit x + 16 (the high half-word), as the 4-bit kernel's half2 decode wants them:
+      2-bit: w = p // 8, x = 2*(p % 8), 2 bits.
+      3-bit: p < 15: w = p // 5, x = 3*(p % 5), 3 bits (10 fields per word);
+             p = 15 (s = 7, b = 1): code bit j (0, 1, 2) at bit 15 (h = 0) / 31 (h = 1) of word j.
+    Every bit of every word is used.
+  - Units are ordered like Marlin tiles: unit (ku, nt) holds rows 16*U*ku .. 16*U*(ku+1) - 1 and columns
+    64*nt .. 64*nt + 63; row ku of the result holds its units nt = 0 .. N/64 - 1 one after the other
+    (128*C words each), so the result is [K/(16*U), N*U*b/2]: [K/32, 2N] for 2 bit, [K/64, 6N] for 3 bit.
+UNIT_MAP[bits] is the definition (for every field of every word of a unit: the unit position k*64 + n of the
+code it holds and which of its bits); pack gathers and unpack scatters through it.
+
+A qweight row of any width holds unit_rows(bits) rows of K (16 for 4/8 bit); qweight_shape and stored_rows
+are the one place that arithmetic lives.  Scales are Marlin-permuted alike for every width; zero points of
+2/3-bit weights use the 4-bit zero-point packing (ZERO_BITS).
 """
 
 from __future__ import annotations
 
 import sys
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -26,7 +52,28 @@ from .gptq import QuantizedWeight
 
 TILE_K = 16
 TILE_N = 64
-MARLIN_BITS = (4, 8)
+MARLIN_BITS = (2, 3, 4, 8)
+TILE_BITS = (4, 8)  # one 16 x 64 tile per block of words (TILE_MAP)
+UNIT_TILES = {2: 2, 3: 4}  # k-tiles per unit: U*bits*4 bytes per lane, a whole number of 16-byte chunks
+UNIT_CHUNKS = {2: 1, 3: 3}  # 16-byte chunks per lane per unit
+# Bits per packed zero point: 2/3-bit zero points take the 4-bit packing, which the kernel already decodes.
+ZERO_BITS = {2: 4, 3: 4, 4: 4, 8: 8}
+
+
+def unit_rows(bits: int) -> int:
+    """Rows of K in one row of qweight: 16 * U (U = 1 for 4/8 bit)."""
+    return TILE_K * UNIT_TILES.get(bits, 1)
+
+
+def qweight_shape(in_features: int, out_features: int, bits: int) -> tuple[int, int]:
+    """Shape of the Marlin words of a [K, N] weight: [K/(16U), N*16U*b/32]."""
+    rows = unit_rows(bits)
+    return in_features // rows, out_features * rows * bits // 32
+
+
+def stored_rows(qweight: torch.Tensor, bits: int) -> int:
+    """K rows (padded, in stored order) that a Marlin qweight holds."""
+    return qweight.shape[0] * unit_rows(bits)
 
 
 def _tile_map(bits: int) -> torch.Tensor:
@@ -56,26 +103,106 @@ def _tile_map(bits: int) -> torch.Tensor:
     return pos
 
 
-TILE_MAP = {bits: _tile_map(bits) for bits in MARLIN_BITS}
+TILE_MAP = {bits: _tile_map(bits) for bits in TILE_BITS}
+
+
+class UnitMap(NamedTuple):
+    """The 2/3-bit unit layout as placements: field f of word j of a unit holds bits [code_bit[f, j],
+    code_bit[f, j] + width[f]) of the code at unit position pos[f, j] = k*64 + n (k < 16U), at bits
+    [shift[f], shift[f] + width[f]) of the word."""
+
+    pos: torch.Tensor  # int64 [fields, 128*C]
+    code_bit: torch.Tensor  # int64 [fields, 128*C]; non-zero only in the 3-bit spare-bit fields
+    shift: tuple[int, ...]
+    width: tuple[int, ...]
+
+
+def _pair_fields(bits: int, w: int) -> list[tuple[int, int, int, int, int]]:
+    """(pair p, h, shift, width, code bit) of each field of lane word w of a k-tile, in field order."""
+    if bits == 2:
+        return [(8 * w + x, h, 2 * x + 16 * h, 2, 0) for h in (0, 1) for x in range(8)]
+    fields = [(5 * w + x, h, 3 * x + 16 * h, 3, 0) for h in (0, 1) for x in range(5)]
+    # Pair 15 (s = 7, b = 1) takes the spare bits 15 and 31: word w holds its code bit w.
+    return fields + [(15, h, 15 + 16 * h, 1, w) for h in (0, 1)]
+
+
+def _unit_map(bits: int) -> UnitMap:
+    words = 128 * UNIT_CHUNKS[bits]
+    fields = len(_pair_fields(bits, 0))
+    pos = torch.empty(fields, words, dtype=torch.int64)
+    code_bit = torch.empty(fields, words, dtype=torch.int64)
+    for j in range(words):
+        c, t, word = j // 128, j % 128 // 4, j % 4  # chunk-major: word 4*(32*c + t) + word
+        v, w = divmod(4 * c + word, bits)  # k-tile v of the unit, its lane word w (bits words per k-tile)
+        for f, (p, h, _, _, bit) in enumerate(_pair_fields(bits, w)):
+            s, b = divmod(p, 2)
+            pos[f, j] = (TILE_K * v + 2 * (t % 4) + 8 * b + h) * TILE_N + 8 * s + t // 4
+            code_bit[f, j] = bit
+    shifts, widths = zip(*[(shift, width) for _, _, shift, width, _ in _pair_fields(bits, 0)])
+    return UnitMap(pos, code_bit, shifts, widths)
+
+
+UNIT_MAP = {bits: _unit_map(bits) for bits in UNIT_TILES}
+# Codes per block of rows that pack/unpack of the 2/3-bit units process at once: bounds their temporaries
+# (a few bytes per code) on huge weights, also on the GPU at load.
+_UNIT_BLOCK_CODES = 1 << 22
 
 
 def check_shape(in_features: int, out_features: int, bits: int) -> None:
     if bits not in MARLIN_BITS:
-        raise FormatError(f"the Marlin layout holds 4- or 8-bit codes, not {bits}-bit")
-    if in_features % TILE_K or out_features % TILE_N:
+        raise FormatError(f"the Marlin layout holds {', '.join(map(str, MARLIN_BITS))}-bit codes, not {bits}-bit")
+    rows = unit_rows(bits)
+    if in_features % rows or out_features % TILE_N:
         raise FormatError(
-            f"Marlin layout needs K % {TILE_K} == 0 and N % {TILE_N} == 0, got K={in_features}, N={out_features}; "
-            f"pad the weight first (marlin.pad)"
+            f"the {bits}-bit Marlin layout needs K % {rows} == 0 and N % {TILE_N} == 0, got K={in_features}, "
+            f"N={out_features}; pad the weight first (marlin.pad)"
         )
 
 
 def pack(codes: torch.Tensor, bits: int, perm: torch.Tensor | None = None) -> torch.Tensor:
-    """Codes [K, N] (rows taken in the order perm when given) -> Marlin words [K/16, N*16*b/32] int32."""
+    """Codes [K, N] (rows taken in the order perm when given) -> Marlin words qweight_shape(K, N, bits) int32."""
     K, N = codes.shape
     check_shape(K, N, bits)
+    if bits in UNIT_TILES:
+        return _pack_units(codes, bits, perm)
     if sys.byteorder == "little":
         return _pack_bytewise(codes, bits, perm)
     return _pack_tile_map(codes, bits, perm)
+
+
+def _unit_blocks(K: int, N: int, bits: int):
+    """(first, last) unit rows of the blocks of about _UNIT_BLOCK_CODES codes that pack/unpack take at once."""
+    units = K // unit_rows(bits)
+    step = max(1, _UNIT_BLOCK_CODES // (unit_rows(bits) * N))
+    return [(a, min(a + step, units)) for a in range(0, units, step)]
+
+
+def _pack_units(codes: torch.Tensor, bits: int, perm: torch.Tensor | None) -> torch.Tensor:
+    """pack() for 2/3 bit: every field of every word gathered through UNIT_MAP.
+
+    Position-major: a block's codes are laid out [unit position, unit], so each field's gather copies whole
+    rows of units (about 3x faster on the CPU than gathering along the last dimension, measured on 4096x14336).
+    """
+    K, N = codes.shape
+    rows, nt = unit_rows(bits), N // TILE_N
+    umap = UNIT_MAP[bits]
+    pos, code_bit = umap.pos.to(codes.device), umap.code_bit.to(device=codes.device, dtype=torch.int32)
+    out = torch.empty(qweight_shape(K, N, bits), dtype=torch.int32, device=codes.device)
+    for first, last in _unit_blocks(K, N, bits):
+        if perm is None:
+            q = codes[first * rows:last * rows]
+        else:
+            q = codes.index_select(0, perm[first * rows:last * rows].to(device=codes.device, dtype=torch.int64))
+        units = last - first
+        q = q.to(torch.uint8).reshape(units, rows, nt, TILE_N).permute(1, 3, 0, 2).reshape(rows * TILE_N, units * nt)
+        words = torch.zeros(pos.shape[1], units * nt, dtype=torch.int32, device=codes.device)
+        for f, (shift, width) in enumerate(zip(umap.shift, umap.width)):
+            field = q.index_select(0, pos[f]).to(torch.int32)
+            if width < bits:  # a 3-bit spare-bit field: one bit of its code, which bit depends on the word
+                field = (field >> code_bit[f, :, None]) & 1
+            words |= field << shift
+        out[first:last] = words.t().reshape(units, -1)
+    return out
 
 
 def _pack_tile_map(codes: torch.Tensor, bits: int, perm: torch.Tensor | None) -> torch.Tensor:
@@ -151,10 +278,12 @@ def unpack(words: torch.Tensor, bits: int, in_features: int, out_features: int) 
     """Marlin words -> codes [K, N] int32 in the (possibly permuted) row order they were packed in."""
     K, N = in_features, out_features
     check_shape(K, N, bits)
-    tmap = TILE_MAP[bits].to(words.device)
-    expected = (K // TILE_K, N * TILE_K * bits // 32)
+    expected = qweight_shape(K, N, bits)
     if tuple(words.shape) != expected or words.dtype != torch.int32:
         raise FormatError(f"Marlin qweight: shape {tuple(words.shape)} {words.dtype}, expected {expected} int32")
+    if bits in UNIT_TILES:
+        return _unpack_units(words, bits, K, N)
+    tmap = TILE_MAP[bits].to(words.device)
     w = (words.to(torch.int64) & (2**32 - 1)).reshape(K // TILE_K, N // TILE_N, tmap.shape[1])
     tiles = torch.empty(K // TILE_K, N // TILE_N, TILE_K * TILE_N, dtype=torch.int64, device=words.device)
     mask = 2**bits - 1
@@ -162,6 +291,29 @@ def unpack(words: torch.Tensor, bits: int, in_features: int, out_features: int) 
         tiles[:, :, tmap[i]] = (w >> (bits * i)) & mask
     q = tiles.reshape(K // TILE_K, N // TILE_N, TILE_K, TILE_N).permute(0, 2, 1, 3).reshape(K, N)
     return q.to(torch.int32)
+
+
+def _unpack_units(words: torch.Tensor, bits: int, K: int, N: int) -> torch.Tensor:
+    """unpack() for 2/3 bit: every field scattered back through UNIT_MAP, position-major like _pack_units.
+
+    The fields add into zeroed codes: the three spare-bit fields of a 3-bit pair-15 code land on the same
+    position, and their bits are disjoint, so the sum is the code.
+    """
+    rows, nt = unit_rows(bits), N // TILE_N
+    umap = UNIT_MAP[bits]
+    pos, code_bit = umap.pos.to(words.device), umap.code_bit.to(device=words.device, dtype=torch.int32)
+    out = torch.empty(K, N, dtype=torch.int32, device=words.device)
+    for first, last in _unit_blocks(K, N, bits):
+        units = last - first
+        w = words[first:last].reshape(units * nt, pos.shape[1]).t()  # [word of the unit, unit]
+        q = torch.zeros(rows * TILE_N, units * nt, dtype=torch.int32, device=words.device)
+        for f, (shift, width) in enumerate(zip(umap.shift, umap.width)):
+            field = (w >> shift) & (2**width - 1)  # the arithmetic shift's sign bits are masked off
+            if width < bits:
+                field = field << code_bit[f, :, None]
+            q.index_add_(0, pos[f], field)
+        out[first * rows:last * rows] = q.view(rows, TILE_N, units, nt).permute(2, 0, 3, 1).reshape(units * rows, N)
+    return out
 
 
 def repack_gptq(qweight: torch.Tensor, bits: int, in_features: int, perm: torch.Tensor | None = None) -> torch.Tensor:

@@ -21,8 +21,7 @@ from . import compressed_tensors
 from .bitpack import SUPPORTED_BITS
 from .errors import FormatError
 from .gptq import ZeroFormat
-from .kernel_layout import Layout, module_layout
-from .marlin import MARLIN_BITS
+from .kernel_layout import Layout
 
 SYNONYMS = {"w_bit": "bits", "q_group_size": "group_size", "format": "checkpoint_format", "method": "quant_method"}
 # What a missing key means; config files that mean different things are refused (validate.config_sources).
@@ -115,7 +114,7 @@ class QuantScheme:
     method: str  # "gptq", "compressed-tensors" or "mygptq"
     base: ModuleParams
     zero_format: ZeroFormat | None  # gptq: the declared v1/v2 zero convention
-    layout: Layout | None  # mygptq: the checkpoint's kernel layout
+    layout: Layout | None  # mygptq: the kernel layout of every module of the checkpoint
     compressed: bool  # compressed-tensors pack-quantized tensors
     lm_head: bool
     rules: tuple[Rule, ...]
@@ -141,11 +140,6 @@ class QuantScheme:
             return None
         return module_params({**self.base_values, **rule.overrides},
                              f"{self.where}: dynamic rule {rule.pattern!r} for {module}")
-
-    def module_layout(self, bits: int) -> Layout | None:
-        """A converted module's layout: the checkpoint's, unless Marlin cannot hold its bits (a `dynamic`
-        override), where the writers use the default layout of its own bits (kernel_layout.module_layout)."""
-        return None if self.layout is None else module_layout(self.layout, bits)
 
 
 def _flatten(items) -> list[str]:
@@ -184,8 +178,6 @@ def parse(config: dict, where: str) -> QuantScheme:
         except ValueError:
             raise FormatError(f"{where}: layout {cfg.get('layout')!r} is not a kernel layout; converted checkpoints "
                               f"have one of {[m.value for m in Layout]}") from None
-        if layout is Layout.MARLIN and base.bits not in MARLIN_BITS:
-            raise FormatError(f"{where}: layout 'marlin' holds 4- or 8-bit weights, not {base.bits}-bit")
         method = "mygptq"
     else:
         try:

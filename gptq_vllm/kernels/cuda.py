@@ -11,7 +11,7 @@ How the extension is found (first hit wins; nothing here touches CUDA at import 
 On a machine without CUDA `available()` is False and the wrappers raise.
 
 Ops (schemas in csrc/ops.cpp; fake implementations registered here so they trace under torch.compile):
-  marlin_gemm(a, qweight, scales, qzeros?, g_idx_sorted?, bits, group_size, perm?=None) -> [M, N_pad]
+  marlin_gemm(a, qweight, scales, qzeros?, g_idx_sorted?, bits, group_size, perm?=None) -> [M, N_pad]  (b 2/3/4/8)
   hopper_gemm(a, qweight, scales, zeros?, bits, group_size, config, decomposition=0, splits=1) -> [M, N_pad]
   exllama_gemm(a, qweight, qzeros?, scales, g_idx_sorted?, bits, group_size) -> [M, N]
   marlin_repack(qweight_gptq, perm?, bits, size_k, size_n) -> Marlin words [K/16, N*16*b/32]
@@ -144,10 +144,13 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("mygptq_cuda::marlin_gemm")
     def _marlin_gemm_fake(a, qweight, scales, qzeros, g_idx_sorted, bits, group_size, perm=None):
+        from ..formats import marlin
+
+        rows = marlin.stored_rows(qweight, bits)
         if perm is None:
-            torch._check(a.size(1) == qweight.size(0) * 16)
+            torch._check(a.size(1) == rows)
         else:
-            torch._check(a.size(1) <= qweight.size(0) * 16)
+            torch._check(a.size(1) <= rows)
         return a.new_empty((a.size(0), scales.size(1)))
 
     @torch.library.register_fake("mygptq_cuda::hopper_gemm")

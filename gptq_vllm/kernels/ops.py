@@ -9,8 +9,9 @@ linear method's `apply` is a single call of one of these ops, traced through its
 
 a is [M, size_k] (the layer's K on this rank, unpadded) in fp16/bf16 (fp32 too on the CPU); the weight
 tensors are those of formats.kernel_layout.KernelWeight; the result is [M, size_n] in a's dtype.  Each op
-zero-pads a to the layout's rows (Marlin: qweight.shape[0] * 16) and gathers its columns by perm, then
-multiplies by the stored rows, so both implementations below see the same [M, K_rows] activations:
+zero-pads a to the layout's rows (Marlin: marlin.stored_rows, qweight.shape[0] * 16 * U with U k-tiles per
+unit, 1 for 4/8 bit) and gathers its columns by perm, then multiplies by the stored rows, so both
+implementations below see the same [M, K_rows] activations:
 
   CPU   the reference math of the format core: from_kernel -> dequantize (rounded to a's dtype, as the
         GPU kernels dequantize) -> fp32 matmul.  It does not depend on any kernel and is their oracle.
@@ -63,7 +64,7 @@ def _reference_gemm(a_rows: torch.Tensor, kw: KernelWeight) -> torch.Tensor:
 def _marlin_weight(qweight, scales, qzeros, g_idx_sorted, bits, group_size) -> KernelWeight:
     # The op sees the stored rows (already permuted and padded), so the weight is described as such.
     return KernelWeight(layout=Layout.MARLIN, bits=bits, group_size=group_size, sym=qzeros is None,
-                        in_features=qweight.shape[0] * marlin.TILE_K, out_features=scales.shape[1],
+                        in_features=marlin.stored_rows(qweight, bits), out_features=scales.shape[1],
                         qweight=qweight, scales=scales, qzeros=qzeros, perm=None, g_idx_sorted=g_idx_sorted)
 
 
@@ -84,7 +85,7 @@ def _refuse_capture(op: str) -> None:
 def marlin_gemm_cpu(a, qweight, scales, qzeros, perm, g_idx_sorted, hopper_scales, hopper_zeros, bits, group_size,
                     size_k, size_n):
     # The Hopper operands only choose a GPU kernel; the reference math reads the Marlin tensors.
-    a_rows = _gather_rows(a, qweight.shape[0] * marlin.TILE_K, perm)
+    a_rows = _gather_rows(a, marlin.stored_rows(qweight, bits), perm)
     y = _reference_gemm(a_rows, _marlin_weight(qweight, scales, qzeros, g_idx_sorted, bits, group_size))
     return y[:, :size_n].contiguous()
 
@@ -93,7 +94,7 @@ def marlin_gemm_cuda(a, qweight, scales, qzeros, perm, g_idx_sorted, hopper_scal
                      size_k, size_n):
     from . import cuda  # the extension is loaded on first use, never at import
 
-    rows = qweight.shape[0] * marlin.TILE_K
+    rows = marlin.stored_rows(qweight, bits)
     if cuda.available():
         # With perm the op gathers and zero-pads the activations itself.
         a_in = a.contiguous() if perm is not None else _gather_rows(a, rows, None)

@@ -56,8 +56,7 @@ def select(*, bits: int, group_size: int, in_features: int, out_features: int, r
     padded (padding appends groups).
     """
     check_device(dtype, device_type, name)
-    if bits not in marlin.MARLIN_BITS:
-        return Selection(Layout.EXLLAMA, f"{bits}-bit codes have no Marlin layout")
+    # Marlin holds every GPTQ width (2/3 bit in its units, marlin.py), so only the group size and the shapes decide.
     if group_size not in MARLIN_GROUP_SIZES:
         return Selection(Layout.EXLLAMA, f"the Marlin GEMM takes group sizes {MARLIN_GROUP_SIZES}, not {group_size}")
     if row_groups and (in_features % MARLIN_K_MULTIPLE or out_features % MARLIN_N_MULTIPLE):
@@ -72,8 +71,6 @@ def check_stored(layout: Layout, *, bits: int, group_size: int, in_features: int
     check_device(dtype, device_type, name)
     if layout is Layout.MARLIN:
         problems = []
-        if bits not in marlin.MARLIN_BITS:
-            problems.append(f"{bits}-bit codes")
         if group_size not in MARLIN_GROUP_SIZES:
             problems.append(f"group size {group_size} (Marlin takes {MARLIN_GROUP_SIZES})")
         if in_features % MARLIN_K_MULTIPLE or out_features % MARLIN_N_MULTIPLE:
@@ -81,9 +78,9 @@ def check_stored(layout: Layout, *, bits: int, group_size: int, in_features: int
                             f"== 0 and N % {MARLIN_N_MULTIPLE} == 0; a converted checkpoint cannot be re-padded)")
         if problems:
             raise KernelSelectionError(
-                f"{name}: the converted Marlin layout cannot serve {'; '.join(problems)}. Serve the GPTQ source "
-                f"checkpoint with --quantization mygptq (it converts and pads at load), use a tensor-parallel "
-                f"size that keeps the shapes aligned, or convert with --layout exllama")
+                f"{name}: the converted {bits}-bit Marlin layout cannot serve {'; '.join(problems)}. Serve the "
+                f"GPTQ source checkpoint with --quantization mygptq (it converts and pads at load), use a "
+                f"tensor-parallel size that keeps the shapes aligned, or convert with --layout exllama")
     return Selection(layout, "stored in the checkpoint")
 
 

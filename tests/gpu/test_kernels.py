@@ -120,7 +120,7 @@ def gemm_cases(bits: tuple[int, ...], group_sizes: tuple[int, ...]):
     return cases, ids
 
 
-MARLIN_CASES, MARLIN_IDS = gemm_cases((4, 8), (-1, 32, 64, 128))
+MARLIN_CASES, MARLIN_IDS = gemm_cases((2, 3, 4, 8), (-1, 32, 64, 128))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
@@ -131,7 +131,7 @@ def test_marlin_gemm(kern, bits, group_size, sym, act, dtype):
     w = make_weight(bits, group_size, sym, act, K, N, seed=bits * 100 + group_size + 7 * sym + 3 * act, dtype=dtype)
     kw = kernel_layout.to_kernel(w, Layout.MARLIN, scale_dtype=dtype)
     qw, sc, qz, gs = to_dev(kw, dev)
-    k_pad = qw.shape[0] * 16
+    k_pad = marlin.stored_rows(qw, bits)
     assert (k_pad, sc.shape[1]) == marlin.padded_shape(K, N, group_size)
     for M in MS:
         x = torch.randn(M, K, generator=torch.Generator().manual_seed(M), dtype=torch.float32).to(dtype).to(dev)
@@ -144,7 +144,7 @@ def test_marlin_gemm(kern, bits, group_size, sym, act, dtype):
             assert torch.equal(y2, y), f"marlin fused perm differs from gather + GEMM at M={M}"
 
 
-SHARD_CASES = [(b, g, s) for b in (4, 8) for g in (32, 128) for s in (True, False)]
+SHARD_CASES = [(b, g, s) for b in (2, 3, 4, 8) for g in (32, 128) for s in (True, False)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
@@ -169,17 +169,17 @@ def test_marlin_gemm_act_order_shard(kern, bits, group_size, sym, dtype):
 @pytest.mark.parametrize("group_size", [48, 256])
 def test_marlin_gemm_other_group_sizes(kern, group_size):
     dev = torch.device("cuda")
-    for bits, sym in ((4, True), (8, False)):
+    for bits, sym in ((4, True), (8, False), (3, True), (2, False)):
         w = make_weight(bits, group_size, sym, False, 300, 130, seed=group_size + bits, dtype=torch.float16)
         kw = kernel_layout.to_kernel(w, Layout.MARLIN, scale_dtype=torch.float16)
         qw, sc, qz, gs = to_dev(kw, dev)
         for M in (1, 33, 200):
             x = torch.randn(M, 300, dtype=torch.float32).half().to(dev)
-            y = kern.marlin_gemm(gather(x, kw, qw.shape[0] * 16), qw, sc, qz, gs, bits, group_size)
+            y = kern.marlin_gemm(gather(x, kw, marlin.stored_rows(qw, bits)), qw, sc, qz, gs, bits, group_size)
             check_close(y[:, :130], x, w, f"marlin G={group_size} b{bits} M={M}")
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("K,N", [(4096, 1536), (4096, 6144), (4096, 4096)])
 def test_marlin_gemm_llama_shape(kern, bits, K, N):
     """Real layer shapes: several strips per block, split-K at small M, many groups; 4096 x 6144 and
@@ -194,7 +194,7 @@ def test_marlin_gemm_llama_shape(kern, bits, K, N):
         check_close(y, x, w, f"marlin {K}x{N} M={M}")
 
 
-@pytest.mark.parametrize("bits,sym", [(4, True), (8, False)])
+@pytest.mark.parametrize("bits,sym", [(4, True), (8, False), (3, True), (3, False), (2, True)])
 def test_marlin_gemm_forced_splits(kern, bits, sym):
     """Every split path: strips per block, cluster (DSMEM) reduction, global slices, and the dense path."""
     dev = torch.device("cuda")
@@ -323,6 +323,7 @@ def test_act_order_gather(kern, k_in, k, M):
 
 
 WIDE_CASES = [(4, 128, True, False), (4, 128, True, True), (8, 128, False, True), (4, 32, False, False),
+              (3, 128, True, False), (3, 128, False, True), (2, 128, True, True), (3, -1, True, False),
               (8, -1, True, False)]
 
 
@@ -435,10 +436,15 @@ def _exllama_args(bits, sym, act, M, dtype=torch.float16):
     return (x, qw, qz, sc, gs, bits, 32)
 
 
-@pytest.mark.parametrize("case", ["b4-sym-M1", "b8-asym-M40", "b4-asym-shard-M5", "bf16-b4-M64"])
+@pytest.mark.parametrize("case", ["b4-sym-M1", "b8-asym-M40", "b4-asym-shard-M5", "bf16-b4-M64", "b3-sym-M1",
+                                  "b2-asym-M40"])
 def test_opcheck_marlin_gemm(kern, case):
     if case == "b4-sym-M1":
         args = _marlin_args(4, True, False, 1)
+    elif case == "b3-sym-M1":
+        args = _marlin_args(3, True, False, 1)
+    elif case == "b2-asym-M40":
+        args = _marlin_args(2, False, True, 40)
     elif case == "b8-asym-M40":
         args = _marlin_args(8, False, False, 40)
     elif case == "b4-asym-shard-M5":
@@ -490,6 +496,9 @@ def test_cuda_graph_marlin(kern, M):
     args = list(_marlin_args(8, True, True, M))
     x2 = args[0]
     _graph_equals_eager(lambda: kern.marlin_gemm(x2, *args[1:]), x2, [torch.randn_like(x2) for _ in range(2)])
+    args = list(_marlin_args(3, True, False, M))
+    x3 = args[0]
+    _graph_equals_eager(lambda: kern.marlin_gemm(x3, *args[1:]), x3, [torch.randn_like(x3) for _ in range(2)])
 
 
 def _hopper_args(bits, sym, act, M, dtype=torch.float16):

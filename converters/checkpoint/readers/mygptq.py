@@ -30,11 +30,12 @@ class MyGPTQCheckpoint(Checkpoint):
         qweight, scales, perm = (self.shape(module, s) for s in ("qweight", "scales", "perm"))
         if scales is None or qweight is None:
             return None
-        if self.config.module_layout(self.params(module).bits) is Layout.MARLIN:
-            return qweight[0] * marlin.TILE_K, scales[-1]
+        bits = self.params(module).bits
+        if self.config.layout is Layout.MARLIN:
+            return qweight[0] * marlin.unit_rows(bits), scales[-1]
         if perm is not None:
             return perm[0], scales[-1]
-        codes, words = bitpack.block_shape(self.params(module).bits)
+        codes, words = bitpack.block_shape(bits)
         return qweight[0] // words * codes, scales[-1]
 
     def _load(self, module: str, p: ModuleParams, out_perm: torch.Tensor | None) -> QuantizedWeight:
@@ -42,7 +43,7 @@ class MyGPTQCheckpoint(Checkpoint):
         dims = self.model_dims(module) or self.dims(module)
         if dims is None:
             raise FormatError(f"{module}.{'scales' if t['scales'] is None else 'qweight'} is missing")
-        w = kernel_weight(t, module, self.config.module_layout(p.bits), p.bits, p.group_size, p.sym, *dims)
+        w = kernel_weight(t, module, self.config.layout, p.bits, p.group_size, p.sym, *dims)
         return w if out_perm is None else w.permute_cols(out_perm)
 
     def describe(self) -> dict:
