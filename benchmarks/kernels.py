@@ -8,12 +8,13 @@ each kernel is timed by replaying a CUDA graph that cycles through enough weight
     MS=1,16 SHAPES=8b.o,70b.down VARIANTS=base python benchmarks/kernels.py   # a quick subset
 
 Env: MS, SHAPES (comma lists), VARIANTS (comma list of base, marlin, act_order, act_order_gather, bf16, w8,
-w3, w2, exllama, exllama3; default base,marlin,act_order,bf16,w8,w3,w2: w3 / w2 are 3- and 2-bit g128 on the
-Marlin kernels, exllama3 the 3-bit ExLlama GEMM they replace), SWEEP=1 (tuning: time the 4-bit Marlin kernel
-under forced split configurations instead of the grid; BITS=8 / 3 / 2 for those widths, ROWS=8/16/32/64 to force
-the block-tile rows too, WGMMA=1/-1 the wgmma loop on/off, never dense), SWEEP=hopper (tuning: every Hopper GEMM
-config and decomposition against the Marlin path and cuBLAS; JSON rows for benchmarks/pick_hopper.py), OUT_JSON
-(output path), NO_VLLM=1 (skip vLLM).
+w3, w2, w3_widen, w2_widen, exllama, exllama3; default base,marlin,act_order,bf16,w8,w3,w2): w3 / w2 are 3- and
+2-bit g128 on the plugin's path (Marlin kernels; on sm_90 from M = 128 the Hopper GEMM on a 4-bit copy), w3_widen /
+w2_widen that Hopper path at every M >= 9 (tuning), exllama3 the 3-bit ExLlama GEMM they replace.  SWEEP=1
+(tuning: time the Marlin kernel under forced split configurations instead of the grid; 4-bit, BITS=8 / 3 / 2 for
+those widths, ROWS=8/16/32/64 to force the block-tile rows too, WGMMA=1/-1 the wgmma loop on/off, never dense),
+SWEEP=hopper (tuning: every Hopper GEMM config and decomposition against the Marlin path and cuBLAS; JSON rows for
+benchmarks/pick_hopper.py), OUT_JSON (output path), NO_VLLM=1 (skip vLLM).
 JSON: {"meta": {gpu, date, command, torch, vllm, copy_TBps}, "rows": [{shape, K, N, M, kernel, us, dtype, bits,
 group_size, act_order, weight_TBps, speedup_vs_fp16}]}.  Reference kernels: cublas_fp16, vllm_marlin,
 vllm_machete; ours start with mygptq: `mygptq` is what the plugin's op runs (the Marlin kernels at decode sizes,
@@ -81,14 +82,11 @@ def _setup(default_ms: str):
 
 
 def our_gemm(ours, x, q, s, hs, hz, bits, perm=None):
-    """What the plugin's op runs for this call (gptq_vllm.kernels.ops.marlin_gemm_cuda): the Marlin kernels,
-    or on sm_90 the Hopper GEMM where selection.hopper_choice picks it for this M."""
-    from gptq_vllm.kernels import selection
+    """What the plugin's op runs for this call (gptq_vllm.kernels.ops.marlin_gemm_cuda itself): the Marlin kernels,
+    or on sm_90 the Hopper GEMM where selection.hopper_choice picks it for this M (2/3-bit: on a 4-bit copy)."""
+    from gptq_vllm.kernels import ops
 
-    choice = None if hs is None else selection.hopper_choice(x.shape[0], q.shape[0] * 16, s.shape[1])
-    if choice is not None:
-        return ours.hopper_gemm(x, q, hs, hz, bits, G, *choice, perm=perm)
-    return ours.marlin_gemm(x, q, s, None, None, bits, G, perm)
+    return ops.marlin_gemm_cuda(x, q, s, None, perm, None, hs, hz, bits, G, x.shape[1], s.shape[1])
 
 
 def hopper_scales(marlin_scales, K):
@@ -118,6 +116,8 @@ def _vllm():
 
 
 def main() -> int:
+    from gptq_vllm.kernels import selection
+
     ours, ms, shapes = _setup("1,16,32,64,128,256,1024")
     if ours is None:
         return 1
@@ -152,9 +152,8 @@ def main() -> int:
                if "w8" in variants else [])
         # 2/3-bit Marlin words: units of 2 / 4 k-tiles, qweight [K/32, 2N] / [K/64, 6N] (formats/marlin.py).
         low_shape = {3: (K // 64, N * 6), 2: (K // 32, N * 2)}
-        mql = {b: [torch.randint(-2**31, 2**31 - 1, low_shape[b], dtype=torch.int32, device=dev)
-                   for _ in range(max(1, min(64, math.ceil(L2_DEFEAT / q_bytes[b]))))]
-               for b in (3, 2) if f"w{b}" in variants}
+        mql = {b: [torch.randint(-2**31, 2**31 - 1, low_shape[b], dtype=torch.int32, device=dev) for _ in range(nq)]
+               for b in (3, 2) if f"w{b}" in variants or f"w{b}_widen" in variants}
         perm = torch.randperm(K, device=dev).to(torch.int32)
         exq = ([torch.randint(-2**31, 2**31 - 1, (K // 8, N), dtype=torch.int32, device=dev) for _ in range(nq)]
                if "exllama" in variants else [])
@@ -203,9 +202,15 @@ def main() -> int:
                                                 for q, s, h in zip(mq8, sc, hs)]), q_bytes[8], "float16", 8, False))
             for b in (3, 2):
                 if f"w{b}" in variants:
-                    fns = [lambda q=q, s=s, b=b: ours.marlin_gemm(x, q, s, None, None, b, G)
-                           for q, s in zip(mql[b], sc)]
+                    fns = [lambda q=q, s=s, h=h, b=b: our_gemm(ours, x, q, s, h, None, b)
+                           for q, s, h in zip(mql[b], sc, hs)]
                     res.append((f"mygptq_w{b}", timed(fns), q_bytes[b], "float16", b, False))
+            for b in (3, 2):  # tuning (selection.WIDEN_MIN_M): the widened Hopper path at every M it can take
+                choice = selection.hopper_choice(M, K, N)
+                if f"w{b}_widen" in variants and choice is not None and hs[0] is not None:
+                    fns = [lambda q=q, h=h, b=b: ours.hopper_gemm(x, ours.marlin_widen(q, b), h, None, 4, G, *choice)
+                           for q, h in zip(mql[b], hs)]
+                    res.append((f"mygptq_w{b}_widen", timed(fns), q_bytes[b], "float16", b, False))
             if "exllama3" in variants:
                 res.append(("mygptq_exllama_w3", timed([lambda q=q, s=s: ours.exllama_gemm(x, q, exz3, s, None, 3, G)
                                                         for q, s in zip(exq3, sc)]), q_bytes[3], "float16", 3, False))

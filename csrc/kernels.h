@@ -24,6 +24,10 @@ at::Tensor marlin_repack(const at::Tensor& qweight, const std::optional<at::Tens
 at::Tensor exllama_shuffle(const at::Tensor& qweight, const std::optional<at::Tensor>& perm, int64_t bits,
                            int64_t size_k);
 
+// 2/3-bit Marlin units -> 4-bit Marlin tiles [K/16, 2N] of the codes + 8 - 2^(b-1) (csrc/marlin/marlin_widen.cu):
+// the Hopper GEMM's input for large batches of a 2/3-bit layer.
+at::Tensor marlin_widen(const at::Tensor& qweight, int64_t bits);
+
 // out[M, K] = a[:, perm[k]] (zero where perm[k] >= a.size(1)): the act-order gather of the activations,
 // one 16-byte store per 8 columns (csrc/marlin/, shared with the Hopper GEMM).
 at::Tensor gather_columns(const at::Tensor& a, const at::Tensor& perm, int64_t K);

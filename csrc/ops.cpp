@@ -18,6 +18,7 @@ TORCH_LIBRARY(mygptq_cuda, m) {
         "int group_size) -> Tensor");
   m.def("marlin_repack(Tensor qweight, Tensor? perm, int bits, int size_k, int size_n) -> Tensor");
   m.def("exllama_shuffle(Tensor qweight, Tensor? perm, int bits, int size_k) -> Tensor");
+  m.def("marlin_widen(Tensor qweight, int bits) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mygptq_cuda, CUDA, m) {
@@ -26,6 +27,7 @@ TORCH_LIBRARY_IMPL(mygptq_cuda, CUDA, m) {
   m.impl("hopper_gemm", &gptq_vllm::hopper_gemm);
   m.impl("marlin_repack", &gptq_vllm::marlin_repack);
   m.impl("exllama_shuffle", &gptq_vllm::exllama_shuffle);
+  m.impl("marlin_widen", &gptq_vllm::marlin_widen);
 }
 
 // Lets `import gptq_vllm._C` succeed too (the loader uses torch.ops.load_library).

@@ -76,24 +76,33 @@ def test_unsupported_names_the_reason():
     assert hopper.unsupported(bits=4, group_size=4096, in_rows=4096, g_idx_sorted=False) is None  # one group
     assert "group size 32" in hopper.unsupported(bits=4, group_size=32, in_rows=4096, g_idx_sorted=False)
     assert "act-order shard" in hopper.unsupported(bits=4, group_size=128, in_rows=4096, g_idx_sorted=True)
-    assert "3-bit" in hopper.unsupported(bits=3, group_size=128, in_rows=4096, g_idx_sorted=False)
-    assert "2-bit" in hopper.unsupported(bits=2, group_size=128, in_rows=4096, g_idx_sorted=False)
+    assert hopper.unsupported(bits=3, group_size=128, in_rows=4096, g_idx_sorted=False) is None  # widened per call
+    assert hopper.unsupported(bits=2, group_size=-1, in_rows=4096, g_idx_sorted=False) is None
+    assert "group size 32" in hopper.unsupported(bits=3, group_size=32, in_rows=4096, g_idx_sorted=False)
+    assert "5-bit" in hopper.unsupported(bits=5, group_size=128, in_rows=4096, g_idx_sorted=False)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
-def test_only_4_and_8_bit_marlin_layers_get_hopper_operands(bits, monkeypatch):
-    """2/3-bit weights are Marlin-layout too, but the Hopper GEMM converts 4/8-bit tiles only: on an sm_90 GPU
-    their layers must keep hopper_scales None (the Marlin kernels at every batch size)."""
+@pytest.mark.parametrize("sym", [True, False])
+def test_2_3_4_bit_marlin_layers_get_hopper_operands(bits, sym, monkeypatch):
+    """On an sm_90 GPU every Marlin-layout width gets the Hopper operands (2/3-bit run on a 4-bit copy widened per
+    call), and the zero term s (2^(b-1) - z) of the layer's own width is the one the widened codes need:
+    s (q - z) = s ((q + d) - 8) + zero term, d = 8 - 2^(b-1)."""
     pytest.importorskip("vllm")
     from gptq_vllm.config import LayerScheme
     from gptq_vllm.linear import MyGPTQLinearMethod
 
-    assert hopper.HOPPER_BITS == (4, 8)
     monkeypatch.setattr(selection, "hopper_available", lambda device: True)
-    method = MyGPTQLinearMethod(LayerScheme(bits, 128, True, False, None, None), "model.layers.0.mlp.down_proj")
-    kw = to_kernel(weight(bits, 128, True), Layout.MARLIN, scale_dtype=torch.float16)
+    method = MyGPTQLinearMethod(LayerScheme(bits, 128, sym, False, None, None), "model.layers.0.mlp.down_proj")
+    w = weight(bits, 128, sym)
+    kw = to_kernel(w, Layout.MARLIN, scale_dtype=torch.float32)
     ops = method._hopper_operands(kw)
-    assert (ops is None) == (bits not in hopper.HOPPER_BITS)
+    assert ops is not None and (ops.zeros is None) == sym
+    g = w.g_idx.long()
+    q4 = w.codes + 8 - 2 ** (bits - 1) if bits in hopper.WIDENED_BITS else w.codes
+    zero_term = 0 if sym else ops.zeros.float()[g]
+    widened = ops.scales.float()[g] * (q4 - 8) + zero_term
+    assert torch.allclose(widened, w.scales[g] * (w.codes - w.zeros[g]), rtol=1e-6, atol=1e-6)
 
 
 def test_hopper_choice_by_batch_size(monkeypatch):
@@ -118,6 +127,10 @@ def test_hopper_choice_by_batch_size(monkeypatch):
     # Below HOPPER_MIN_M the Marlin kernels' 8-row tiles run even where the 16-row bucket picks Hopper.
     assert selection.hopper_choice(selection.HOPPER_MIN_M - 1, 4096, 4096) is None
     assert selection.hopper_choice(selection.HOPPER_MIN_M, 4096, 4096) == (0, 3, 1)
+    # 2/3-bit layers pay a widening pass per call: the Hopper GEMM from WIDEN_MIN_M on only.
+    assert selection.hopper_choice(selection.WIDEN_MIN_M - 1, 8192, 8192, bits=3) is None
+    assert selection.hopper_choice(selection.WIDEN_MIN_M, 8192, 8192, bits=3) == (3, 2, 2)
+    assert selection.hopper_choice(selection.WIDEN_MIN_M - 1, 8192, 8192, bits=4) == (3, 2, 2)
 
 
 def test_every_tabled_choice_names_a_known_config_and_decomposition():

@@ -21,6 +21,7 @@ from converters.quantize.pipeline import Job, quantize
 from converters.quantize.rtn import rtn_quantize
 from converters.quantize.solver import QuantSpec
 from factory import build_model
+from gptq_vllm.formats.errors import FormatError
 from gptq_vllm.formats.reference import dequantize
 
 CPU = torch.device("cpu")
@@ -177,6 +178,22 @@ def test_mygptq_3bit_with_a_4bit_dynamic_override_is_marlin_throughout(llama, tm
     float_w = load_model(llama, CPU).state_dict()["model.layers.0.self_attn.v_proj.weight"]
     got = model.state_dict()["model.layers.0.self_attn.v_proj.weight"]
     assert (got - float_w).norm() < 0.2 * float_w.norm()
+
+
+@pytest.mark.parametrize("group_size,intermediate,refusal", [
+    (256, 256, r"float/model\.safetensors: model\.layers\.0\.[a-z_.]+_proj: --format mygptq writes the Marlin "
+               r"layout, which cannot serve group size 256 \(Marlin takes \(-1, 32, 64, 128\)\); use --format gptq-v2"),
+    (64, 192, r"float/model\.safetensors: model\.layers\.0\.mlp\.down_proj: .*cannot serve K=192, N=128 "
+              r"\(Marlin needs K % 128 == 0"),
+])
+def test_mygptq_refuses_modules_the_marlin_kernels_cannot_serve_before_any_work(tmp_path, group_size, intermediate,
+                                                                                refusal):
+    """--format mygptq writes unpadded Marlin tensors: a module they cannot serve is named up front, with the
+    one rule the plugin applies at load (selection.marlin_stored_problems), and nothing is written."""
+    model = build_model(tmp_path / "float", "llama", hidden=128, intermediate=intermediate)
+    with pytest.raises(FormatError, match=refusal):
+        run(model, tmp_path / "q", target=Target.MYGPTQ, spec=QuantSpec(3, group_size, True, "none"))
+    assert not (tmp_path / "q").exists()
 
 
 def test_lm_head(llama, tmp_path):

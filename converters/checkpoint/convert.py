@@ -33,6 +33,7 @@ from gptq_vllm.formats.act_order import act_order_perm, is_trivial
 from gptq_vllm.formats.errors import FormatError
 from gptq_vllm.formats.gptq import ZeroFormat
 from gptq_vllm.formats.kernel_layout import Layout, default_layout
+from gptq_vllm.kernels.selection import MARLIN_GROUP_SIZES, MARLIN_K_MULTIPLE, MARLIN_N_MULTIPLE
 
 from ..quantize.targets import quantizable_module
 from .emit import Target, module_tensors, quantization_config
@@ -44,8 +45,6 @@ from .writer import DEFAULT_SHARD_BYTES, CheckpointWriter
 
 # consumer -> the producers whose outputs are combined elementwise into its input (Llama / Mixtral MLPs).
 ABSORBING = {"down_proj": ("gate_proj", "up_proj"), "w2": ("w1", "w3")}
-MARLIN_GROUP_SIZES = (-1, 32, 64, 128)
-MARLIN_K, MARLIN_N = 128, 64
 # The work is memory-bound byte shuffling that intra-op threads do not speed up (measured: they slow it
 # down); instead COMPUTE_WORKERS parents are converted at once, each on one thread, and the output is
 # written by the writer's background thread.
@@ -158,9 +157,9 @@ def _check_marlin(ckpt: Checkpoint, module: str, p: ModuleParams) -> None:
     if dims is None:
         return  # a tensor is missing: load() will name it
     K, N = dims
-    if K % MARLIN_K or N % MARLIN_N:
-        raise FormatError(f"{where}: the Marlin layout needs K % {MARLIN_K} == 0 and N % {MARLIN_N} == 0, "
-                          f"got K={K}, N={N}; {hint}")
+    if K % MARLIN_K_MULTIPLE or N % MARLIN_N_MULTIPLE:
+        raise FormatError(f"{where}: the Marlin layout needs K % {MARLIN_K_MULTIPLE} == 0 and "
+                          f"N % {MARLIN_N_MULTIPLE} == 0, got K={K}, N={N}; {hint}")
 
 
 def by_parent(modules: list[str]) -> dict[str, list[str]]:

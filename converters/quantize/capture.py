@@ -79,6 +79,10 @@ class Checkpoint:
     def names(self) -> list[str]:
         return list(self.where)
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        with safe_open(str(self.where[name]), framework="pt") as h:
+            return tuple(h.get_slice(name).get_shape())
+
     def read(self, names: list[str], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         missing = [n for n in names if n not in self.where]
         if missing:

@@ -36,6 +36,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from gptq_vllm.formats.errors import FormatError
+from gptq_vllm.kernels.selection import marlin_stored_problems
+
 from ..checkpoint.emit import Target, module_tensors, quantization_config
 from ..checkpoint.safetensors_dir import NON_WEIGHT_FILES
 from ..checkpoint.writer import CheckpointWriter
@@ -124,7 +127,17 @@ class Job:
     def tensors(self, weight, module: str) -> dict[str, torch.Tensor]:
         """One quantized module's tensors in the target format (mygptq: the default layout, which the
         config records and which holds every module's bits)."""
+        if self.target is Target.MYGPTQ:  # again here: the preflight saw fused tensors (split_fused) only whole
+            self.check_mygptq(str(self.model_dir), module, weight.group_size, *weight.codes.shape)
         return module_tensors(weight, module, self.target)
+
+    def check_mygptq(self, where: str, module: str, group_size: int, in_features: int, out_features: int) -> None:
+        """--format mygptq writes the Marlin layout unpadded: refuse a module its kernels cannot serve as stored."""
+        problems = marlin_stored_problems(group_size, in_features, out_features)
+        if problems:
+            raise FormatError(f"{where}: {module}: --format mygptq writes the Marlin layout, which cannot "
+                              f"serve {'; '.join(problems)}; use --format gptq-v2 (--quantization mygptq converts "
+                              f"and pads it at load)")
 
 
 class Timer:
@@ -448,6 +461,16 @@ def _config(job: Job, rules: list[Rule], meta: dict) -> dict:
                                dynamic=job.dynamic, lm_head=job.lm_head, meta=meta)
 
 
+def _preflight_mygptq(job: Job, rules: list[Rule], ckpt) -> None:
+    """Every module --format mygptq would write, checked before any work (Job.check_mygptq)."""
+    for name in ckpt.names():
+        shape = ckpt.shape(name)
+        module = quantizable_module(name, shape) or ("lm_head" if name == "lm_head.weight" and job.lm_head else None)
+        spec = job.module_spec(module, rules) if module and not ROUTER.search(module) else None
+        if spec is not None:
+            job.check_mygptq(str(ckpt.where[name]), module, spec.group_size, shape[1], shape[0])
+
+
 def quantize(job: Job, calibration: Calibration | None) -> dict:
     """Quantize job.model_dir into job.out_dir; returns the report (also written as quantize_report.json)."""
     rules = Rule.parse(job.dynamic)
@@ -477,6 +500,8 @@ def quantize(job: Job, calibration: Calibration | None) -> dict:
     if job.qep is not None:
         meta["qep"] = _qep_meta(job.qep)
     qconfig = _config(job, rules, meta)  # refuses impossible settings before any work
+    if job.target is Target.MYGPTQ:
+        _preflight_mygptq(job, rules, ckpt)
     with CheckpointWriter(job.out_dir, overwrite=job.overwrite) as writer:
         head = [n for n in outer if n == "lm_head.weight"] if job.lm_head else []
         writer.add_all(ckpt.read([n for n in outer if n not in head]))

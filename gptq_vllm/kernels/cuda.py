@@ -16,6 +16,7 @@ Ops (schemas in csrc/ops.cpp; fake implementations registered here so they trace
   exllama_gemm(a, qweight, qzeros?, scales, g_idx_sorted?, bits, group_size) -> [M, N]
   marlin_repack(qweight_gptq, perm?, bits, size_k, size_n) -> Marlin words [K/16, N*16*b/32]
   exllama_shuffle(qweight_gptq, perm?, bits, size_k) -> ExLlama words (same shape as the GPTQ qweight)
+  marlin_widen(qweight, bits) -> 4-bit Marlin words [K/16, 2N] of 2/3-bit Marlin units, codes + 8 - 2^(b-1)
 """
 
 from __future__ import annotations
@@ -166,6 +167,13 @@ def _register_fakes() -> None:
     def _marlin_repack_fake(qweight, perm, bits, size_k, size_n):
         return qweight.new_empty((size_k // 16, size_n * 16 * bits // 32))
 
+    @torch.library.register_fake("mygptq_cuda::marlin_widen")
+    def _marlin_widen_fake(qweight, bits):
+        from ..formats import marlin
+
+        n2 = qweight.size(1) * 4 // (marlin.UNIT_TILES[bits] * bits)  # 2N: 4-bit Marlin words per 16-row tile row
+        return qweight.new_empty((marlin.stored_rows(qweight, bits) // 16, n2))
+
     @torch.library.register_fake("mygptq_cuda::exllama_shuffle")
     def _exllama_shuffle_fake(qweight, perm, bits, size_k):
         return qweight.new_empty(qweight.shape)
@@ -256,3 +264,10 @@ def exllama_shuffle(qweight_gptq: torch.Tensor, perm: torch.Tensor | None, bits:
     """GPTQ qweight -> ExLlama words (== formats.exllama.shuffle), rows taken in perm order."""
     _require()
     return torch.ops.mygptq_cuda.exllama_shuffle(qweight_gptq, perm, bits, size_k)
+
+
+def marlin_widen(qweight: torch.Tensor, bits: int) -> torch.Tensor:
+    """2/3-bit Marlin units -> 4-bit Marlin words [K/16, 2N] holding the codes + 8 - 2^(b-1) (== formats.marlin.pack
+    of them), the Hopper GEMM's input for large batches of a 2/3-bit layer."""
+    _require()
+    return torch.ops.mygptq_cuda.marlin_widen(qweight, bits)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..formats import marlin
+from ..formats import hopper, marlin
 from ..formats.kernel_layout import KernelWeight, Layout, from_kernel
 from ..formats.reference import dequantize
 from . import selection
@@ -98,9 +98,11 @@ def marlin_gemm_cuda(a, qweight, scales, qzeros, perm, g_idx_sorted, hopper_scal
     if cuda.available():
         # With perm the op gathers and zero-pads the activations itself.
         a_in = a.contiguous() if perm is not None else _gather_rows(a, rows, None)
-        choice = None if hopper_scales is None else selection.hopper_choice(a.shape[0], rows, scales.shape[1])
+        choice = None if hopper_scales is None else selection.hopper_choice(a.shape[0], rows, scales.shape[1], bits)
         if choice is not None:
-            y = cuda.hopper_gemm(a_in, qweight, hopper_scales, hopper_zeros, bits, group_size, *choice, perm=perm)
+            # 2/3-bit codes reach the Hopper GEMM as a 4-bit copy made for this call (formats.hopper WIDENED_BITS).
+            q, qbits = (qweight, bits) if bits in hopper.HOPPER_BITS else (cuda.marlin_widen(qweight, bits), 4)
+            y = cuda.hopper_gemm(a_in, q, hopper_scales, hopper_zeros, qbits, group_size, *choice, perm=perm)
         else:
             y = cuda.marlin_gemm(a_in, qweight, scales, qzeros, g_idx_sorted, bits, group_size, perm)
     else:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..formats import marlin
+from ..formats import hopper, marlin
 from ..formats.kernel_layout import Layout
 
 # The Marlin GEMM (ours and vLLM's) handles these group sizes, and works on K in multiples of 128 and
@@ -65,17 +65,24 @@ def select(*, bits: int, group_size: int, in_features: int, out_features: int, r
     return Selection(Layout.MARLIN, f"{bits}-bit, group size {group_size}")
 
 
+def marlin_stored_problems(group_size: int, in_features: int, out_features: int) -> list[str]:
+    """Why the Marlin kernels cannot run a converted (unpadded) Marlin module as stored; empty when they can.
+    The one rule for `check_stored` (at load) and for the writers of converted checkpoints (convert, quantize)."""
+    problems = []
+    if group_size not in MARLIN_GROUP_SIZES:
+        problems.append(f"group size {group_size} (Marlin takes {MARLIN_GROUP_SIZES})")
+    if in_features % MARLIN_K_MULTIPLE or out_features % MARLIN_N_MULTIPLE:
+        problems.append(f"K={in_features}, N={out_features} (Marlin needs K % {MARLIN_K_MULTIPLE} == 0 and "
+                        f"N % {MARLIN_N_MULTIPLE} == 0; a converted checkpoint cannot be re-padded)")
+    return problems
+
+
 def check_stored(layout: Layout, *, bits: int, group_size: int, in_features: int, out_features: int,
                  dtype: torch.dtype, device_type: str, name: str) -> Selection:
     """A converted checkpoint fixes the layout; check that its kernel can run this rank's part as stored."""
     check_device(dtype, device_type, name)
     if layout is Layout.MARLIN:
-        problems = []
-        if group_size not in MARLIN_GROUP_SIZES:
-            problems.append(f"group size {group_size} (Marlin takes {MARLIN_GROUP_SIZES})")
-        if in_features % MARLIN_K_MULTIPLE or out_features % MARLIN_N_MULTIPLE:
-            problems.append(f"K={in_features}, N={out_features} on this rank (Marlin needs K % {MARLIN_K_MULTIPLE} "
-                            f"== 0 and N % {MARLIN_N_MULTIPLE} == 0; a converted checkpoint cannot be re-padded)")
+        problems = marlin_stored_problems(group_size, in_features, out_features)  # this rank's K and N
         if problems:
             raise KernelSelectionError(
                 f"{name}: the converted {bits}-bit Marlin layout cannot serve {'; '.join(problems)}. Serve the "
@@ -96,6 +103,11 @@ def check_stored(layout: Layout, *, bits: int, group_size: int, in_features: int
 # M <= 8 always runs the Marlin kernels' 8-row tiles (the sweep measures M = 16 for the bucket 9..16, where
 # both paths pad to 16 rows; at M = 1 the Hopper GEMM's 16-token tile is up to 1.6x slower).
 HOPPER_MIN_M = 9
+# 2/3-bit layers reach the Hopper GEMM through a 4-bit copy of the weight made per call (formats.hopper
+# WIDENED_BITS): one more pass over the weight bytes, which pays where the Marlin kernels' time grows with M.
+# Measured on the H100 (docs/kernels.md, issue 14): the 4-bit Hopper GEMM plus the widening beats the 3-bit Marlin
+# kernels from M = 128 on the 8 Llama shapes.
+WIDEN_MIN_M = 128
 # Upper bounds of the M buckets; M above the last bucket uses the last one.
 HOPPER_BUCKETS = (16, 32, 64, 128, 256, 512, 1024)
 
@@ -167,10 +179,10 @@ def hopper_available(device: torch.device) -> bool:
         return cuda.available() and cuda.sm90a_code_runs()
 
 
-def hopper_choice(m: int, k: int, n: int) -> tuple[int, int, int] | None:
+def hopper_choice(m: int, k: int, n: int, bits: int = 4) -> tuple[int, int, int] | None:
     """(config id, decomposition, splits) of the Hopper GEMM for a call with m rows of activations on a
-    [k, n] weight (padded sizes; 4- and 8-bit share the table), or None for the Marlin path."""
-    if m < HOPPER_MIN_M:
+    [k, n] weight (padded sizes; every width shares the table), or None for the Marlin path."""
+    if m < (WIDEN_MIN_M if bits in hopper.WIDENED_BITS else HOPPER_MIN_M):
         return None
     bucket = next((b for b in HOPPER_BUCKETS if m <= b), HOPPER_BUCKETS[-1])
     row = HOPPER_TUNED.get((k, n), HOPPER_DEFAULT)

@@ -287,6 +287,43 @@ def test_hopper_gemm_llama_shape(kern, bits, K, N):
         assert torch.equal(kern.hopper_gemm(x, qw, ops.scales, ops.zeros, bits, 128, *choice), y), "not deterministic"
 
 
+@pytest.mark.parametrize("bits", [2, 3])
+@pytest.mark.parametrize("K,N", [(256, 192), (4096, 1536)])
+def test_marlin_widen(kern, bits, K, N):
+    """2/3-bit Marlin units -> 4-bit Marlin tiles of the codes + 8 - 2^(b-1), bit for bit the format core's packing."""
+    codes = torch.randint(0, 2**bits, (K, N), dtype=torch.int32)
+    got = kern.marlin_widen(marlin.pack(codes, bits).cuda(), bits).cpu()
+    assert torch.equal(got, marlin.pack(codes + 8 - 2 ** (bits - 1), 4))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("bits,sym,act", [(3, True, False), (3, False, True), (2, True, True), (2, False, False)])
+def test_widened_hopper_path(kern, bits, sym, act, dtype):
+    """The plugin op on a 2/3-bit layer (ops.marlin_gemm_cuda): the Marlin kernels below selection.WIDEN_MIN_M, the
+    Hopper GEMM on the widened copy from there, both against the reference; zero points through the 2/3-bit
+    Hopper operands (formats.hopper), act-order through the op's gather."""
+    hopper_only(kern)
+    from gptq_vllm.kernels import ops as plugin_ops
+
+    dev = torch.device("cuda")
+    K, N = 1024, 512
+    w = make_weight(bits, 128, sym, act, K, N, seed=41 + bits + act, dtype=dtype)
+    kw = kernel_layout.to_kernel(w, Layout.MARLIN, scale_dtype=dtype)
+    qw, sc, qz, _ = to_dev(kw, dev)
+    hops = hopper.operands(qz, sc, bits=bits, group_size=128, in_rows=K)
+    perm = None if kw.perm is None else kw.perm.to(torch.int32).to(dev)
+    for M in (64, selection.WIDEN_MIN_M, 300):
+        x = torch.randn(M, K, generator=torch.Generator().manual_seed(M), dtype=torch.float32).to(dtype).to(dev)
+        y = plugin_ops.marlin_gemm_cuda(x, qw, sc, qz, perm, None, hops.scales, hops.zeros, bits, 128, K, N)
+        check_close(y, x, w, f"widened b{bits} M={M}", zero_term=not sym)
+        choice = selection.hopper_choice(M, K, N, bits)
+        assert (choice is not None) == (M >= selection.WIDEN_MIN_M)
+        if choice is not None:
+            wide = kern.marlin_widen(qw, bits)
+            direct = kern.hopper_gemm(x, wide, hops.scales, hops.zeros, 4, 128, *choice, perm=perm)
+            assert torch.equal(y, direct), f"the op did not take the widened Hopper path at M={M}"
+
+
 def test_hopper_gemm_refuses_what_it_cannot_run(kern):
     hopper_only(kern)
     dev = torch.device("cuda")
@@ -467,6 +504,9 @@ def test_opcheck_repacks(kern):
     q3 = bitpack.pack_rows(torch.randint(0, 8, (100, 33), dtype=torch.int32), 3).cuda()
     torch.library.opcheck(torch.ops.mygptq_cuda.exllama_shuffle.default, (q3, torch.randperm(100).int().cuda(), 3, 100))
     torch.library.opcheck(torch.ops.mygptq_cuda.exllama_shuffle.default, (q3, None, 3, 100))
+    for bits in (2, 3):
+        units = marlin.pack(torch.randint(0, 2**bits, (128, 192), dtype=torch.int32), bits).cuda()
+        torch.library.opcheck(torch.ops.mygptq_cuda.marlin_widen.default, (units, bits))
 
 
 # ---- CUDA graphs: capture + replay equals eager ---------------------------------------------------------
