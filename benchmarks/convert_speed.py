@@ -30,17 +30,17 @@ from pathlib import Path
 import torch
 
 from converters.checkpoint.writer import CheckpointWriter
+from gptq_vllm.formats import bitpack
 
 BITS, GROUP = 4, 128
-V1_SYM_ZEROS = 0x77777777  # 2^(b-1) - 1 in every 4-bit field (formats.md §1.4)
 
 
-def _gptq_module(K: int, N: int, perm: torch.Tensor, g: torch.Generator) -> dict[str, torch.Tensor]:
+def _gptq_module(K: int, N: int, perm: torch.Tensor, g: torch.Generator, bits: int) -> dict[str, torch.Tensor]:
     ng = K // GROUP
     return {
-        "qweight": torch.randint(-2**31, 2**31, (K * BITS // 32, N), dtype=torch.int32, generator=g),
-        "qzeros": torch.full((ng, N * BITS // 32), V1_SYM_ZEROS - 2**32 if V1_SYM_ZEROS >= 2**31 else V1_SYM_ZEROS,
-                             dtype=torch.int32),
+        "qweight": torch.randint(-2**31, 2**31, (K * bits // 32, N), dtype=torch.int32, generator=g),
+        # symmetric v1: every stored zero is 2^(b-1) - 1 (formats.md §1.4)
+        "qzeros": bitpack.pack_cols(torch.full((ng, N), 2 ** (bits - 1) - 1, dtype=torch.int32), bits),
         "scales": (torch.rand(ng, N, generator=g) * 0.01 + 1e-3).half(),
         "g_idx": (torch.argsort(perm) // GROUP).to(torch.int32),  # act-order: groups over permuted channels
     }
@@ -59,8 +59,9 @@ LLAMA2_7B = LlamaShape()
 LLAMA3_8B = LlamaShape(hidden=4096, intermediate=14336, vocab=128256, heads=32, kv_heads=8)
 
 
-def generate(directory: Path, layers: int, shape: LlamaShape = LLAMA2_7B, act_order: bool = True) -> int:
-    """Write the source checkpoint (random codes; act-order with shared permutations, or plain groups);
+def generate(directory: Path, layers: int, shape: LlamaShape = LLAMA2_7B, act_order: bool = True,
+             bits: int = BITS) -> int:
+    """Write the source checkpoint (random b-bit codes; act-order with shared permutations, or plain groups);
     returns its size in bytes."""
     g = torch.Generator().manual_seed(0)
     H, I, V = shape.hidden, shape.intermediate, shape.vocab
@@ -77,13 +78,13 @@ def generate(directory: Path, layers: int, shape: LlamaShape = LLAMA2_7B, act_or
                 for name, (K, N) in modules.items():
                     key = "attn" if name in ("q_proj", "k_proj", "v_proj") else "mlp" if name in ("gate_proj", "up_proj") else None
                     perm = shared[key] if key else order(K)
-                    for suffix, t in _gptq_module(K, N, perm, g).items():
+                    for suffix, t in _gptq_module(K, N, perm, g, bits).items():
                         w.add(f"model.layers.{i}.{parent}.{name}.{suffix}", t)
             for norm in ("input_layernorm", "post_attention_layernorm"):
                 w.add(f"model.layers.{i}.{norm}.weight", torch.ones(H, dtype=torch.float16))
         w.add("model.norm.weight", torch.ones(H, dtype=torch.float16))
         w.add("lm_head.weight", (torch.randn(V, H, generator=g) * 0.02).half())
-        qcfg = {"bits": BITS, "group_size": GROUP, "desc_act": act_order, "sym": True, "damp_percent": 0.01,
+        qcfg = {"bits": bits, "group_size": GROUP, "desc_act": act_order, "sym": True, "damp_percent": 0.01,
                 "true_sequential": True, "static_groups": False, "quant_method": "gptq", "checkpoint_format": "gptq",
                 "model_file_base_name": "model"}
         w.write_json("quantize_config.json", qcfg)

@@ -1,18 +1,20 @@
 """End-to-end offline generation throughput in vLLM: `--quantization mygptq` against in-tree `gptq` and fp16.
 
     python benchmarks/e2e_throughput.py [--batches 1,16,64,256] [--prefill 1024,16,32] [--layers 32] [--out DIR]
+    python benchmarks/e2e_throughput.py --methods mygptq,mygptq-3bit,fp16    # issue 14: 3-bit beside 4-bit
 
 1. Writes a Llama-3-8B-shaped 4-bit g128 symmetric GPTQ checkpoint with random codes (no act-order;
-   convert_speed.generate), and beside it the same model unquantized (its config without the quantization
-   config; vLLM fills the fp16 weights with `load_format="dummy"`, speed does not depend on their values).
-2. For each method (mygptq, gptq on the GPTQ checkpoint; fp16 on the float one), in its own process (one
+   convert_speed.generate), for mygptq-3bit the same at 3 bits, and beside them the model unquantized (its
+   config without the quantization config; vLLM fills the fp16 weights with `load_format="dummy"`, speed does
+   not depend on their values).
+2. For each method (mygptq, gptq, mygptq-3bit on the GPTQ checkpoints; fp16 on the float one), in its own process (one
    engine each, CUDA graphs and torch.compile as vLLM defaults them, Triton attention): per case one warm-up
    generate, then the timed `LLM.generate` of `batch` random prompts with exactly the case's output tokens
    (ignore_eos).  Cases: decode-heavy, 128 prompt / 128 output tokens at each of --batches; prefill-heavy,
    --prefill IN,OUT,BATCH (default 1024 / 16 at batch 32).  Throughput = output tokens / wall time of that call
    (prefill included), as `vllm bench throughput` counts it; the best of --repeats.
 3. Prints one JSON object (also written to DIR/e2e_throughput.json) with tok/s per method and case and the
-   mygptq / gptq and mygptq / fp16 ratios.
+   mygptq / gptq, mygptq / fp16 and mygptq-3bit / mygptq ratios.
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ print("RESULT " + json.dumps(result))
 """
 
 # method -> (checkpoint, vLLM quantization argument; "none" = unquantized with dummy weights)
-METHODS = {"mygptq": ("gptq", "mygptq"), "gptq": ("gptq", "gptq"), "fp16": ("float", "none")}
+METHODS = {"mygptq": ("gptq", "mygptq"), "gptq": ("gptq", "gptq"), "mygptq-3bit": ("gptq-3bit", "mygptq"),
+           "fp16": ("float", "none")}
 
 
 def run(model: Path, quantization: str, cases: dict, repeats: int) -> dict:
@@ -86,24 +89,28 @@ def main() -> None:
     if args.prefill:
         n_in, n_out, batch = (int(v) for v in args.prefill.split(","))
         cases[f"prefill-{n_in}x{n_out}-b{batch}"] = (n_in, n_out, batch)
-    models = {"gptq": args.workdir / "llama3-8b-gptq-g128", "float": args.workdir / "llama3-8b-float"}
+    methods = args.methods.split(",")
+    models = {"gptq": args.workdir / "llama3-8b-gptq-g128", "gptq-3bit": args.workdir / "llama3-8b-gptq-3bit-g128",
+              "float": args.workdir / "llama3-8b-float"}
     shutil.rmtree(args.workdir, ignore_errors=True)
     try:
         generate(models["gptq"], args.layers, LLAMA3_8B, act_order=False)
+        if "mygptq-3bit" in methods:
+            generate(models["gptq-3bit"], args.layers, LLAMA3_8B, act_order=False, bits=3)
         write_float_config(models["gptq"], models["float"])
         results = {}
-        for m in args.methods.split(","):
+        for m in methods:
             checkpoint, quantization = METHODS[m]
             results[m] = run(models[checkpoint], quantization, cases, args.repeats)
-        report = {"model": f"Llama-3-8B shapes, {args.layers} layers, random 4-bit g128 sym GPTQ codes; fp16: "
-                           f"the same model unquantized (dummy weights)",
+        report = {"model": f"Llama-3-8B shapes, {args.layers} layers, random 4-bit (mygptq-3bit: 3-bit) g128 sym "
+                           f"GPTQ codes; fp16: the same model unquantized (dummy weights)",
                   "cases": {c: {"in": i, "out": o, "batch": b} for c, (i, o, b) in cases.items()},
                   "tok_per_s": {m: {c: round(r[c]["tok_per_s"], 1) for c in cases} for m, r in results.items()},
                   "runs": results, "date": time.strftime("%Y-%m-%d %H:%M %Z")}
-        for ref in ("gptq", "fp16"):
-            if ref in results and "mygptq" in results:
-                report[f"mygptq_over_{ref}"] = {c: round(results["mygptq"][c]["tok_per_s"] /
-                                                         results[ref][c]["tok_per_s"], 3) for c in cases}
+        for num, ref in (("mygptq", "gptq"), ("mygptq", "fp16"), ("mygptq-3bit", "mygptq")):
+            if ref in results and num in results:
+                report[f"{num}_over_{ref}"] = {c: round(results[num][c]["tok_per_s"] /
+                                                        results[ref][c]["tok_per_s"], 3) for c in cases}
         emit(report, args.out, "e2e_throughput.json")
     finally:
         shutil.rmtree(args.workdir, ignore_errors=True)
