@@ -14,7 +14,8 @@ w2_widen that Hopper path at every M >= 9 (tuning), exllama3 the 3-bit ExLlama G
 (tuning: time the Marlin kernel under forced split configurations instead of the grid; 4-bit, BITS=8 / 3 / 2 for
 those widths, ROWS=8/16/32/64 to force the block-tile rows too, WGMMA=1/-1 the wgmma loop on/off, never dense),
 SWEEP=hopper (tuning: every Hopper GEMM config and decomposition against the Marlin path and cuBLAS; JSON rows for
-benchmarks/pick_hopper.py), OUT_JSON (output path), NO_VLLM=1 (skip vLLM).
+benchmarks/pick_hopper.py), TP=2 (one tensor-parallel rank's shard of each shape), OUT_JSON (output path), NO_VLLM=1
+(skip vLLM).
 JSON: {"meta": {gpu, date, command, torch, vllm, copy_TBps}, "rows": [{shape, K, N, M, kernel, us, dtype, bits,
 group_size, act_order, weight_TBps, speedup_vs_fp16}]}.  Reference kernels: cublas_fp16, vllm_marlin,
 vllm_machete; ours start with mygptq: `mygptq` is what the plugin's op runs (the Marlin kernels at decode sizes,
@@ -78,7 +79,12 @@ def _setup(default_ms: str):
         return None, [], {}
     ms = [int(x) for x in os.environ.get("MS", default_ms).split(",")]
     names = os.environ.get("SHAPES")
-    return ours, ms, ({k: SHAPES[k] for k in names.split(",")} if names else SHAPES)
+    shapes = {k: SHAPES[k] for k in names.split(",")} if names else SHAPES
+    tp = int(os.environ.get("TP", "1"))
+    if tp > 1:  # one rank's shard: column-parallel layers (qkv, gate_up) split N, row-parallel ones (o, down) K
+        shapes = {f"{k}/tp{tp}": ((K, N // tp) if k.endswith(("qkv", "gate_up")) else (K // tp, N))
+                  for k, (K, N) in shapes.items()}
+    return ours, ms, shapes
 
 
 def our_gemm(ours, x, q, s, hs, hz, bits, perm=None):
@@ -247,7 +253,7 @@ def main() -> int:
     default = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"kernels-{date}.json")
     out = os.environ.get("OUT_JSON", default)
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    env = {k: os.environ[k] for k in ("MS", "SHAPES", "VARIANTS", "NO_VLLM") if k in os.environ}
+    env = {k: os.environ[k] for k in ("MS", "SHAPES", "VARIANTS", "NO_VLLM", "TP") if k in os.environ}
     meta = dict(gpu=props.name, sms=props.multi_processor_count, date=date, torch=torch.__version__,
                 vllm=V and V["version"], copy_TBps=round(copy_tbs, 3), library=ours.library_path(),
                 command=" ".join([f"{k}={v}" for k, v in env.items()] + ["python"] + [shlex.quote(a) for a in sys.argv]))

@@ -1,13 +1,14 @@
 """The Hopper GEMM's selection table (gptq_vllm/kernels/selection.py) from a device sweep.
 
-    python benchmarks/pick_hopper.py benchmarks/results/hopper-sweep-h200-<date>.json [--write]
+    python benchmarks/pick_hopper.py benchmarks/results/hopper-sweep-h200-<date>.json [more sweeps ...] [--write]
 
 The sweep (`SWEEP=hopper python benchmarks/kernels.py`) times, per Llama-3 shape and M bucket, the Marlin path
 and every Hopper config x decomposition.  Per shape and bucket the table takes the fastest Hopper choice when
 it beats the Marlin path by >= 5 % (else None: the Marlin kernels); the default row, for shapes outside the
 table, takes per bucket the candidate (Marlin included) with the smallest geometric mean of time over that
 shape's fastest time.  Prints both as Python literals, then the per-point gain over the Marlin path; with
---write, also puts them into gptq_vllm/kernels/selection.py in place of the current tables.
+--write, also puts them into gptq_vllm/kernels/selection.py in place of the current tables.  Several sweeps (e.g.
+the TP-1 shapes and, with TP=2, one tensor-parallel rank's shards) make one table: rows are keyed by (K, N).
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ def literal(row: dict, indent: int) -> str:
     return "\n".join(lines) + "\n" + " " * (indent - 4) + "}"
 
 
-def main(path: str, write: bool = False) -> None:
-    rows = json.loads(Path(path).read_text())["rows"]
+def main(paths: list[str], write: bool = False) -> None:
+    rows = [r for path in paths for r in json.loads(Path(path).read_text())["rows"]]
     us: dict[tuple[str, int], dict[str, float]] = defaultdict(dict)
     shape_of: dict[str, tuple[int, int]] = {}
     for r in rows:
@@ -68,8 +69,9 @@ def main(path: str, write: bool = False) -> None:
                              / len(points)) for c in cands}
         pick = min(score, key=score.get)
         default[m] = None if pick == "marlin" else parse(pick)
+    sources = ", ".join(f"benchmarks/results/{Path(p).name}" for p in paths)
     tables = (f"HOPPER_DEFAULT: dict[int, HopperChoice | None] = {literal(default, 4)}\n\n"
-              f"# (K, N) -> {{bucket: choice}}, from benchmarks/results/{Path(path).name}.\n"
+              f"# (K, N) -> {{bucket: choice}}, from {sources}.\n"
               "HOPPER_TUNED: dict[tuple[int, int], dict[int, HopperChoice | None]] = {\n"
               + "".join(f"    {kn}: {literal(row, 8)},\n" for kn, row in tuned.items()) + "}\n")
     print(tables)
@@ -83,6 +85,7 @@ def main(path: str, write: bool = False) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) not in (2, 3) or sys.argv[2:] not in ([], ["--write"]):
+    files = [a for a in sys.argv[1:] if a != "--write"]
+    if not files or sys.argv[1:].count("--write") > 1:
         raise SystemExit(__doc__)
-    main(sys.argv[1], write=sys.argv[2:] == ["--write"])
+    main(files, write="--write" in sys.argv[1:])

@@ -157,25 +157,27 @@ def test_pingpong_configs_run_data_parallel_only():
 
 def test_pick_hopper_writes_the_tables_it_picks(tmp_path, monkeypatch, capsys):
     """benchmarks/pick_hopper.py --write: per shape and bucket the fastest Hopper choice that beats the Marlin path
-    by >= 5 %, put into selection.py in place of the old tables, the rest of the file unchanged."""
+    by >= 5 %, put into selection.py in place of the old tables, the rest of the file unchanged; two sweeps (as the
+    TP-1 shapes and TP=2 shards are swept) make one table."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     spec = importlib.util.spec_from_file_location("pick_hopper", os.path.join(root, "benchmarks", "pick_hopper.py"))
     pick = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(pick)
-    rows = []
+    sweeps = []
     for shape, (k, n) in {"a": (4096, 4096), "b": (8192, 8192)}.items():
+        rows = []
         for m in selection.HOPPER_BUCKETS:
             fast = m >= 64  # the Hopper GEMM wins from M = 64 on
             times = {"cublas_fp16": 10.0, "marlin": 10.0, "128x64_c2/3/1": 7.0 if fast else 9.8,
                      "64x128_c2_pp/0/1": 6.0 if fast and shape == "b" else 12.0}
             rows += [dict(shape=shape, K=k, N=n, M=m, bits=4, kernel=kern, us=us) for kern, us in times.items()]
-    sweep = tmp_path / "hopper-sweep-test.json"
-    sweep.write_text(json.dumps(dict(meta={}, rows=rows)))
+        sweeps.append(tmp_path / f"hopper-sweep-{shape}.json")
+        sweeps[-1].write_text(json.dumps(dict(meta={}, rows=rows)))
     target = tmp_path / "selection.py"
     original = open(selection.__file__).read()
     target.write_text(original)
     monkeypatch.setattr(pick, "SELECTION", target)
-    pick.main(str(sweep), write=True)
+    pick.main([str(p) for p in sweeps], write=True)
     capsys.readouterr()
     picked = {"HopperChoice": tuple}
     exec(pick.TABLES.search(target.read_text()).group(0), picked)
@@ -183,7 +185,7 @@ def test_pick_hopper_writes_the_tables_it_picks(tmp_path, monkeypatch, capsys):
                                                  for m in selection.HOPPER_BUCKETS}
     assert picked["HOPPER_TUNED"][(8192, 8192)] == {m: ("64x128_c2_pp", 0, 1) if m >= 64 else None
                                                  for m in selection.HOPPER_BUCKETS}
-    assert "from benchmarks/results/hopper-sweep-test.json" in target.read_text()
+    assert "from benchmarks/results/hopper-sweep-a.json, benchmarks/results/hopper-sweep-b.json" in target.read_text()
     head = original.split("HOPPER_DEFAULT: ")[0]
     assert target.read_text().startswith(head)
     assert target.read_text().endswith(original[original.index("\n_config_ids"):])

@@ -324,6 +324,41 @@ def test_widened_hopper_path(kern, bits, sym, act, dtype):
             assert torch.equal(y, direct), f"the op did not take the widened Hopper path at M={M}"
 
 
+# Llama-3-8B layers as one rank of tensor parallel 2 holds them (issue 13): column-parallel layers keep K and halve
+# N, row-parallel ones halve K (an act-order layer's row shard keeps every group's scales: g_idx_sorted).
+TP2_SHARDS = {"qkv": (4096, 3072, False), "o": (2048, 4096, True), "gate_up": (4096, 14336, False),
+              "down": (7168, 4096, True)}
+
+
+@pytest.mark.parametrize("layer", list(TP2_SHARDS))
+@pytest.mark.parametrize("bits,act", [(4, False), (4, True), (3, False), (8, True)])
+def test_tp2_shards_of_the_llama_shapes(kern, layer, bits, act):
+    """Each TP-2 shard through the plugin's op (ops.marlin_gemm_cuda: Marlin kernels, on sm_90 the Hopper GEMM from
+    the table, 2/3-bit widened) at decode and batch sizes, against the reference.  A row-parallel act-order shard
+    carries g_idx_sorted and keeps the Marlin kernels (the Hopper GEMM refuses it)."""
+    from gptq_vllm.kernels import ops as plugin_ops
+
+    dev = torch.device("cuda")
+    K, N, row_parallel = TP2_SHARDS[layer]
+    if act and row_parallel:
+        w = shard_of(make_weight(bits, 128, True, True, 2 * K, N, seed=13, dtype=torch.float16), K)
+    else:
+        w = make_weight(bits, 128, True, act, K, N, seed=13, dtype=torch.float16)
+    kw = kernel_layout.to_kernel(w, Layout.MARLIN, scale_dtype=torch.float16)
+    qw, sc, qz, gs = to_dev(kw, dev)
+    rows = marlin.stored_rows(qw, bits)
+    why = hopper.unsupported(bits=bits, group_size=128, in_rows=rows, g_idx_sorted=gs is not None)
+    hops = hopper.operands(qz, sc, bits=bits, group_size=128, in_rows=rows) \
+        if why is None and selection.hopper_available(dev) else None
+    assert (gs is not None) == (act and row_parallel)
+    perm = None if kw.perm is None else kw.perm.to(torch.int32).to(dev)
+    for M in (1, 16, 64, 256):
+        x = torch.randn(M, K, generator=torch.Generator().manual_seed(M), dtype=torch.float32).half().to(dev)
+        y = plugin_ops.marlin_gemm_cuda(x, qw, sc, qz, perm, gs, None if hops is None else hops.scales,
+                                        None if hops is None else hops.zeros, bits, 128, K, N)
+        check_close(y, x, w, f"TP-2 {layer} shard b{bits} act={act} M={M}")
+
+
 def test_hopper_gemm_refuses_what_it_cannot_run(kern):
     hopper_only(kern)
     dev = torch.device("cuda")
