@@ -87,7 +87,7 @@ def _setup(default_ms: str):
     return ours, ms, shapes
 
 
-def our_gemm(ours, x, q, s, hs, hz, bits, perm=None):
+def our_gemm(x, q, s, hs, hz, bits, perm=None):
     """What the plugin's op runs for this call (gptq_vllm.kernels.ops.marlin_gemm_cuda itself): the Marlin kernels,
     or on sm_90 the Hopper GEMM where selection.hopper_choice picks it for this M (2/3-bit: on a 4-bit copy)."""
     from gptq_vllm.kernels import ops
@@ -185,7 +185,7 @@ def main() -> int:
             res.append(("cublas_fp16", timed([lambda w=w: torch.nn.functional.linear(x, w) for w in fw]), f_bytes,
                         "float16", 16, False))
             if "base" in variants:
-                res.append(("mygptq", timed([lambda q=q, s=s, h=h: our_gemm(ours, x, q, s, h, None, 4)
+                res.append(("mygptq", timed([lambda q=q, s=s, h=h: our_gemm(x, q, s, h, None, 4)
                                              for q, s, h in zip(mq, sc, hs)]), q_bytes[4], "float16", 4, False))
             if "marlin" in variants:
                 res.append(("mygptq_marlin", timed([lambda q=q, s=s: ours.marlin_gemm(x, q, s, None, None, 4, G)
@@ -194,26 +194,26 @@ def main() -> int:
                 # act-order absorbed into a row permutation; the op gathers x by perm (while staging A at
                 # M = 1, else by one gather kernel), so there is no separate index_select.
                 res.append(("mygptq_actorder",
-                            timed([lambda q=q, s=s, h=h: our_gemm(ours, x, q, s, h, None, 4, perm)
+                            timed([lambda q=q, s=s, h=h: our_gemm(x, q, s, h, None, 4, perm)
                                    for q, s, h in zip(mq, sc, hs)]), q_bytes[4], "float16", 4, True))
             if "act_order_gather" in variants:
                 res.append(("mygptq_marlin_actorder_gather",
                             timed([lambda q=q, s=s: ours.marlin_gemm(x.index_select(1, perm), q, s, None, None, 4, G)
                                    for q, s in zip(mq, sc)]), q_bytes[4], "float16", 4, True))
             if "bf16" in variants:
-                res.append(("mygptq_bf16", timed([lambda q=q, s=s, h=h: our_gemm(ours, xb, q, s, h, None, 4)
+                res.append(("mygptq_bf16", timed([lambda q=q, s=s, h=h: our_gemm(xb, q, s, h, None, 4)
                                                   for q, s, h in zip(mq, scb, hsb)]), q_bytes[4], "bfloat16", 4, False))
             if "w8" in variants:
-                res.append(("mygptq_w8", timed([lambda q=q, s=s, h=h: our_gemm(ours, x, q, s, h, None, 8)
+                res.append(("mygptq_w8", timed([lambda q=q, s=s, h=h: our_gemm(x, q, s, h, None, 8)
                                                 for q, s, h in zip(mq8, sc, hs)]), q_bytes[8], "float16", 8, False))
             for b in (3, 2):
                 if f"w{b}" in variants:
-                    fns = [lambda q=q, s=s, h=h, b=b: our_gemm(ours, x, q, s, h, None, b)
+                    fns = [lambda q=q, s=s, h=h, b=b: our_gemm(x, q, s, h, None, b)
                            for q, s, h in zip(mql[b], sc, hs)]
                     res.append((f"mygptq_w{b}", timed(fns), q_bytes[b], "float16", b, False))
             for b in (3, 2):  # tuning (selection.WIDEN_MIN_M): the widened Hopper path at every M it can take
-                choice = selection.hopper_choice(M, K, N)
-                if f"w{b}_widen" in variants and choice is not None and hs[0] is not None:
+                choice = selection.hopper_choice(M, K, N) if f"w{b}_widen" in variants and hs[0] is not None else None
+                if choice is not None:
                     fns = [lambda q=q, h=h, b=b: ours.hopper_gemm(x, ours.marlin_widen(q, b), h, None, 4, G, *choice)
                            for q, h in zip(mql[b], hs)]
                     res.append((f"mygptq_w{b}_widen", timed(fns), q_bytes[b], "float16", b, False))

@@ -79,9 +79,13 @@ class Checkpoint:
     def names(self) -> list[str]:
         return list(self.where)
 
-    def shape(self, name: str) -> tuple[int, ...]:
-        with safe_open(str(self.where[name]), framework="pt") as h:
-            return tuple(h.get_slice(name).get_shape())
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor's shape, from the file headers (each file opened once)."""
+        out = {}
+        for f in sorted(set(self.where.values())):
+            with safe_open(str(f), framework="pt") as h:
+                out.update({n: tuple(h.get_slice(n).get_shape()) for n in h.keys() if self.where.get(n) == f})
+        return out
 
     def read(self, names: list[str], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         missing = [n for n in names if n not in self.where]

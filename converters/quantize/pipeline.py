@@ -463,8 +463,7 @@ def _config(job: Job, rules: list[Rule], meta: dict) -> dict:
 
 def _preflight_mygptq(job: Job, rules: list[Rule], ckpt) -> None:
     """Every module --format mygptq would write, checked before any work (Job.check_mygptq)."""
-    for name in ckpt.names():
-        shape = ckpt.shape(name)
+    for name, shape in ckpt.shapes().items():
         module = quantizable_module(name, shape) or ("lm_head" if name == "lm_head.weight" and job.lm_head else None)
         spec = job.module_spec(module, rules) if module and not ROUTER.search(module) else None
         if spec is not None:

@@ -59,6 +59,18 @@ __host__ __device__ constexpr int unit_chunks() { return BITS == 3 ? 3 : (BITS =
 // 2/3-bit units are chunk-major (chunk c of all 32 lanes is 512 contiguous bytes: one coalesced warp-wide copy).
 template <int BITS>
 __host__ __device__ constexpr int chunk_index(int lane, int c) { return BITS == 8 ? 2 * lane + c : 32 * c + lane; }
+// The lane's 4 * unit_chunks() words of one unit, in chunk_index order: from global memory (read-only path) or
+// from a warp's ring slot in shared memory.
+template <int BITS, bool GLOBAL>
+__device__ __forceinline__ void load_unit_words(const int4* __restrict__ unit, int lane, uint32_t* uw) {
+#pragma unroll
+  for (int c = 0; c < unit_chunks<BITS>(); ++c) {
+    int4 v;
+    if constexpr (GLOBAL) v = __ldg(unit + chunk_index<BITS>(lane, c));
+    else v = unit[chunk_index<BITS>(lane, c)];
+    uw[4 * c] = v.x; uw[4 * c + 1] = v.y; uw[4 * c + 2] = v.z; uw[4 * c + 3] = v.w;
+  }
+}
 // Zero points of 2/3-bit weights use the 4-bit Marlin zero-point packing (formats/marlin.py ZERO_BITS).
 template <int BITS>
 __host__ __device__ constexpr int zero_bits() { return BITS == 8 ? 8 : 4; }
@@ -722,11 +734,7 @@ __global__ void __launch_bounds__(THREADS, wide<MB>() ? 1 : 2) marlin_gemm_kerne
           const int u = STEP * st + t;  // tile of the run; its unit is slot u / UT
           if (u % UT == 0) {
             cp_async_wait<SLOTS - 1>();
-#pragma unroll
-            for (int c = 0; c < UC; ++c) {
-              const int4 v = my_ring[(u / UT) * UNIT_I4 + chunk_index<BITS>(lane, c)];
-              uw[4 * c] = v.x; uw[4 * c + 1] = v.y; uw[4 * c + 2] = v.z; uw[4 * c + 3] = v.w;
-            }
+            load_unit_words<BITS, false>(my_ring + (u / UT) * UNIT_I4, lane, uw);
           }
           const uint32_t* q = uw + (u % UT) * BITS;  // this tile's BITS words
           if constexpr (!GEN) {
@@ -897,12 +905,7 @@ __global__ void __launch_bounds__(THREADS) marlin_dequant_kernel(const Params p,
   const int nt = blockIdx.x * WARPS + warp, kt = blockIdx.y;
   if (nt >= NS) return;
   uint32_t uw[4 * UC];
-  const int4* src = p.B + (static_cast<int64_t>(kt / UT) * NS + nt) * (32 * UC);
-#pragma unroll
-  for (int c = 0; c < UC; ++c) {
-    const int4 v = __ldg(src + chunk_index<BITS>(lane, c));
-    uw[4 * c] = v.x; uw[4 * c + 1] = v.y; uw[4 * c + 2] = v.z; uw[4 * c + 3] = v.w;
-  }
+  load_unit_words<BITS, true>(p.B + (static_cast<int64_t>(kt / UT) * NS + nt) * (32 * UC), lane, uw);
   const uint32_t* q = uw + (kt % UT) * BITS;
   uint32_t bf[8][2];
   bool per_row = false;

@@ -28,11 +28,7 @@ __global__ void __launch_bounds__(THREADS) widen_kernel(const int4* __restrict__
   const int64_t unit = id >> 5;  // ku * NS + nt
   const int64_t ku = unit / NS, nt = unit % NS;
   uint32_t uw[4 * UC];
-#pragma unroll
-  for (int c = 0; c < UC; ++c) {
-    const int4 v = __ldg(src + unit * (32 * UC) + chunk_index<BITS>(lane, c));
-    uw[4 * c] = v.x; uw[4 * c + 1] = v.y; uw[4 * c + 2] = v.z; uw[4 * c + 3] = v.w;
-  }
+  load_unit_words<BITS, true>(src + unit * (32 * UC), lane, uw);
 #pragma unroll
   for (int t = 0; t < UT; ++t) {
     const uint32_t* q = uw + t * BITS;
