@@ -69,9 +69,9 @@ def main(paths: list[str], write: bool = False) -> None:
                              / len(points)) for c in cands}
         pick = min(score, key=score.get)
         default[m] = None if pick == "marlin" else parse(pick)
-    sources = ", ".join(f"benchmarks/results/{Path(p).name}" for p in paths)
+    sources = "".join(f"\n#   benchmarks/results/{Path(p).name}" for p in paths)
     tables = (f"HOPPER_DEFAULT: dict[int, HopperChoice | None] = {literal(default, 4)}\n\n"
-              f"# (K, N) -> {{bucket: choice}}, from {sources}.\n"
+              f"# (K, N) -> {{bucket: choice}}, from the sweeps{sources}\n"
               "HOPPER_TUNED: dict[tuple[int, int], dict[int, HopperChoice | None]] = {\n"
               + "".join(f"    {kn}: {literal(row, 8)},\n" for kn, row in tuned.items()) + "}\n")
     print(tables)

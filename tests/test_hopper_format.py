@@ -185,7 +185,8 @@ def test_pick_hopper_writes_the_tables_it_picks(tmp_path, monkeypatch, capsys):
                                                  for m in selection.HOPPER_BUCKETS}
     assert picked["HOPPER_TUNED"][(8192, 8192)] == {m: ("64x128_c2_pp", 0, 1) if m >= 64 else None
                                                  for m in selection.HOPPER_BUCKETS}
-    assert "from benchmarks/results/hopper-sweep-a.json, benchmarks/results/hopper-sweep-b.json" in target.read_text()
+    assert ("from the sweeps\n#   benchmarks/results/hopper-sweep-a.json\n#   benchmarks/results/hopper-sweep-b.json\n"
+            in target.read_text())
     head = original.split("HOPPER_DEFAULT: ")[0]
     assert target.read_text().startswith(head)
     assert target.read_text().endswith(original[original.index("\n_config_ids"):])
