@@ -52,7 +52,8 @@ GPTQ_CASES = [
     ("llama-4b-g128-sym-v1", "llama", 4, 128, True, False, "gptq", "config"),
     ("llama-4b-g128-sym-actorder-v1-thebloke", "llama", 4, 128, True, True, "gptq", "autogptq"),
     ("llama-8b-gm1-sym-v2", "llama", 8, -1, True, False, "gptq_v2", "config"),
-    ("llama-3b-g128-sym-v2", "llama", 3, 128, True, False, "gptq_v2", "config"),
+    # 3-bit act-order as AutoGPTQ writes it: the class of checkpoint only this plugin serves (issue 14).
+    ("llama-3b-g128-sym-actorder-v1-thebloke", "llama", 3, 128, True, True, "gptq", "autogptq"),
     ("qwen2-4b-g128-asym-actorder-v2", "qwen2", 4, 128, False, True, "gptq_v2", "config"),
     ("qwen2-8b-g128-asym-v1", "qwen2", 8, 128, False, False, "gptq", "config"),
     ("qwen2-4b-gm1-asym-v1", "qwen2", 4, -1, False, False, "gptq", "config"),

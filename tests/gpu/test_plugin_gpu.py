@@ -6,9 +6,9 @@ GPUs are present, 2, and checks every run teacher-forced against transformers on
 dequantized model (test_plugin_engine.check_against_reference).  TP 2 must give the tokens of TP 1 up to
 the first step where the reference itself calls a near tie.
 
-Hidden 256 / intermediate 512 / head_dim 64 keep every TP-2 shard aligned to the Marlin tile, so the
-4-bit act-order checkpoint runs the Marlin path on both ranks (row-parallel layers with per-row group
-ids); the 3-bit asymmetric one runs the ExLlama path.  Without the compiled CUDA kernels the ops fall
+Hidden 256 / intermediate 512 / head_dim 64 keep every TP-2 shard aligned to the Marlin tile and the
+3-bit unit (64 rows), so every checkpoint runs the Marlin path on both ranks (row-parallel act-order
+layers with per-row group ids), 3-bit included.  Without the compiled CUDA kernels the ops fall
 back to torch on the GPU, which a CUDA graph cannot capture, so that case runs eagerly.
 """
 
@@ -32,6 +32,7 @@ RUNNER = Path(__file__).resolve().parents[1] / "test_plugin_engine.py"
 CASES = [  # name, bits, group_size, sym, desc_act, zero format
     ("gptq-4b-g128-actorder-v1", 4, 128, True, True, "gptq"),
     ("gptq-3b-g64-asym-v2", 3, 64, False, False, "gptq_v2"),
+    ("gptq-3b-g128-actorder-v1", 3, 128, True, True, "gptq"),  # issue 14's held-out class
 ]
 
 
