@@ -132,7 +132,6 @@ HOPPER_DEFAULT: dict[int, HopperChoice | None] = {
 
 # (K, N) -> {bucket: choice}, from the sweeps
 #   benchmarks/results/hopper-sweep-h100-2026-12-05.json
-#   benchmarks/results/hopper-sweep-tp2-h100-2026-12-05.json
 HOPPER_TUNED: dict[tuple[int, int], dict[int, HopperChoice | None]] = {
     (4096, 6144): {
         16: None, 32: None, 64: ("128x64_c2", 2, 2), 128: ("64x128_c2_pp", 0, 1), 256: ("128x128_c2", 0, 1),
