@@ -597,6 +597,24 @@ def test_cuda_graph_and_opcheck_hopper(kern, M, decomposition):
     torch.library.opcheck(torch.ops.mygptq_cuda.hopper_gemm.default, (x, qw, sc, zr, bits, g, 2, decomposition, splits, perm))
 
 
+def test_cuda_graph_widened_hopper_path(kern):
+    """A 3-bit act-order layer at a widened M under capture: the widening, the gather and the Hopper GEMM (launched
+    as a programmatic dependent of the kernel before it) replay exactly as they ran eagerly."""
+    hopper_only(kern)
+    from gptq_vllm.kernels import ops as plugin_ops
+
+    K, N, M = 1024, 512, 2 * selection.WIDEN_MIN_M
+    w = make_weight(3, 128, True, True, K, N, seed=77, dtype=torch.float16)
+    kw = kernel_layout.to_kernel(w, Layout.MARLIN, scale_dtype=torch.float16)
+    qw, sc, qz, _ = to_dev(kw, "cuda")
+    hops = hopper.operands(qz, sc, bits=3, group_size=128, in_rows=K)
+    perm = kw.perm.to(torch.int32).cuda()
+    x = torch.randn(M, K, dtype=torch.float16, device="cuda")
+    assert selection.hopper_choice(M, K, N, 3) is not None
+    _graph_equals_eager(lambda: plugin_ops.marlin_gemm_cuda(x, qw, sc, qz, perm, None, hops.scales, hops.zeros, 3, 128,
+                                                            K, N), x, [torch.randn_like(x) for _ in range(2)])
+
+
 @pytest.mark.parametrize("M", [1, 16, 100])
 def test_cuda_graph_exllama(kern, M):
     args = list(_exllama_args(3, False, True, M))
