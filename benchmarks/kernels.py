@@ -365,7 +365,7 @@ def sweep_hopper() -> int:
         torch.cuda.empty_cache()
     out = os.environ.get("OUT_JSON", f"hopper-sweep-{datetime.date.today().isoformat()}.json")
     props = torch.cuda.get_device_properties(0)
-    env = {k: os.environ[k] for k in ("SWEEP", "MS", "SHAPES", "BITS") if k in os.environ}
+    env = {k: os.environ[k] for k in ("SWEEP", "MS", "SHAPES", "BITS", "TP") if k in os.environ}
     meta = dict(gpu=props.name, date=datetime.date.today().isoformat(), torch=torch.__version__, configs=names,
                 command=" ".join([f"{k}={v}" for k, v in env.items()] + ["python", "benchmarks/kernels.py"]))
     with open(out, "w") as f:

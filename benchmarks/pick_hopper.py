@@ -8,7 +8,8 @@ it beats the Marlin path by >= 5 % (else None: the Marlin kernels); the default 
 table, takes per bucket the candidate (Marlin included) with the smallest geometric mean of time over that
 shape's fastest time.  Prints both as Python literals, then the per-point gain over the Marlin path; with
 --write, also puts them into gptq_vllm/kernels/selection.py in place of the current tables.  Several sweeps (e.g.
-the TP-1 shapes and, with TP=2, one tensor-parallel rank's shards) make one table: rows are keyed by (K, N).
+the TP-1 shapes and, with TP=2, one tensor-parallel rank's shards) make one table: rows are keyed by (K, N);
+where a later sweep times a (shape, M) point again, its timings replace the earlier ones for that point.
 """
 
 from __future__ import annotations
@@ -45,12 +46,14 @@ def literal(row: dict, indent: int) -> str:
 
 
 def main(paths: list[str], write: bool = False) -> None:
-    rows = [r for path in paths for r in json.loads(Path(path).read_text())["rows"]]
-    us: dict[tuple[str, int], dict[str, float]] = defaultdict(dict)
+    us: dict[tuple[str, int], dict[str, float]] = {}
     shape_of: dict[str, tuple[int, int]] = {}
-    for r in rows:
-        us[(r["shape"], r["M"])][r["kernel"]] = r["us"]
-        shape_of[r["shape"]] = (r["K"], r["N"])
+    for path in paths:
+        timed: dict[tuple[str, int], dict[str, float]] = defaultdict(dict)
+        for r in json.loads(Path(path).read_text())["rows"]:
+            timed[(r["shape"], r["M"])][r["kernel"]] = r["us"]
+            shape_of[r["shape"]] = (r["K"], r["N"])
+        us.update(timed)  # a point timed again replaces the earlier timings whole: one run per point
     tuned: dict[tuple[int, int], dict[int, object]] = defaultdict(dict)
     lines = []
     for (shape, m), t in us.items():

@@ -157,8 +157,8 @@ def test_pingpong_configs_run_data_parallel_only():
 
 def test_pick_hopper_writes_the_tables_it_picks(tmp_path, monkeypatch, capsys):
     """benchmarks/pick_hopper.py --write: per shape and bucket the fastest Hopper choice that beats the Marlin path
-    by >= 5 %, put into selection.py in place of the old tables, the rest of the file unchanged; two sweeps (as the
-    TP-1 shapes and TP=2 shards are swept) make one table."""
+    by >= 5 %, put into selection.py in place of the old tables, the rest of the file unchanged; several sweeps (as the
+    TP-1 shapes and TP=2 shards are swept) make one table, a point timed again taking the later run's timings."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     spec = importlib.util.spec_from_file_location("pick_hopper", os.path.join(root, "benchmarks", "pick_hopper.py"))
     pick = importlib.util.module_from_spec(spec)
@@ -173,6 +173,12 @@ def test_pick_hopper_writes_the_tables_it_picks(tmp_path, monkeypatch, capsys):
             rows += [dict(shape=shape, K=k, N=n, M=m, bits=4, kernel=kern, us=us) for kern, us in times.items()]
         sweeps.append(tmp_path / f"hopper-sweep-{shape}.json")
         sweeps[-1].write_text(json.dumps(dict(meta={}, rows=rows)))
+    # A later sweep timing one point again (a new config) replaces that point whole: the earlier run's faster
+    # 128x64_c2 is not mixed into it.
+    again = {"cublas_fp16": 10.0, "marlin": 10.0, "256x32_c2/3/1": 8.0}
+    sweeps.append(tmp_path / "hopper-sweep-a-again.json")
+    sweeps[-1].write_text(json.dumps(dict(meta={}, rows=[dict(shape="a", K=4096, N=4096, M=256, bits=4, kernel=kern,
+                                                              us=us) for kern, us in again.items()])))
     target = tmp_path / "selection.py"
     original = open(selection.__file__).read()
     target.write_text(original)
@@ -181,12 +187,12 @@ def test_pick_hopper_writes_the_tables_it_picks(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     picked = {"HopperChoice": tuple}
     exec(pick.TABLES.search(target.read_text()).group(0), picked)
-    assert picked["HOPPER_TUNED"][(4096, 4096)] == {m: ("128x64_c2", 3, 1) if m >= 64 else None
-                                                 for m in selection.HOPPER_BUCKETS}
+    assert picked["HOPPER_TUNED"][(4096, 4096)] == {m: ("256x32_c2", 3, 1) if m == 256 else ("128x64_c2", 3, 1)
+                                                 if m >= 64 else None for m in selection.HOPPER_BUCKETS}
     assert picked["HOPPER_TUNED"][(8192, 8192)] == {m: ("64x128_c2_pp", 0, 1) if m >= 64 else None
                                                  for m in selection.HOPPER_BUCKETS}
     assert ("from the sweeps\n#   benchmarks/results/hopper-sweep-a.json\n#   benchmarks/results/hopper-sweep-b.json\n"
-            in target.read_text())
+            "#   benchmarks/results/hopper-sweep-a-again.json\n" in target.read_text())
     head = original.split("HOPPER_DEFAULT: ")[0]
     assert target.read_text().startswith(head)
     assert target.read_text().endswith(original[original.index("\n_config_ids"):])

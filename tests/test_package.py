@@ -1,6 +1,7 @@
 """Packaging: imports without vLLM, the console script, the vLLM plugin entry point."""
 
 import os
+import re
 import subprocess
 import sys
 from importlib.metadata import entry_points
@@ -71,6 +72,24 @@ def test_cuda_arch_list_builds_hopper_as_sm90a(given, built):
     from gptq_vllm.kernels.build import with_sm90a
 
     assert with_sm90a(given) == built
+
+
+def test_every_hopper_config_has_its_own_unit():
+    """configs.h's X(id, W, T, C, S) lines and the hopper_tile_<name>.cu units match one to one: a config without
+    its unit would only fail at link time on a GPU build."""
+    from gptq_vllm.kernels import build
+
+    hopper = os.path.join(build.CSRC, "hopper")
+    text = open(os.path.join(hopper, "configs.h")).read()
+    configs = re.findall(r"X\((\d+), (\d+), (\d+), (\d+), (coop|pp)\)", text)
+    assert [int(c[0]) for c in configs] == list(range(len(configs))) and len(configs) >= 12
+    units = {}
+    for name in os.listdir(hopper):
+        if name.startswith("hopper_tile_"):
+            ids = re.findall(r"^GPTQ_HOPPER_INSTANTIATE\((\d+)\)", open(os.path.join(hopper, name)).read(), re.M)
+            units[name] = [int(i) for i in ids]
+    expected = {f"hopper_tile_{w}x{t}_c{c}{'_pp' if s == 'pp' else ''}.cu": [int(i)] for i, w, t, c, s in configs}
+    assert units == expected
 
 
 def test_cuda_build_compiles_every_kernel_family_and_finds_cutlass_only_when_asked(tmp_path, monkeypatch):

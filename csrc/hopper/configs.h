@@ -1,5 +1,5 @@
 // Tile configurations of the Hopper mixed-input GEMM, and its host interface (no CUTLASS, no torch here:
-// the dispatcher includes this, the instantiation units in inst/ compile the kernels).
+// the dispatcher includes this, the instantiation units hopper_tile_*.cu compile the kernels).
 //
 // Tiles are written in our terms: W = output features (CUTLASS's M, a multiple of the 64-row Marlin atom),
 // T = tokens (CUTLASS's N).  All run CUTLASS's TMA warp-specialized mixed-input mainloop (a producer warp
@@ -16,8 +16,8 @@
 #include <cstddef>
 #include <cuda_runtime.h>
 
-// X(id, W, T, C, S): a new entry needs one line here and is compiled by its own unit hopper_tile_<W>x<T>[_pp].cu.
-// Names (hopper_configs(), the selection table): "<W>x<T>_c<C>", plus "_pp" for ping-pong.  The k tile is 64
+// X(id, W, T, C, S): a new entry needs one line here and is compiled by its own unit hopper_tile_<name>.cu.
+// Names (hopper_configs(), the selection table, the unit): "<W>x<T>_c<C>", plus "_pp" for ping-pong.  The k tile is 64
 // (128 bytes of activations): CUTLASS's mixed-input mainloop needs at least four 16-deep wgmma k blocks per tile
 // and takes one group's scales per tile, so a group must be a multiple of 64 (group 32 stays on Marlin).
 #define GPTQ_HOPPER_CONFIGS(X) \
@@ -32,7 +32,12 @@
   X(8, 128, 256, 2, coop)      \
   X(9, 64, 64, 2, pp)          \
   X(10, 64, 128, 2, pp)        \
-  X(11, 128, 128, 2, pp)
+  X(11, 128, 128, 2, pp)       \
+  X(12, 256, 32, 2, coop)      \
+  X(13, 128, 32, 1, coop)      \
+  X(14, 64, 256, 2, pp)        \
+  X(15, 128, 256, 1, coop)     \
+  X(16, 128, 64, 1, coop)
 
 namespace gptq_vllm::hopper {
 

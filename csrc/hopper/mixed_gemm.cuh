@@ -5,16 +5,6 @@
 // this file picks the parts and binds the arguments.
 #pragma once
 
-// Programmatic dependent launch: with grid dependency control on, CUTLASS's kernels wait (`griddepcontrol.wait`)
-// before their first global load instead of at launch, so run_kernel can launch them as dependents of the gather /
-// widening kernel before them (marlin_kernel.cuh, allow_dependent_launch).  CUTLASS's switch for it,
-// CUTLASS_ENABLE_GDC_FOR_SM90, also compiles a consumer-side hint that does not build with the stream-K scheduler
-// in CUTLASS 4.2 (its const `is_last_tile` binds a member to `uint32_t&`), so this sets the macro that switch sets
-// on sm_90a (cutlass/arch/grid_dependency_control.h) and leaves the hint out.  Must precede every CUTLASS include.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define CUTLASS_GDC_ENABLED
-#endif
-
 #include "configs.h"
 #include "marlin_layout.hpp"
 
@@ -136,9 +126,7 @@ const char* run_kernel(const GemmArgs& g, void* workspace) {
   const auto args = K::arguments(g);
   if (K::Adapter::can_implement(args) != cutlass::Status::kSuccess) return "CUTLASS cannot implement this problem";
   if (gemm.initialize(args, workspace, g.stream) != cutlass::Status::kSuccess) return "CUTLASS initialize failed";
-  // As a programmatic dependent: it overlaps its prologue with a kernel before it that allows it (the gather,
-  // the widening) and otherwise launches as usual.
-  if (gemm.run(g.stream, nullptr, /*launch_with_pdl=*/true) != cutlass::Status::kSuccess) return "CUTLASS launch failed";
+  if (gemm.run(g.stream) != cutlass::Status::kSuccess) return "CUTLASS launch failed";
   return "";
 }
 

@@ -500,16 +500,6 @@ __device__ __forceinline__ void gather8(const T* __restrict__ arow, const Perm8&
                                                                      : arow[src[j]];
 }
 
-// Lets the next kernel in the stream launch now if it was launched as a programmatic dependent (the Hopper GEMM,
-// mixed_gemm.cuh): its CTAs take SMs as this grid's blocks retire and run their prologue (barriers, tensor-map
-// prefetch) before `griddepcontrol.wait`, which still waits for this whole grid and its writes.  Kernels launched
-// without that attribute wait for this grid as usual.  Called by the short kernels that feed the Hopper GEMM.
-__device__ __forceinline__ void allow_dependent_launch() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;");
-#endif
-}
-
 // The gather alone, for the batch sizes where the GEMM stages A without it: out[m, k] = a[m, perm[k]] (0 past
 // lda).  Block (m, y) writes slice y of output row m, each thread 8 columns with one 16-byte store.  ROW: the
 // block first copies row m of a into shared memory with coalesced 16-byte loads, so the scattered reads hit
@@ -519,7 +509,6 @@ __device__ __forceinline__ void allow_dependent_launch() {
 template <typename T, bool ROW>
 __global__ void __launch_bounds__(THREADS) gather_columns_kernel(const T* __restrict__ a, int lda, const int* __restrict__ perm,
                                                            int K, T* __restrict__ out) {
-  allow_dependent_launch();
   extern __shared__ int4 row_smem[];
   const int m = blockIdx.x;  // rows on x: M may exceed 65535
   const T* arow = a + static_cast<int64_t>(m) * lda;

@@ -22,7 +22,6 @@ __global__ void __launch_bounds__(THREADS) widen_kernel(const int4* __restrict__
                                                       int4* __restrict__ dst) {
   constexpr int UT = unit_tiles<BITS>(), UC = unit_chunks<BITS>();
   constexpr uint32_t D = 8 - (1 << (BITS - 1));
-  allow_dependent_launch();
   const int64_t id = static_cast<int64_t>(blockIdx.x) * THREADS + threadIdx.x;
   if (id >= static_cast<int64_t>(units) * 32) return;
   const int lane = static_cast<int>(id & 31);

@@ -1,0 +1,4 @@
+// Kernels of tile config 13 (128 weight rows x 32 tokens, cluster 1): see configs.h.
+#include "mixed_gemm.cuh"
+
+GPTQ_HOPPER_INSTANTIATE(13)

@@ -1,0 +1,4 @@
+// Kernels of tile config 12 (256 weight rows x 32 tokens, cluster 2): see configs.h.
+#include "mixed_gemm.cuh"
+
+GPTQ_HOPPER_INSTANTIATE(12)
