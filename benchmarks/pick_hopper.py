@@ -21,6 +21,9 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from gptq_vllm.kernels.selection import PINGPONG_SUFFIX  # noqa: E402
+
 MARGIN = 1.05
 SELECTION = Path(__file__).resolve().parent.parent / "gptq_vllm" / "kernels" / "selection.py"
 # The two tables in selection.py, from HOPPER_DEFAULT's first line to the closing brace of HOPPER_TUNED.
@@ -45,6 +48,16 @@ def literal(row: dict, indent: int) -> str:
     return "\n".join(lines) + "\n" + " " * (indent - 4) + "}"
 
 
+def slower_of_same_kernel(t: dict[str, float]) -> None:
+    """A ping-pong config runs the same kernel for decomposition 0 and 1 (data-parallel either way), so its two
+    timings differ only by the card's state (clocks under the power limit after the config timed before it: up to
+    27 % on 64x256_c2_pp in the 2026-12-05 sweep).  Keep one entry, decomposition 0, with the slower timing."""
+    for name in {k.split("/")[0] for k in t if "/" in k and k.split("/")[0].endswith(PINGPONG_SUFFIX)}:
+        runs = [k for k in t if k.split("/")[0] == name]
+        slowest = max(t.pop(k) for k in runs)
+        t[f"{name}/0/1"] = slowest
+
+
 def main(paths: list[str], write: bool = False) -> None:
     us: dict[tuple[str, int], dict[str, float]] = {}
     shape_of: dict[str, tuple[int, int]] = {}
@@ -54,6 +67,8 @@ def main(paths: list[str], write: bool = False) -> None:
             timed[(r["shape"], r["M"])][r["kernel"]] = r["us"]
             shape_of[r["shape"]] = (r["K"], r["N"])
         us.update(timed)  # a point timed again replaces the earlier timings whole: one run per point
+    for t in us.values():
+        slower_of_same_kernel(t)
     tuned: dict[tuple[int, int], dict[int, object]] = defaultdict(dict)
     lines = []
     for (shape, m), t in us.items():

@@ -174,8 +174,10 @@ def test_pick_hopper_writes_the_tables_it_picks(tmp_path, monkeypatch, capsys):
         sweeps.append(tmp_path / f"hopper-sweep-{shape}.json")
         sweeps[-1].write_text(json.dumps(dict(meta={}, rows=rows)))
     # A later sweep timing one point again (a new config) replaces that point whole: the earlier run's faster
-    # 128x64_c2 is not mixed into it.
-    again = {"cublas_fp16": 10.0, "marlin": 10.0, "256x32_c2/3/1": 8.0}
+    # 128x64_c2 is not mixed into it.  A ping-pong config's two timings are one kernel's: the slower one counts
+    # (7.0, not 6.0, so 256x32_c2 wins at 6.5).
+    again = {"cublas_fp16": 10.0, "marlin": 10.0, "256x32_c2/3/1": 6.5,
+             "64x256_c2_pp/0/1": 6.0, "64x256_c2_pp/1/1": 7.0}
     sweeps.append(tmp_path / "hopper-sweep-a-again.json")
     sweeps[-1].write_text(json.dumps(dict(meta={}, rows=[dict(shape="a", K=4096, N=4096, M=256, bits=4, kernel=kern,
                                                               us=us) for kern, us in again.items()])))
