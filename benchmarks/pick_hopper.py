@@ -9,7 +9,8 @@ table, takes per bucket the candidate (Marlin included) with the smallest geomet
 shape's fastest time.  Prints both as Python literals, then the per-point gain over the Marlin path; with
 --write, also puts them into gptq_vllm/kernels/selection.py in place of the current tables.  Several sweeps (e.g.
 the TP-1 shapes and, with TP=2, one tensor-parallel rank's shards) make one table: rows are keyed by (K, N);
-where a later sweep times a (shape, M) point again, its timings replace the earlier ones for that point.
+where a later sweep times a (shape, M) point again, its timings replace the earlier ones for that point.  A ping-pong
+config's two timings (decompositions 0 and 1, one kernel) count once, at the slower.
 """
 
 from __future__ import annotations
