@@ -42,10 +42,10 @@ SHAPES = {
 }
 G = 128
 L2_DEFEAT = 512 << 20
-# The Hopper sweep times each candidate (and cuBLAS and the Marlin path) after this long of its own replays: timed straight after a lighter kernel, a
-# heavy GEMM runs on the power headroom that one left, which reorders close configs (the same kernel twice: up to
-# 27 % apart at M >= 256 on the H100; docs/kernels.md, "Burst and sustained timings").  The grid keeps burst timings,
-# comparable with its earlier runs and with the reference kernels timed the same way.
+# The Hopper sweep times each candidate (and cuBLAS and the Marlin path) after this long of its own replays: timed
+# straight after a lighter kernel, a heavy GEMM runs on the power headroom that one left, which reorders close configs
+# (the same kernel twice: up to 27 % apart at M >= 256 on the H100; docs/kernels.md, "Burst and sustained timings").
+# The grid keeps burst timings, comparable with its earlier runs and with the reference kernels timed the same way.
 SWEEP_WARMUP_S = 0.1
 
 

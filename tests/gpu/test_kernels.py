@@ -598,8 +598,8 @@ def test_cuda_graph_and_opcheck_hopper(kern, M, decomposition):
 
 
 def test_cuda_graph_widened_hopper_path(kern):
-    """A 3-bit act-order layer at a widened M under capture: the widening, the gather and the Hopper GEMM (launched
-    as a programmatic dependent of the kernel before it) replay exactly as they ran eagerly."""
+    """A 3-bit act-order layer at a widened M under capture: the widening, the gather and the Hopper GEMM replay
+    exactly as they ran eagerly."""
     hopper_only(kern)
     from gptq_vllm.kernels import ops as plugin_ops
 
