@@ -1,0 +1,51 @@
+"""The benchmark scripts that read measurements (no GPU): benchmarks/compare_grids.py."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+
+def _script(name):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(name, os.path.join(root, "benchmarks", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _grid(path, times):
+    rows = [dict(shape=s, K=4096, N=4096, M=m, kernel=k, us=us) for (s, m, k), us in times.items()]
+    path.write_text(json.dumps(dict(meta={}, rows=rows)))
+    return str(path)
+
+
+def test_compare_grids_prints_ratios_to_the_first_and_their_geometric_means(tmp_path, capsys):
+    """Each later grid's time over the first's per point, then per kernel and M the geometric mean over shapes; a
+    point that one grid lacks is left out, and --kernels keeps only the kernels named."""
+    compare = _script("compare_grids")
+    first = _grid(tmp_path / "base.json", {("a", 16, "mygptq"): 10.0, ("b", 16, "mygptq"): 20.0,
+                                           ("a", 16, "cublas_fp16"): 8.0, ("b", 16, "cublas_fp16"): 8.0,
+                                           ("a", 64, "mygptq"): 30.0})
+    second = _grid(tmp_path / "new.json", {("a", 16, "mygptq"): 5.0, ("b", 16, "mygptq"): 40.0,
+                                           ("a", 16, "cublas_fp16"): 8.8, ("b", 16, "cublas_fp16"): 8.8})
+    third = _grid(tmp_path / "newer.json", {("a", 16, "mygptq"): 5.0, ("b", 16, "mygptq"): 10.0,
+                                            ("a", 16, "cublas_fp16"): 8.0, ("b", 16, "cublas_fp16"): 8.0})
+    compare.main([first, second, third])
+    out = capsys.readouterr().out
+    assert "| a | 16 | mygptq | 10.0 | 5.0 (0.50) | 5.0 (0.50) |" in out
+    assert "| b | 16 | mygptq | 20.0 | 40.0 (2.00) | 10.0 (0.50) |" in out
+    assert "| mygptq | 16 | 2 | 1.000 | 0.500 |" in out
+    assert "| cublas_fp16 | 16 | 2 | 1.100 | 1.000 |" in out
+    assert "| a | 64 |" not in out
+    compare.main([first, second, "--kernels", "mygptq"])
+    assert "cublas_fp16" not in capsys.readouterr().out
+
+
+def test_compare_grids_needs_two_grids(tmp_path):
+    compare = _script("compare_grids")
+    with pytest.raises(SystemExit):
+        compare.main([_grid(tmp_path / "only.json", {("a", 16, "mygptq"): 1.0})])
