@@ -11,13 +11,12 @@ by without any change (machine, clocks, run to run), the yardstick for ours.
 from __future__ import annotations
 
 import argparse
-import json
 import math
+import sys
 from pathlib import Path
 
-
-def load(path: str) -> dict[tuple[str, int, str], float]:
-    return {(r["shape"], r["M"], r["kernel"]): r["us"] for r in json.loads(Path(path).read_text())["rows"]}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from targets import load  # noqa: E402  (one reader of a grid: (shape, M, kernel) -> us)
 
 
 def main(argv: list[str] | None = None) -> None:
