@@ -13,6 +13,7 @@ w3, w2, w3_widen, w2_widen, exllama, exllama3; default base,marlin,act_order,bf1
 w2_widen that Hopper path at every M >= 9 (tuning), exllama3 the 3-bit ExLlama GEMM they replace.  SWEEP=1
 (tuning: time the Marlin kernel under forced split configurations instead of the grid; 4-bit, BITS=8 / 3 / 2 for
 those widths, ROWS=8/16/32/64 to force the block-tile rows too, WGMMA=1/-1 the wgmma loop on/off, never dense),
+ABUF=1/2 (grid and SWEEP=1: force the Marlin kernels' staged A buffers; default automatic),
 SWEEP=hopper (tuning: every Hopper GEMM config and decomposition against the Marlin path and cuBLAS; JSON rows for
 benchmarks/pick_hopper.py), TP=2 (one tensor-parallel rank's shard of each shape), OUT_JSON (output path), NO_VLLM=1
 (skip vLLM).
@@ -47,6 +48,7 @@ L2_DEFEAT = 512 << 20
 # (the same kernel twice: up to 27 % apart at M >= 256 on the H100; docs/kernels.md, "Burst and sustained timings").
 # The grid keeps burst timings, comparable with its earlier runs and with the reference kernels timed the same way.
 SWEEP_WARMUP_S = 0.1
+A_BUFFERS = int(os.environ.get("ABUF", "0"))  # the Marlin kernels' staged A buffers (0: automatic)
 
 
 def timed(fn_list, iters=20, warmup_s=0.0):
@@ -93,6 +95,8 @@ def _setup(default_ms: str):
     names = os.environ.get("SHAPES")
     shapes = {k: SHAPES[k] for k in names.split(",")} if names else SHAPES
     tp = int(os.environ.get("TP", "1"))
+    if A_BUFFERS:
+        ours.marlin_set_config(a_buffers=A_BUFFERS)
     if tp > 1:  # one rank's shard: column-parallel layers (qkv, gate_up) split N, row-parallel ones (o, down) K
         shapes = {f"{k}/tp{tp}": ((K, N // tp) if k.endswith(("qkv", "gate_up")) else (K // tp, N))
                   for k, (K, N) in shapes.items()}
@@ -265,7 +269,7 @@ def main() -> int:
     default = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"kernels-{date}.json")
     out = os.environ.get("OUT_JSON", default)
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    env = {k: os.environ[k] for k in ("MS", "SHAPES", "VARIANTS", "NO_VLLM", "TP") if k in os.environ}
+    env = {k: os.environ[k] for k in ("MS", "SHAPES", "VARIANTS", "NO_VLLM", "TP", "ABUF") if k in os.environ}
     meta = dict(gpu=props.name, sms=props.multi_processor_count, date=date, torch=torch.__version__,
                 vllm=V and V["version"], copy_TBps=round(copy_tbs, 3), library=ours.library_path(),
                 command=" ".join([f"{k}={v}" for k, v in env.items()] + ["python"] + [shlex.quote(a) for a in sys.argv]))
@@ -308,23 +312,23 @@ def sweep() -> int:
             cub = timed([lambda w=w: torch.nn.functional.linear(x, w) for w in fw], iters=10)
             fns = [lambda q=q, s=s: ours.marlin_gemm(x, q, s, None, None, bits, G) for q, s in zip(mq, sc)]
             res = {}
-            ours.marlin_set_config(0, 0, 0, 0)
+            ours.marlin_set_config(0, 0, 0, 0, a_buffers=A_BUFFERS)
             res["auto"] = timed(fns, iters=10)
             if M >= 100 and not rows:
-                ours.marlin_set_config(0, 0, 0, 1)
+                ours.marlin_set_config(0, 0, 0, 1, a_buffers=A_BUFFERS)
                 res["dense"] = timed(fns, iters=10)
-                ours.marlin_set_config(0, 0, 0, 100000)
+                ours.marlin_set_config(0, 0, 0, 100000, a_buffers=A_BUFFERS)
                 res["skinny"] = timed(fns, iters=10)
             else:
                 for sb, cs in cfgs:
                     if (N // 64) % sb:
                         continue
-                    ours.marlin_set_config(sb, cs, 1, 100000 if rows else 0, rows, wgmma)  # forced rows: never dense
+                    ours.marlin_set_config(sb, cs, 1, 100000 if rows else 0, rows, wgmma, A_BUFFERS)  # forced rows: never dense
                     try:
                         res[f"{sb}:{cs}"] = timed(fns, iters=10)
                     except Exception as e:  # noqa: BLE001
                         print("cfg", sb, cs, "failed", repr(e)[:120], flush=True)
-            ours.marlin_set_config(0, 0, 0, 0)
+            ours.marlin_set_config(0, 0, 0, 0, a_buffers=A_BUFFERS)
             best = min((v, k) for k, v in res.items() if k != "auto")
             line = (f"{name:12s} M={M:<5d} cublas {cub:7.1f}  auto {res['auto']:7.1f} ({cub / res['auto']:.2f}x, "
                     f"{qb / res['auto'] / 1e6:.2f} TB/s)  best {best[1]} {best[0]:7.1f} ({cub / best[0]:.2f}x)")

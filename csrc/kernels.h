@@ -12,7 +12,8 @@ at::Tensor marlin_gemm(const at::Tensor& a, const at::Tensor& qweight, const at:
                        int64_t bits, int64_t group_size, const std::optional<at::Tensor>& perm);
 
 // Benchmark-only tuning override of the Marlin GEMM's split choice (0 = automatic).
-void marlin_set_config(int64_t sb, int64_t cs, int64_t slices, int64_t dense_min_m, int64_t tile_rows, int64_t wgmma);
+void marlin_set_config(int64_t sb, int64_t cs, int64_t slices, int64_t dense_min_m, int64_t tile_rows, int64_t wgmma,
+                       int64_t a_buffers);
 
 at::Tensor exllama_gemm(const at::Tensor& a, const at::Tensor& qweight, const std::optional<at::Tensor>& qzeros,
                         const at::Tensor& scales, const std::optional<at::Tensor>& g_idx_sorted, int64_t bits,

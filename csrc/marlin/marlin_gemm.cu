@@ -36,7 +36,7 @@ namespace marlin {
 
 // Tuning override (benchmarks only): 0 = automatic.
 struct Override {
-  int sb = 0, cs = 0, slices = 0, dense_min_m = 0, tile_rows = 0, wgmma = 0;
+  int sb = 0, cs = 0, slices = 0, dense_min_m = 0, tile_rows = 0, wgmma = 0, a_buffers = 0;
 };
 Override& override_cfg() {
   static Override o;
@@ -160,9 +160,11 @@ at::Tensor gather_columns(const at::Tensor& a, const at::Tensor& perm, int64_t K
   return out;
 }
 
-void marlin_set_config(int64_t sb, int64_t cs, int64_t slices, int64_t dense_min_m, int64_t tile_rows, int64_t wgmma) {
+void marlin_set_config(int64_t sb, int64_t cs, int64_t slices, int64_t dense_min_m, int64_t tile_rows, int64_t wgmma,
+                       int64_t a_buffers) {
   TORCH_CHECK(tile_rows == 0 || tile_rows == 8 || tile_rows == 16 || tile_rows == 32 || tile_rows == 64,
               "marlin_set_config: tile_rows must be 0 (automatic), 8, 16, 32 or 64");
+  TORCH_CHECK(a_buffers >= 0 && a_buffers <= marlin::A_BUFS_MAX, "marlin_set_config: a_buffers must be 0 (automatic), 1 or 2");
   auto& o = marlin::override_cfg();
   o.tile_rows = static_cast<int>(tile_rows);
   o.sb = static_cast<int>(sb);
@@ -170,6 +172,7 @@ void marlin_set_config(int64_t sb, int64_t cs, int64_t slices, int64_t dense_min
   o.slices = static_cast<int>(slices);
   o.dense_min_m = static_cast<int>(dense_min_m);
   o.wgmma = static_cast<int>(wgmma);
+  o.a_buffers = static_cast<int>(a_buffers);
 }
 
 
@@ -309,15 +312,14 @@ at::Tensor marlin_gemm(const at::Tensor& a_in, const at::Tensor& qweight, const 
   const int sms = sm_count();
   const int ring = (bits == 2 ? ring_bytes<2>() : bits == 3 ? ring_bytes<3>() : bits == 4 ? ring_bytes<4>() : ring_bytes<8>()) +
                    sring_bytes();
-  const int kcmax = (R >= 32 ? A_SMEM_BYTES_WIDE : A_SMEM_BYTES) / (2 * R);
-  auto kc_for = [&](int kpp) { return std::min(kcmax, (16 * kpp + 16 * RUN - 1) / (16 * RUN) * (16 * RUN)); };
-  auto smem_for = [&](int kpp) {  // ring + A chunk; the partial-sum tile reuses all of it at the end
-    return static_cast<size_t>(ring) + static_cast<size_t>(R) * (kc_for(kpp) + A_PAD) * 2;
+  auto kc_for = [&](int kpp, int nbuf) {  // A columns per chunk: the part's columns, at most what a buffer holds
+    return std::min(a_buffer_bytes(R, nbuf) / (2 * R), (16 * kpp + 16 * RUN - 1) / (16 * RUN) * (16 * RUN));
   };
+  auto smem_for = [&](int kpp, int nbuf) { return gemm_smem(ring, R, kc_for(kpp, nbuf), nbuf); };
   auto fits = [&](int sb, int parts) {  // sb divides the strips, every warp gets a run, the partial tile fits
     const int kpp = (KR + parts - 1) / parts * RUN;
     return NS % sb == 0 && (parts == 1 || kpp / RUN >= WARPS / sb) &&
-           static_cast<size_t>(sb) * R * RED_STRIDE * 4 <= smem_for(kpp);
+           static_cast<size_t>(sb) * R * RED_STRIDE * 4 <= smem_for(kpp, 1);
   };
   int sb = 0, parts = 0;
   if (tuned != nullptr && R == tuned->rows && fits(tuned->sb, tuned->cs)) {
@@ -366,11 +368,20 @@ at::Tensor marlin_gemm(const at::Tensor& a_in, const at::Tensor& qweight, const 
     parts = cs * slices;
   }
   p.kpp = (KR + parts - 1) / parts * RUN;
-  while (sb > 1 && (NS % sb || static_cast<size_t>(sb) * R * RED_STRIDE * 4 > smem_for(p.kpp))) sb /= 2;
+  while (sb > 1 && (NS % sb || static_cast<size_t>(sb) * R * RED_STRIDE * 4 > smem_for(p.kpp, 1))) sb /= 2;
   p.sb = sb;
-  p.kc = kc_for(p.kpp);
+  // A buffers: two where a part spans several chunks (the next chunk's copies then fly under this chunk's runs),
+  // a chunk still holds a run for each k-phase, and 8/16-row tiles still fit twice on an SM; the staged act-order
+  // gather keeps one.
+  const auto* prop = at::cuda::getCurrentDeviceProperties();
+  const size_t two_blocks = prop->sharedMemPerMultiprocessor / 2 - prop->reservedSharedMemPerBlock;
+  const bool two_fit = kc_for(p.kpp, 2) >= 16 * RUN * (WARPS / sb) && (R >= 32 || smem_for(p.kpp, 2) <= two_blocks);
+  p.nbuf = ov.a_buffers > 0                                                          ? ov.a_buffers
+           : (p.perm == nullptr && 16 * p.kpp > kc_for(p.kpp, 1) && two_fit) ? 2
+                                                                                      : 1;
+  p.kc = kc_for(p.kpp, p.nbuf);
   p.slices = slices;
-  const size_t smem = smem_for(p.kpp);
+  const size_t smem = smem_for(p.kpp, p.nbuf);
 
   // wgmma: 64-row tiles whose warpgroups share a k-phase (sb >= 4), lean mode, where the table says so or the
   // override forces it (on 1, off -1).

@@ -12,12 +12,14 @@ namespace marlin {
 
 constexpr int THREADS = 256;           // 8 warps per block (GEMM and dequant kernels)
 constexpr int WARPS = THREADS / 32;
-constexpr int A_PAD = 32;              // halves of padding per staged A row: rows r, r+1 are 64 B apart mod 128 B,
-                                       // so the 8 lanes of an LDS.128 phase (2 rows x 4 tig) hit 32 banks
+constexpr int A_PAD = 8;               // halves of padding per staged A row (kc is a multiple of 128): rows r, r+1
+                                       // are 16 B apart mod 128 B, so the 8 row addresses of an ldmatrix phase hit
+                                       // 32 distinct banks
 constexpr int RED_STRIDE = 72;         // floats per row of the partial-sum tile (64 + 8: fewer bank conflicts)
-constexpr int A_SMEM_BYTES = 32768;    // staged A chunk: rows x KC halves (KC chosen to fit), 2 blocks per SM
-constexpr int A_SMEM_BYTES_WIDE = 131072;  // the same for 32/64-row tiles (1 block per SM): >= 1024 columns, so
-                                           // that a chunk still holds a run for each of 8 k-phases
+constexpr int A_SMEM_BYTES = 32768;    // one staged A chunk: rows x KC halves (KC chosen to fit), 2 blocks per SM
+constexpr int A_SMEM_BYTES_WIDE = 131072;  // all A buffers of 32/64-row tiles (1 block per SM): one chunk of >= 1024
+                                           // columns, so that it holds a run for each of 8 k-phases, or two of half that
+constexpr int A_BUFS_MAX = 2;          // A buffers: with two, the next chunk's copies fly while this one is used
 constexpr int DENSE_MIN_M_DEFAULT = 128;  // from this M on: fast dequantize + cuBLAS (tuned on the H200)
 // Act-order: the GEMM gathers A while staging it only at M = 1 and K <= STAGED_GATHER_MAX_K (every strip block
 // repeats that gather); otherwise a gather kernel runs first (~2 us).  Measured on the H200 for the 8 Llama
@@ -43,6 +45,7 @@ struct Params {
   int sb;              // 64-column strips per block (1, 2, 4, 8); divides N/64; 8/sb warps split K in a block
   int kpp;             // k-tiles (16 rows) per split-K part, a multiple of RUN; parts = cluster size x global slices
   int kc;              // A columns staged per chunk (multiple of 128)
+  int nbuf;            // A buffers (1 or 2): with 2, chunk j + 1 is copied while chunk j is multiplied
   int slices;          // global split-K slices (fp32 workspace + reduce kernel); 1 = write C directly
 };
 
@@ -368,6 +371,12 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+// Four 8x8 matrices of 16-bit values from shared memory: lane l gives the address of row l % 8 of matrix l / 8
+// (16 contiguous bytes); lane 4 gid + tig receives, of each matrix, row gid, columns 2 tig and 2 tig + 1.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t saddr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(saddr) : "memory");
+}
 
 // A warp's unit of work: a run of RUN consecutive k-tiles (128 rows) of one strip.  Its ring holds one run
 // (RUN slots), so the next run streams in while this one is consumed, and a group of >= 128 rows (aligned)
@@ -381,27 +390,31 @@ constexpr int RUN = 8;
 // accumulators per lane, hence one block per SM (255 registers) for MB >= 4 (WIDE).
 template <int MB>
 __host__ __device__ constexpr bool wide() { return MB >= 4; }
-template <int MB>
-__host__ __device__ constexpr int a_smem_bytes() { return wide<MB>() ? A_SMEM_BYTES_WIDE : A_SMEM_BYTES; }
+// Bytes of one A buffer (before padding): 8/16-row tiles keep a 32 KB chunk per buffer (a second buffer only
+// where two blocks still fit on an SM, which the host checks); wide tiles split their 128 KB.
+__host__ __device__ constexpr int a_buffer_bytes(int rows, int nbuf) {
+  return rows >= 32 ? A_SMEM_BYTES_WIDE / nbuf : A_SMEM_BYTES;
+}
 
 template <int BITS>
 __host__ __device__ constexpr int ring_bytes() { return WARPS * (RUN / unit_tiles<BITS>()) * 32 * 16 * unit_chunks<BITS>(); }
 __host__ __device__ constexpr int sring_bytes() { return WARPS * 32 * 16; }  // one 8-scale slot per lane
 
+// Shared memory of a launch: the B ring, the scale ring and nbuf A buffers of rows x (kc + A_PAD) halves (the
+// partial-sum tile reuses all of it at the end).
+__host__ __device__ constexpr size_t gemm_smem(int rings, int rows, int kc, int nbuf) {
+  return static_cast<size_t>(rings) + static_cast<size_t>(nbuf) * rows * (kc + A_PAD) * 2;
+}
 template <int BITS, int MB>
 constexpr size_t max_smem() {
-  return static_cast<size_t>(ring_bytes<BITS>() + sring_bytes()) +
-         static_cast<size_t>(8 * MB) * (a_smem_bytes<MB>() / (2 * 8 * MB) + A_PAD) * 2;
+  return gemm_smem(ring_bytes<BITS>() + sring_bytes(), 8 * MB, a_buffer_bytes(8 * MB, A_BUFS_MAX) / (2 * 8 * MB),
+                   A_BUFS_MAX);
 }
 
-// Staged A layout: inside each pair of k-tiles (32 columns), lane tig's mma operands are 8 consecutive halves
-//   [tile t0: k 2tig, 2tig+1, 2tig+8, 2tig+9 | tile t1: the same],
-// so one 16-byte load gives a row's operands for two k-tiles.  Column c of a chunk sits at
-//   32 * (c / 32) + 8 * tig + 4 * t + 2 * h + e,  with t = (c / 16) % 2, k = c % 16 = 8h + 2tig + e.
-__device__ __forceinline__ int a_pos(int c) {
-  const int k = c & 15;
-  return (c & ~31) | (((k & 7) >> 1) << 3) | (((c >> 4) & 1) << 2) | ((k >> 3) << 1) | (k & 1);
-}
+// Staged A layout (mma.sync loop): row-major, row r of a buffer at r * (kc + A_PAD) halves.  The operands of a
+// row for a pair of k-tiles (32 columns) are 4 matrices of 8 rows x 8 columns, one ldmatrix.x4: matrix j holds
+// k-tile j / 2, columns 8 (j % 2) .. + 7, i.e. lane (gid, tig) receives k = 2 tig, 2 tig + 1 (+ 8) of row gid,
+// the mma.m16n8k16 B fragment of the swapped product.
 
 // ---- wgmma (sm_90a) ---------------------------------------------------------------------------------------
 // WG kernels (64-row tiles, lean mode) replace the 32 mma.sync per k-tile and warp by 4 asynchronous
@@ -566,7 +579,7 @@ __global__ void __launch_bounds__(THREADS, wide<MB>() ? 1 : 2) marlin_gemm_kerne
   extern __shared__ __align__(16) unsigned char smem[];
   int4* ring = reinterpret_cast<int4*>(smem);                                     // [WARPS][SLOTS][UNIT_I4]
   int4* sring = reinterpret_cast<int4*>(smem + ring_bytes<BITS>());               // [WARPS][32]
-  T* As = reinterpret_cast<T*>(smem + ring_bytes<BITS>() + sring_bytes());        // [R][kc + A_PAD], a_pos order
+  T* As = reinterpret_cast<T*>(smem + ring_bytes<BITS>() + sring_bytes());        // [nbuf][R][kc + A_PAD]
   float* red = reinterpret_cast<float*>(smem);                                    // [sb][R][RED_STRIDE] (reuse)
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -589,16 +602,16 @@ __global__ void __launch_bounds__(THREADS, wide<MB>() ? 1 : 2) marlin_gemm_kerne
   const int nruns = kt_end > kt_beg ? (kt_end - kt_beg + RUN - 1) / RUN : 0;
   const int nr = nruns > phase ? (nruns - phase + kw - 1) / kw : 0;  // this warp's runs
   const int astride = p.kc + A_PAD;
+  const int abuf = R * astride;  // halves per A buffer
   const bool ring_scales = !GEN && !p.scale_epilogue;  // one group per run: its scales ride in the ring
   const T* scales = reinterpret_cast<const T*>(p.scales);
 
   const int4* my_ring = ring + warp * SLOTS * UNIT_I4;  // slot x at my_ring + x * UNIT_I4 (chunk_index inside)
   const int4* my_sring = sring + warp * 32 + lane;
   const uint32_t ring_s = smem_addr(my_ring), sring_s = smem_addr(my_sring);
-  // This lane's A operand row in m8 block mb: 8 mb + gid.
-  const T* arow[MB];
-#pragma unroll
-  for (int mb = 0; mb < MB; ++mb) arow[mb] = As + (8 * mb + gid) * astride + 8 * tig;
+  // This lane's ldmatrix row address in m8 block 0 of a buffer (see the staged A layout): row lane % 8, columns
+  // 8 (lane / 8) ..; m8 block mb adds 8 mb rows, tile u of a run 16 u columns.
+  const uint32_t a_lane = 2 * ((lane & 7) * astride + 8 * (lane >> 3));
 
   // Issue state: the warp's next run to stream (first k-tile ikt), running pointers.
   const int64_t ustride = static_cast<int64_t>(NS) * UNIT_I4;  // int4s between units of a strip
@@ -625,18 +638,6 @@ __global__ void __launch_bounds__(THREADS, wide<MB>() ? 1 : 2) marlin_gemm_kerne
     }
   };
 
-  // 1. Fill the ring, then zero the A rows past M (they stay zero for every chunk).
-#pragma unroll
-  for (int x = 0; x < SLOTS; ++x) issue(x);
-  for (int id = threadIdx.x; id < (R - mv) * (astride / 8); id += THREADS) {
-    const int r = mv + id / (astride / 8), c8 = id % (astride / 8);
-    if constexpr (WG) {
-      if (8 * c8 < p.kc) *reinterpret_cast<int4*>(As + wg_pos(r, 8 * c8)) = make_int4(0, 0, 0, 0);
-    } else {
-      *reinterpret_cast<int4*>(As + r * astride + 8 * c8) = make_int4(0, 0, 0, 0);
-    }
-  }
-
   float acc[NACC][4];
 #pragma unroll
   for (int i = 0; i < NACC; ++i)
@@ -654,63 +655,80 @@ __global__ void __launch_bounds__(THREADS, wide<MB>() ? 1 : 2) marlin_gemm_kerne
   const uint32_t as_s = smem_addr(As);
   const T* A = reinterpret_cast<const T*>(p.A);
   const int ct = p.kc / 16;  // k-tiles per chunk (a multiple of RUN)
-  int i = 0;                 // this warp's run index
-  for (int c0 = kt_beg; c0 < kt_end; c0 += ct) {
-    // 2. Stage A[m0 : m0 + mv, 16 c0 : 16 min(c0 + ct, kt_end)) in a_pos order (the B ring keeps streaming),
-    //    zero up to the end of the last run.
+
+  // 1. A is staged per chunk of ct k-tiles into buffer (chunk index) % nbuf: rows m0 .. m0 + mv by cp.async, 16
+  //    bytes per copy and all of a thread's copies in flight at once, the columns past the part's last k-tile up
+  //    to the end of its last run zero-filled by the same copies; act-order at M = 1 gathers through perm instead
+  //    (8 columns per item: 8 independent loads in flight per thread).  Either way one cp.async group per chunk,
+  //    so that waiting for it can leave the B ring's newer groups in flight (step 2).
+  auto stage = [&](int c0, int b) {
     const int cols = 16 * min(ct, kt_end - c0);
-    const int cols_run = min(p.kc, (cols + 16 * RUN - 1) / (16 * RUN) * (16 * RUN));
-    if constexpr (WG) wg_wait<0>();  // the tensor cores no longer read the previous chunk
-    __syncthreads();
-    if constexpr (WG) {
-      // One item = 8 columns of a row; consecutive threads take consecutive rows (16 bytes apart in wg_pos).
-      for (int id = threadIdx.x; id < mv * (cols / 8); id += THREADS) {
-        const int r = id % mv, c8 = id / mv;
-        *reinterpret_cast<int4*>(As + wg_pos(r, 8 * c8)) =
-            __ldg(reinterpret_cast<const int4*>(A + static_cast<int64_t>(m0 + r) * p.lda + 16 * c0 + 8 * c8));
-      }
-      for (int id = threadIdx.x; id < mv * ((cols_run - cols) / 8); id += THREADS) {
-        const int r = id % mv, c8 = id / mv;
-        *reinterpret_cast<int4*>(As + wg_pos(r, cols + 8 * c8)) = make_int4(0, 0, 0, 0);
-      }
-      fence_proxy_async();
-    } else if (p.perm == nullptr) {
-      // One item = a row's 32 columns (4 x 16 bytes in, 4 x 16 bytes out): output word 4 tig + 2t + h is
-      // input word 8t + 4h + tig (words = column pairs).
-      for (int id = threadIdx.x; id < mv * (cols / 32); id += THREADS) {
-        const int r = id / (cols / 32), pp = id % (cols / 32);
-        const int4* src = reinterpret_cast<const int4*>(A + static_cast<int64_t>(m0 + r) * p.lda + 16 * c0 + 32 * pp);
-        int4 v[4];
-#pragma unroll
-        for (int w = 0; w < 4; ++w) v[w] = __ldg(src + w);
-        const int* in = reinterpret_cast<const int*>(v);
-        int4* dst = reinterpret_cast<int4*>(As + r * astride + 32 * pp);
-#pragma unroll
-        for (int t4 = 0; t4 < 4; ++t4) dst[t4] = make_int4(in[t4], in[4 + t4], in[8 + t4], in[12 + t4]);
+    const int c8s = min(p.kc, (cols + 16 * RUN - 1) / (16 * RUN) * (16 * RUN)) / 8;  // to the end of the last run
+    const T* src = A + static_cast<int64_t>(m0) * p.lda + 16 * c0;
+    if (WG || p.perm == nullptr) {
+      const uint32_t dst = as_s + 2 * b * abuf;
+      for (int id = threadIdx.x; id < mv * c8s; id += THREADS) {
+        // WG: consecutive threads take consecutive rows (16 bytes apart in wg_pos); else consecutive columns.
+        const int r = WG ? id % mv : id / c8s, c8 = WG ? id / mv : id % c8s;
+        const bool in = 8 * c8 < cols;
+        cp_async16_cg(dst + 2 * (WG ? wg_pos(r, 8 * c8) : r * astride + 8 * c8),
+                      in ? src + static_cast<int64_t>(r) * p.lda + 8 * c8 : p.A, in ? 16 : 0);
       }
     } else {
-      // Gather through perm, 8 columns per item so that 8 independent loads are in flight per thread: columns
-      // 8 c8 .. 8 c8 + 7 share t and h (a_pos), so they land as 4 column pairs at a_pos(8 c8 + 2j).
-      for (int c8 = threadIdx.x; c8 < cols / 8; c8 += THREADS) {
-        const Perm8 pm(p.perm + 16 * c0 + 8 * c8);
+      T* dst = As + b * abuf;
+      for (int c8 = threadIdx.x; c8 < c8s; c8 += THREADS) {
+        const bool in = 8 * c8 < cols;
+        const Perm8 pm(p.perm + (in ? 16 * c0 + 8 * c8 : 0));
         for (int r = 0; r < mv; ++r) {
-          T v[8];
-          gather8(A + static_cast<int64_t>(m0 + r) * p.lda, pm, p.lda, v);
-#pragma unroll
-          for (int j = 0; j < 4; ++j)
-            *reinterpret_cast<T2*>(As + r * astride + a_pos(8 * c8 + 2 * j)) = T2{v[2 * j], v[2 * j + 1]};
+          alignas(16) T v[8];
+          if (in) gather8(src - 16 * c0 + static_cast<int64_t>(r) * p.lda, pm, p.lda, v);
+          else *reinterpret_cast<int4*>(v) = make_int4(0, 0, 0, 0);
+          *reinterpret_cast<int4*>(dst + r * astride + 8 * c8) = *reinterpret_cast<const int4*>(v);
         }
       }
     }
-    if constexpr (!WG) {
-      for (int id = threadIdx.x; id < mv * ((cols_run - cols) / 8); id += THREADS) {
-        const int r = id / ((cols_run - cols) / 8), c8 = id % ((cols_run - cols) / 8);
-        *reinterpret_cast<int4*>(As + r * astride + cols + 8 * c8) = make_int4(0, 0, 0, 0);
-      }
+    cp_async_commit();
+  };
+  // The first chunk, then the B ring (its SLOTS groups are newer), then the A rows past M, which stay zero in
+  // every buffer.
+  stage(kt_beg, 0);
+#pragma unroll
+  for (int x = 0; x < SLOTS; ++x) issue(x);
+  for (int id = threadIdx.x; id < p.nbuf * (R - mv) * (astride / 8); id += THREADS) {
+    const int b = id / ((R - mv) * (astride / 8)), rem = id % ((R - mv) * (astride / 8));
+    const int r = mv + rem / (astride / 8), c8 = rem % (astride / 8);
+    if constexpr (WG) {
+      if (8 * c8 < p.kc) *reinterpret_cast<int4*>(As + b * abuf + wg_pos(r, 8 * c8)) = make_int4(0, 0, 0, 0);
+    } else {
+      *reinterpret_cast<int4*>(As + b * abuf + r * astride + 8 * c8) = make_int4(0, 0, 0, 0);
     }
+  }
+
+  int i = 0;           // this warp's run index
+  int ring_after = 1;  // whether a run's SLOTS ring groups were committed after this chunk's A group
+  for (int c0 = kt_beg, j = 0; c0 < kt_end; c0 += ct, ++j) {
+    // 2. This chunk's A: wait for its group (leaving the ring's newest groups, and the next chunk's copies, in
+    //    flight), then a block barrier for everyone's copies.  With one buffer the chunk is staged here, after
+    //    every warp has left the previous one.
+    const int b = j % p.nbuf;
+    if constexpr (WG) wg_wait<0>();  // the tensor cores no longer read the previous chunk
+    __syncthreads();                 // no warp reads the previous chunk's buffer any more
+    const bool ahead = p.nbuf == 2 && c0 + ct < kt_end;
+    if (p.nbuf == 1 && j > 0) {
+      stage(c0, 0);
+      cp_async_wait<0>();
+    } else {
+      if (ahead) stage(c0 + ct, b ^ 1);  // flies while this chunk is multiplied
+      if (!ring_after) cp_async_wait<0>();
+      else if (ahead) cp_async_wait<SLOTS + 1>();
+      else cp_async_wait<SLOTS>();
+    }
+    if constexpr (WG) fence_proxy_async();  // cp.async wrote through the generic proxy; wgmma reads the async one
     __syncthreads();
+    const uint32_t a_s = as_s + 2 * b * abuf;
 
     // 3. This warp's runs inside the chunk.
+    const int i_first = i;
     for (; i < nr; ++i) {
       const int kt0 = kt_beg + RUN * (phase + i * kw);
       if (kt0 >= c0 + ct) break;
@@ -723,7 +741,7 @@ __global__ void __launch_bounds__(THREADS, wide<MB>() ? 1 : 2) marlin_gemm_kerne
 #pragma unroll
           for (int e = 0; e < 4; ++e) part_acc[q][e] = 0.f;
       }
-      uint32_t af[MB][4];  // A operands of a tile pair (see a_pos)
+      uint32_t af[MB][4];  // A operands of a tile pair (see the staged A layout)
       uint32_t uw[4 * UC];  // the lane's words of the current unit
       // Fully unrolled in the lean swapped modes (slot offsets become immediates); by steps (a tile pair or a
       // unit) elsewhere, where the wider state (zero points, 32-128 accumulators) would otherwise spill.
@@ -750,10 +768,7 @@ __global__ void __launch_bounds__(THREADS, wide<MB>() ? 1 : 2) marlin_gemm_kerne
           }
           if (u % 2 == 0 && !WG) {
 #pragma unroll
-            for (int mb = 0; mb < MB; ++mb) {
-              const int4 v = *reinterpret_cast<const int4*>(arow[mb] + aoff + 16 * u);
-              af[mb][0] = v.x; af[mb][1] = v.y; af[mb][2] = v.z; af[mb][3] = v.w;
-            }
+            for (int mb = 0; mb < MB; ++mb) ldmatrix_x4(af[mb], a_s + a_lane + 2 * (8 * mb * astride + aoff + 16 * u));
           }
           // Refill the slot (its words are in registers now) with the same unit of the next run.
           if (u % UT == 0) issue(u / UT);
@@ -782,7 +797,7 @@ __global__ void __launch_bounds__(THREADS, wide<MB>() ? 1 : 2) marlin_gemm_kerne
           if (!per_row) dequant<T, BITS, !GEN>(q, gc, !FOLD && !p.scale_epilogue, bf);
 
           if constexpr (WG) {
-            const uint64_t desc = wg_desc(as_s + 2 * (aoff + 16 * u) * WG_ROWS);
+            const uint64_t desc = wg_desc(a_s + 2 * (aoff + 16 * u) * WG_ROWS);
             wg_fence();  // the fragments (and, on the first tile, the zeroed accumulators) are written
             wgmma_64<T, 0>(acc, {bf[0][0], bf[1][0], bf[0][1], bf[1][1]}, desc);
             wgmma_64<T, 1>(acc, {bf[2][0], bf[3][0], bf[2][1], bf[3][1]}, desc);
@@ -816,6 +831,7 @@ __global__ void __launch_bounds__(THREADS, wide<MB>() ? 1 : 2) marlin_gemm_kerne
           }
       }
     }
+    ring_after = i > i_first;
   }
   cp_async_wait_all();
   if constexpr (WG) wg_wait<0>();

@@ -196,12 +196,14 @@ def test_marlin_gemm_llama_shape(kern, bits, K, N):
 
 @pytest.mark.parametrize("bits,sym", [(4, True), (8, False), (3, True), (3, False), (2, True)])
 def test_marlin_gemm_forced_splits(kern, bits, sym):
-    """Every split path: strips per block, cluster (DSMEM) reduction, global slices, and the dense path."""
+    """Every split path: strips per block, cluster (DSMEM) reduction, global slices, and the dense path, each with
+    one and two staged A buffers (parts of several chunks); at M = 1 also the staged act-order gather."""
     dev = torch.device("cuda")
     K, N = 4096, 1536
     w = make_weight(bits, 128, sym, False, K, N, seed=9, dtype=torch.float16)
     kw = kernel_layout.to_kernel(w, Layout.MARLIN, scale_dtype=torch.float16)
     qw, sc, qz, gs = to_dev(kw, dev)
+    perm = torch.randperm(K, generator=torch.Generator().manual_seed(5)).to(torch.int32).to(dev)
     try:
         for M in (1, 5, 16, 24, 48, 100):
             x = torch.randn(M, K, dtype=torch.float32).half().to(dev)
@@ -209,11 +211,16 @@ def test_marlin_gemm_forced_splits(kern, bits, sym):
                                                 (1, 1, 4, 0, 0), (2, 8, 1, 0, 0), (0, 0, 0, 1, 0), (2, 2, 1, 0, 8),
                                                 (4, 2, 1, 0, 16), (1, 2, 2, 0, 16), (8, 1, 1, 0, 32),
                                                 (2, 2, 2, 0, 32), (8, 1, 1, 0, 64), (1, 4, 1, 0, 64)):
-                kern.marlin_set_config(sb, cs, slices, dense, rows)
-                y = kern.marlin_gemm(x, qw, sc, qz, gs, bits, 128)
-                check_close(y, x, w, f"marlin forced sb={sb} cs={cs} slices={slices} dense={dense} rows={rows} M={M}")
+                for bufs in (1, 2):
+                    what = f"marlin forced sb={sb} cs={cs} slices={slices} dense={dense} rows={rows} bufs={bufs} M={M}"
+                    kern.marlin_set_config(sb, cs, slices, dense, rows, 0, bufs)
+                    y = kern.marlin_gemm(x, qw, sc, qz, gs, bits, 128)
+                    check_close(y, x, w, what)
+                    if M == 1:
+                        y_perm = kern.marlin_gemm(x[:, torch.argsort(perm)], qw, sc, qz, gs, bits, 128, perm)
+                        assert torch.equal(y_perm, y), f"{what}: the staged gather differs from the plain GEMM"
     finally:
-        kern.marlin_set_config(0, 0, 0, 0, 0, 0)
+        kern.marlin_set_config(0, 0, 0, 0, 0, 0, 0)
 
 
 # ---- Hopper mixed-input GEMM (CUTLASS, sm_90a) on the Marlin words ----------------------------------------
@@ -419,11 +426,13 @@ def test_marlin_gemm_wide_tiles(kern, bits, group_size, sym, act, dtype):
             x = torch.randn(M, K, generator=torch.Generator().manual_seed(M), dtype=torch.float32).to(dtype).to(dev)
             for sb, cs, slices, rows, wg in ((2, 1, 1, 32, 0), (8, 2, 1, 32, 0), (1, 2, 2, 64, 0), (8, 1, 1, 64, -1),
                                              (8, 1, 1, 64, 1), (4, 2, 1, 64, 1), (4, 1, 2, 64, 1)):
-                kern.marlin_set_config(sb, cs, slices, 100000, rows, wg)
-                y = kern.marlin_gemm(x, qw, sc, qz, gs, bits, group_size, perm)
-                check_close(y, x, w, f"marlin wide rows={rows} sb={sb} cs={cs} slices={slices} wgmma={wg} M={M}")
+                for bufs in (1, 2):
+                    kern.marlin_set_config(sb, cs, slices, 100000, rows, wg, bufs)
+                    y = kern.marlin_gemm(x, qw, sc, qz, gs, bits, group_size, perm)
+                    check_close(y, x, w, f"marlin wide rows={rows} sb={sb} cs={cs} slices={slices} wgmma={wg} "
+                                         f"bufs={bufs} M={M}")
     finally:
-        kern.marlin_set_config(0, 0, 0, 0, 0, 0)
+        kern.marlin_set_config(0, 0, 0, 0, 0, 0, 0)
 
 
 # ---- ExLlama-layout GEMM --------------------------------------------------------------------------------
