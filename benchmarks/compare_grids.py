@@ -2,6 +2,8 @@
 
     python benchmarks/compare_grids.py FIRST.json SECOND.json [MORE.json ...] [--kernels mygptq,mygptq_marlin]
 
+A grid is a file's `rows`, or another run in the same file as `FILE.json#KEY` (`#second_run`, `#before`).
+
 For every (shape, M, kernel) that all grids time: each grid's time and, for every grid after the first, its time
 over the first's (below 1: faster).  Then per kernel and M the geometric mean of those ratios over the shapes.
 Reference kernels (cublas_fp16, vllm_*) are the same code in every build: their ratios show what the grids differ
@@ -32,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.kernels:
         wanted = args.kernels.split(",")
         keys = [k for k in keys if k[2] in wanted]
-    names = [Path(g).stem for g in args.grids]
+    names = [Path(g.partition("#")[0]).stem + (f"#{g.partition('#')[2]}" if "#" in g else "") for g in args.grids]
     print("| shape | M | kernel | " + " | ".join(f"{n} us" for n in names) + " |")
     print("|---|---|---|" + "---|" * len(names))
     ratios: dict[tuple[str, int], list[list[float]]] = {}

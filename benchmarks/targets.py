@@ -20,7 +20,10 @@ from kernels import table  # noqa: E402
 
 
 def load(path: str) -> dict[tuple[str, int, str], float]:
-    rows = json.loads(Path(path).read_text())["rows"]
+    """(shape, M, kernel) -> us of a grid file's `rows`, or of another run in the same file with `FILE.json#KEY`
+    (e.g. `#second_run`, `#before`)."""
+    file, _, run = path.partition("#")
+    rows = json.loads(Path(file).read_text())[run or "rows"]
     return {(r["shape"], r["M"], r["kernel"]): r["us"] for r in rows}
 
 

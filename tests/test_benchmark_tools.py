@@ -45,6 +45,20 @@ def test_compare_grids_prints_ratios_to_the_first_and_their_geometric_means(tmp_
     assert "cublas_fp16" not in capsys.readouterr().out
 
 
+def test_compare_grids_reads_a_second_run_of_the_same_file(tmp_path, capsys):
+    """`FILE.json#KEY` is the run stored under KEY beside `rows` (a before / after pair in one file)."""
+    compare = _script("compare_grids")
+    path = tmp_path / "pair.json"
+    rows = lambda us: [dict(shape="a", K=64, N=64, M=1, kernel="mygptq", us=us)]  # noqa: E731
+    path.write_text(json.dumps(dict(meta={}, rows=rows(3.0), before=rows(4.0))))
+    compare.main([f"{path}#before", str(path)])
+    out = capsys.readouterr().out
+    assert "| a | 1 | mygptq | 4.0 | 3.0 (0.75) |" in out
+    assert "pair / pair#before (geomean)" in out
+    with pytest.raises(KeyError):
+        compare.main([f"{path}#missing", str(path)])
+
+
 def test_compare_grids_needs_two_grids(tmp_path):
     compare = _script("compare_grids")
     with pytest.raises(SystemExit):
