@@ -10,7 +10,9 @@
 2. For each method (mygptq, gptq, mygptq-3bit on the GPTQ checkpoints; fp16 on the float one), in its own process (one
    engine each, CUDA graphs and torch.compile as vLLM defaults them, Triton attention): per case one warm-up
    generate, then the timed `LLM.generate` of `batch` random prompts with exactly the case's output tokens
-   (ignore_eos).  Cases: decode-heavy, 128 prompt / 128 output tokens at each of --batches; prefill-heavy,
+   (ignore_eos).  Every generate gets prompts of its own: vLLM caches prefixes by default, and a timed call on the
+   warm-up's prompts would find their whole prefill cached (until 2026-12-06 it did: the prefill-heavy case then
+   timed mostly its 16 decode steps).  Cases: decode-heavy, 128 prompt / 128 output tokens at each of --batches; prefill-heavy,
    --prefill IN,OUT,BATCH (default 1024 / 16 at batch 32).  Throughput = output tokens / wall time of that call
    (prefill included), as `vllm bench throughput` counts it; the best of --repeats.
 3. Prints one JSON object (also written to DIR/e2e_throughput.json) with tok/s per method and case and the
@@ -40,13 +42,15 @@ llm = LLM(model=model, skip_tokenizer_init=True, attention_backend="TRITON_ATTN"
           max_model_len=max(i + o for i, o, _ in cases.values()), max_num_seqs=max(b for _, _, b in cases.values()),
           dtype="float16", seed=0, **extra)
 rng = np.random.default_rng(0)
+def fresh(n_in, batch):  # new prompts for every generate: none finds its prefix cached
+    return [{"prompt_token_ids": rng.integers(100, 30000, n_in).tolist()} for _ in range(batch)]
 result = {}
 for case, (n_in, n_out, batch) in cases.items():
     params = SamplingParams(max_tokens=n_out, min_tokens=n_out, ignore_eos=True, temperature=0)
-    prompts = [{"prompt_token_ids": rng.integers(100, 30000, n_in).tolist()} for _ in range(batch)]
-    llm.generate(prompts, params, use_tqdm=False)  # warm-up
+    llm.generate(fresh(n_in, batch), params, use_tqdm=False)  # warm-up
     best = float("inf")
     for _ in range(repeats):
+        prompts = fresh(n_in, batch)
         start = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=False)
         best = min(best, time.perf_counter() - start)

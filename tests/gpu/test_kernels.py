@@ -583,6 +583,12 @@ def test_cuda_graph_marlin(kern, M):
     args = list(_marlin_args(3, True, False, M))
     x3 = args[0]
     _graph_equals_eager(lambda: kern.marlin_gemm(x3, *args[1:]), x3, [torch.randn_like(x3) for _ in range(2)])
+    # Act-order: above M = 1 the gather kernel writes the GEMM's A; each replay must gather that replay's input.
+    args = list(_marlin_args(4, False, False, M))
+    x4 = args[0]
+    perm = torch.randperm(256, generator=torch.Generator().manual_seed(M)).to(torch.int32).cuda()
+    _graph_equals_eager(lambda: kern.marlin_gemm(x4, *args[1:], perm), x4, [torch.randn_like(x4) for _ in range(2)])
+    assert torch.equal(kern.marlin_gemm(x4, *args[1:], perm), kern.marlin_gemm(x4[:, perm.long()].contiguous(), *args[1:]))
 
 
 def _hopper_args(bits, sym, act, M, dtype=torch.float16):
