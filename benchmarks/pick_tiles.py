@@ -21,7 +21,7 @@ SWEEPS = {32: "kernels-h200-2026-11-22-issue7-run3-sweep-rows32.txt",
           64: "kernels-h200-2026-11-22-issue7-run3-sweep-rows64.txt"}
 WGMMA_SWEEP = "kernels-h200-2026-11-22-issue7-run5-sweep-rows64-wgmma.txt"
 # The 16-row split of buckets 32 / 64 (the table before the wide tiles): the fastest of the run-2 sweep.
-R16_SWEEP = "kernels-h200-2026-11-22-issue7-run2-split-sweep-m32-m64.txt"
+R16_SWEEP = "kernels-h200-2026-11-22-issue7-run2-split-sweep.txt"
 MARGIN = 1.05
 
 

@@ -21,8 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/, 
 from kernels import SHAPES  # noqa: E402
 from sweep_logs import parse_sweep  # noqa: E402
 
-SWEEPS = ["kernels-h200-2026-11-22-issue7-run2-split-sweep-m1-m16.txt",
-          "kernels-h200-2026-11-22-issue7-run2-split-sweep-m32-m64.txt"]
+SWEEP = "kernels-h200-2026-11-22-issue7-run2-split-sweep.txt"
 SMS, WARPS, RUN_ROWS = 132, 8, 128
 
 
@@ -41,12 +40,11 @@ def features(name: str, M: int, sb: int, parts: int) -> list[float]:
 
 def main() -> None:
     rows, auto = [], {}
-    for sweep in SWEEPS:
-        for (name, M), (t_auto, cfgs) in parse_sweep(sweep).items():
-            if M >= 100:
-                continue
-            auto[(name, M)] = t_auto
-            rows += [(name, M, sb, cs, t) for (sb, cs), t in cfgs.items()]
+    for (name, M), (t_auto, cfgs) in parse_sweep(SWEEP).items():
+        if M >= 100:
+            continue
+        auto[(name, M)] = t_auto
+        rows += [(name, M, sb, cs, t) for (sb, cs), t in cfgs.items()]
     X = np.array([features(n, M, sb, cs) for n, M, sb, cs, _ in rows])
     y = np.log([t for *_, t in rows])
     coef, *_ = np.linalg.lstsq(X, y, rcond=None)
