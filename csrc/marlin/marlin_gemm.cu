@@ -152,7 +152,7 @@ at::Tensor gather_columns(const at::Tensor& a, const at::Tensor& perm, int64_t K
               "gather_columns: perm must be 16-byte aligned contiguous int32 [K], K % 8 == 0");
   TORCH_CHECK(a.is_contiguous(), "gather_columns: a must be contiguous");
   at::Tensor out = at::empty({a.size(0), K}, a.options());
-  if (a.size(0) == 0) return out;
+  if (a.size(0) == 0 || K == 0) return out;
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   if (a.scalar_type() == at::kHalf) launch_gather<half>(a, perm, K, out, stream);
   else launch_gather<__nv_bfloat16>(a, perm, K, out, stream);

@@ -525,6 +525,12 @@ __global__ void __launch_bounds__(THREADS) gather_columns_kernel(const T* __rest
   extern __shared__ int4 row_smem[];
   const int m = blockIdx.x;  // rows on x: M may exceed 65535
   const T* arow = a + static_cast<int64_t>(m) * lda;
+  const int groups = K / 8, per_slice = (groups + gridDim.y - 1) / gridDim.y;
+  const int beg = blockIdx.y * per_slice + threadIdx.x;
+  const int end = min(groups, static_cast<int>(blockIdx.y + 1) * per_slice);
+  // The first item's permutation entries are read before the row is staged, so that the two reads overlap: at small
+  // M a thread has one item, and the kernel is a chain of dependent reads (K > 0: the index is in range).
+  Perm8 pm(perm + 8 * min(beg, groups - 1));
   if constexpr (ROW) {
     if (lda % 8 == 0 && reinterpret_cast<uintptr_t>(arow) % 16 == 0) {
       for (int i = threadIdx.x; i < lda / 8; i += THREADS) row_smem[i] = __ldg(reinterpret_cast<const int4*>(arow) + i);
@@ -533,12 +539,11 @@ __global__ void __launch_bounds__(THREADS) gather_columns_kernel(const T* __rest
     }
     __syncthreads();
   }
-  const int groups = K / 8, per_slice = (groups + gridDim.y - 1) / gridDim.y;
-  const int end = min(groups, static_cast<int>(blockIdx.y + 1) * per_slice);
-  for (int c8 = blockIdx.y * per_slice + threadIdx.x; c8 < end; c8 += THREADS) {
+  for (int c8 = beg; c8 < end; c8 += THREADS) {
+    if (c8 != beg) pm = Perm8(perm + 8 * c8);
     T v[8];
-    if constexpr (ROW) gather8<T, false>(reinterpret_cast<const T*>(row_smem), Perm8(perm + 8 * c8), lda, v);
-    else gather8(arow, Perm8(perm + 8 * c8), lda, v);
+    if constexpr (ROW) gather8<T, false>(reinterpret_cast<const T*>(row_smem), pm, lda, v);
+    else gather8(arow, pm, lda, v);
     *reinterpret_cast<int4*>(out + static_cast<int64_t>(m) * K + 8 * c8) = *reinterpret_cast<const int4*>(v);
   }
 }
