@@ -8,6 +8,7 @@
 #   bash benchmarks/device_suite.sh load                # converted vs source load time in vLLM
 #   bash benchmarks/device_suite.sh e2e                 # offline generation tok/s, mygptq vs in-tree gptq
 #   bash benchmarks/device_suite.sh e2e-3bit            # the same for a 3-bit model beside the 4-bit one (issue 14)
+#   bash benchmarks/device_suite.sh e2e-act             # the same for an act-order model (converted) vs in-tree on it
 #   bash benchmarks/device_suite.sh install tp2         # on two GPUs: plugin TP 2 == TP 1
 #   bash benchmarks/device_suite.sh row-spread          # tuning: the Marlin atom's bank conflicts (benchmarks/tuning/row_spread)
 set -uo pipefail
@@ -62,6 +63,10 @@ for stage in "$@"; do
       python benchmarks/e2e_throughput.py --methods mygptq,mygptq-3bit,fp16 --out "$OUT/e2e-3bit" \
         > "$OUT/e2e-3bit.log" 2>&1 || status=1
       tail -40 "$OUT/e2e-3bit.log" ;;
+    e2e-act)
+      python benchmarks/e2e_throughput.py --methods mygptq-act,gptq-act,mygptq --out "$OUT/e2e-act" \
+        > "$OUT/e2e-act.log" 2>&1 || status=1
+      tail -40 "$OUT/e2e-act.log" ;;
     row-spread)  # ROW_SPREAD_SO=path: a library built elsewhere (else a JIT build here)
       python benchmarks/tuning/row_spread/measure.py "$OUT/row-spread-${GPU:-gpu}-$(date +%F).json" ${ROW_SPREAD_SO:-} \
         > "$OUT/row-spread.log" 2>&1 || status=1
