@@ -110,14 +110,16 @@ def main() -> None:
         ap.error(f"--methods: unknown {', '.join(unknown)} (expected some of {', '.join(METHODS)})")
     shutil.rmtree(args.workdir, ignore_errors=True)
     try:
-        generate(models["gptq"], args.layers, LLAMA3_8B, act_order=False)
+        if {"mygptq", "gptq", "fp16"} & set(methods):  # fp16's config is this checkpoint's without quantization
+            generate(models["gptq"], args.layers, LLAMA3_8B, act_order=False)
         if "mygptq-3bit" in methods:
             generate(models["gptq-3bit"], args.layers, LLAMA3_8B, act_order=False, bits=3)
         if {"mygptq-act", "gptq-act"} & set(methods):
             generate(models["gptq-act"], args.layers, LLAMA3_8B, act_order=True)
         if "mygptq-act" in methods:
             run_convert(models["gptq-act"], models["gptq-act-converted"])
-        write_float_config(models["gptq"], models["float"])
+        if "fp16" in methods:
+            write_float_config(models["gptq"], models["float"])
         results = {}
         for m in methods:
             checkpoint, quantization = METHODS[m]
