@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.kernels:
         wanted = args.kernels.split(",")
         keys = [k for k in keys if k[2] in wanted]
-    names = [Path(g.partition("#")[0]).stem + (f"#{g.partition('#')[2]}" if "#" in g else "") for g in args.grids]
+    names = [Path(file).stem + sep + run for file, sep, run in (g.partition("#") for g in args.grids)]
     print("| shape | M | kernel | " + " | ".join(f"{n} us" for n in names) + " |")
     print("|---|---|---|" + "---|" * len(names))
     ratios: dict[tuple[str, int], list[list[float]]] = {}

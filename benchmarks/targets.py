@@ -19,16 +19,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernels import table  # noqa: E402
 
 
-def load(path: str) -> dict[tuple[str, int, str], float]:
-    """(shape, M, kernel) -> us of a grid file's `rows`, or of another run in the same file with `FILE.json#KEY`
-    (e.g. `#second_run`, `#before`)."""
+def read_rows(path: str) -> list[dict]:
+    """A grid file's `rows`, or another run in the same file with `FILE.json#KEY` (e.g. `#second_run`, `#before`)."""
     file, _, run = path.partition("#")
-    rows = json.loads(Path(file).read_text())[run or "rows"]
-    return {(r["shape"], r["M"], r["kernel"]): r["us"] for r in rows}
+    runs = json.loads(Path(file).read_text())
+    key = run or "rows"
+    if key not in runs:
+        raise KeyError(f"{file}: no run {key!r} (it has {', '.join(k for k in runs if k != 'meta')})")
+    return runs[key]
+
+
+def load(path: str) -> dict[tuple[str, int, str], float]:
+    """(shape, M, kernel) -> us of the grid `path` names (see read_rows)."""
+    return {(r["shape"], r["M"], r["kernel"]): r["us"] for r in read_rows(path)}
 
 
 def main(path: str, baseline: str | None = None) -> None:
-    rows = json.loads(Path(path).read_text())["rows"]
+    rows = read_rows(path)
     table(rows)
     us = load(path)
     base = load(baseline) if baseline else None

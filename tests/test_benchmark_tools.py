@@ -55,7 +55,7 @@ def test_compare_grids_reads_a_second_run_of_the_same_file(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| a | 1 | mygptq | 4.0 | 3.0 (0.75) |" in out
     assert "pair / pair#before (geomean)" in out
-    with pytest.raises(KeyError):
+    with pytest.raises(KeyError, match="no run 'missing' \\(it has rows, before\\)"):
         compare.main([f"{path}#missing", str(path)])
 
 
