@@ -1,11 +1,14 @@
-"""Launch our Marlin-layout GEMM on a few shapes so that Nsight Compute can profile each launch.
+"""Launch our Marlin-layout GEMM (and, with --vllm, vLLM's marlin_gemm) on a few shapes for Nsight Compute.
 
-    ncu --clock-control none -k regex:marlin_gemm_kernel --section SpeedOfLight --section WarpStateStats \
+    ncu --clock-control none -k regex:"marlin_gemm_kernel|Marlin" --section SpeedOfLight --section WarpStateStats \
         --section SchedulerStats --section Occupancy --section LaunchStats \
-        python benchmarks/tuning/profile_marlin.py 70b.gate_up:1 8b.qkv:1 8b.qkv:16
+        python benchmarks/tuning/profile_marlin.py --vllm 8b.o:16 8b.o:32
 
-Arguments: SHAPE:M pairs (shapes of benchmarks/kernels.py); 4-bit symmetric g128 fp16, random weights.
-Each pair is launched twice (a warm-up that ncu also records, then the one to read).
+Arguments: SHAPE:M pairs (shapes of benchmarks/kernels.py); 4-bit symmetric g128 fp16, random weights.  A pair
+may force our kernel's split as SHAPE:M:STRIPS:RANKS (`cuda.marlin_set_config`, as the split sweep does).
+Each launch runs twice (a warm-up that ncu also records, then the one to read).  --vllm launches vLLM's
+`marlin_gemm` on GPTQ words of the same shape right after ours (vLLM importable: `source
+/tmp/vllm-site/activate.sh` on the device), with the arguments `benchmarks/kernels.py` times it with.
 """
 
 from __future__ import annotations
@@ -19,21 +22,45 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from kernels import G, SHAPES  # noqa: E402  (benchmarks/kernels.py, which also puts the repo root on sys.path)
 
 
-def main(pairs: list[str]) -> None:
+def vllm_marlin(K: int, N: int, dev: torch.device):
+    """A callable x -> vLLM's marlin_gemm(x, W) for random 4-bit g128 GPTQ weights of shape K x N."""
+    from vllm import _custom_ops as ops
+    from vllm.model_executor.layers.quantization.utils.marlin_utils import (
+        marlin_make_workspace_new, marlin_permute_scales)
+    from vllm.scalar_type import scalar_types
+
+    empty = torch.empty(0, dtype=torch.int, device=dev)
+    gq = torch.randint(-2**31, 2**31 - 1, (K // 8, N), dtype=torch.int32, device=dev)
+    q = ops.gptq_marlin_repack(gq, empty, K, N, 4)
+    s = marlin_permute_scales((torch.rand(K // G, N, device=dev) * 0.01 + 0.001).half(), K, N, G)
+    ws = marlin_make_workspace_new(dev)
+    return lambda x: ops.marlin_gemm(x, None, q, None, s, None, None, None, empty, empty, ws, scalar_types.uint4b8,
+                                     x.shape[0], N, K, True, False, True, False)
+
+
+def main(args: list[str]) -> None:
     from gptq_vllm.kernels import cuda as ours
 
     assert ours.available(), ours.load_error()
+    with_vllm = "--vllm" in args
     dev = torch.device("cuda")
-    for pair in pairs:
-        name, m = pair.split(":")
+    for pair in (a for a in args if a != "--vllm"):
+        name, m, *split = pair.split(":")
         K, N = SHAPES[name]
         q = torch.randint(-2**31, 2**31 - 1, (K // 16, N * 2), dtype=torch.int32, device=dev)
         s = (torch.rand(K // G, N, device=dev) * 0.01 + 0.001).half()
         x = torch.randn(int(m), K, device=dev, dtype=torch.float16)
+        if split:
+            ours.marlin_set_config(sb=int(split[0]), cs=int(split[1]))
         for _ in range(2):
             ours.marlin_gemm(x, q, s, None, None, 4, G)
+        ours.marlin_set_config()
+        if with_vllm:
+            theirs = vllm_marlin(K, N, dev)
+            for _ in range(2):
+                theirs(x)
         torch.cuda.synchronize()
-        print(pair, "launched", flush=True)
+        print(pair, "launched", "(ours, vLLM)" if with_vllm else "(ours)", flush=True)
 
 
 if __name__ == "__main__":
