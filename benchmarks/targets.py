@@ -45,25 +45,37 @@ def main(path: str, baseline: str | None = None) -> None:
           "| M=1 / 16 time vs baseline (target ≤ +3 %) |")
     print("|---|---|---|---|---|---|---|")
     for s in shapes:
+        def t(M, k):  # our / a reference kernel's time, None where the grid does not time it
+            return us.get((s, M, k))
+
+        def ratio(num, den):
+            return None if num is None or den is None else num / den
+
         def vs_cublas(M, k="mygptq"):
-            return us[(s, M, "cublas_fp16")] / us[(s, M, k)]
+            return ratio(t(M, "cublas_fp16"), t(M, k))
 
         def vs_vllm(M):
-            return min(us[(s, M, "vllm_marlin")], us[(s, M, "vllm_machete")]) / us[(s, M, "mygptq")]
+            refs = [x for x in (t(M, "vllm_marlin"), t(M, "vllm_machete")) if x is not None]
+            return ratio(min(refs) if refs else None, t(M, "mygptq"))
 
         def act(M):
-            return 100 * (us[(s, M, "mygptq_actorder")] / us[(s, M, "mygptq")] - 1)
+            r = ratio(t(M, "mygptq_actorder"), t(M, "mygptq"))
+            return None if r is None else 100 * (r - 1)
 
         def vs_base(M):
             old = base.get((s, M, "mygptq"), base.get((s, M, "mygptq_marlin")))
-            return 100 * (us[(s, M, "mygptq")] / old - 1)
+            r = ratio(t(M, "mygptq"), old)
+            return None if r is None else 100 * (r - 1)
 
-        cells = [f"{vs_vllm(32):.2f} / {vs_vllm(64):.2f} / {vs_vllm(128):.2f}",
-                 f"{vs_cublas(256):.2f} / {vs_cublas(1024):.2f}",
-                 " / ".join(f"{act(M):+.0f}%" for M in (32, 64, 256, 1024)),
-                 f"{vs_cublas(64, 'mygptq_bf16'):.2f} / {vs_cublas(1024, 'mygptq_bf16'):.2f}",
-                 f"{vs_cublas(64, 'mygptq_w8'):.2f} / {vs_cublas(1024, 'mygptq_w8'):.2f}",
-                 f"{vs_base(1):+.1f}% / {vs_base(16):+.1f}%" if base else "-"]
+        def cell(values, fmt="{:.2f}"):  # a point the grid lacks (a partial grid, e.g. an A/B run) shows as "-"
+            return " / ".join("-" if v is None else fmt.format(v) for v in values)
+
+        cells = [cell([vs_vllm(M) for M in (32, 64, 128)]),
+                 cell([vs_cublas(M) for M in (256, 1024)]),
+                 cell([act(M) for M in (32, 64, 256, 1024)], "{:+.0f}%"),
+                 cell([vs_cublas(M, "mygptq_bf16") for M in (64, 1024)]),
+                 cell([vs_cublas(M, "mygptq_w8") for M in (64, 1024)]),
+                 cell([vs_base(M) for M in (1, 16)], "{:+.1f}%") if base else "-"]
         print(f"| {s} | " + " | ".join(cells) + " |")
 
 

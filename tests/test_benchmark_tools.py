@@ -1,4 +1,4 @@
-"""The benchmark scripts that read measurements (no GPU): benchmarks/compare_grids.py."""
+"""The benchmark scripts that read measurements (no GPU): benchmarks/compare_grids.py, benchmarks/targets.py."""
 
 from __future__ import annotations
 
@@ -63,3 +63,20 @@ def test_compare_grids_needs_two_grids(tmp_path):
     compare = _script("compare_grids")
     with pytest.raises(SystemExit):
         compare.main([_grid(tmp_path / "only.json", {("a", 16, "mygptq"): 1.0})])
+
+
+def test_targets_reads_a_partial_grid(tmp_path, capsys):
+    """targets.py on a grid without act-order or 8-bit rows (an A/B run): the points it has, '-' for the others."""
+    targets = _script("targets")
+    times = {("a", M, k): us for M in (32, 64, 128, 256, 1024)
+             for k, us in (("mygptq", 10.0), ("cublas_fp16", 9.0), ("vllm_marlin", 12.0), ("vllm_machete", 11.0),
+                           ("mygptq_bf16", 9.0))}
+    times[("a", 32, "mygptq_actorder")] = 11.0
+    del times[("a", 128, "vllm_marlin")], times[("a", 128, "vllm_machete")]
+    path = tmp_path / "ab.json"
+    rows = [dict(shape=s, K=4096, N=4096, M=m, kernel=k, us=us, speedup_vs_fp16=times[(s, m, "cublas_fp16")] / us)
+            for (s, m, k), us in times.items()]
+    path.write_text(json.dumps(dict(meta={}, rows=rows)))
+    targets.main(str(path))
+    out = capsys.readouterr().out
+    assert "| a | 1.10 / 1.10 / - | 0.90 / 0.90 | +10% / - / - / - | 1.00 / 1.00 | - / - | - |" in out
