@@ -9,8 +9,8 @@
 // (LayoutAwareConvertImpl is chosen by source/destination type and the register layout of the values, which
 // mirrors their order in shared memory).  GPTQ semantics: code q -> q - 2^(b-1), exact; the collective then
 // multiplies by the group scale (one rounding, as the Marlin kernels and the reference) or, for zero points,
-// computes scale * (q - 2^(b-1)) + zero with zero = scale * (2^(b-1) - z).  These partial specializations
-// are generic in the register layout: each value pair's positions are read from it at compile time.
+// computes scale * (q - 2^(b-1)) + zero with zero = scale * (2^(b-1) - z).  Each value pair's positions are read
+// from the register layout at compile time.
 namespace cutlass {
 
 namespace gptq_hopper_detail {
@@ -40,29 +40,27 @@ CUTLASS_DEVICE uint32_t sub2(uint32_t x, uint32_t y) {
   }
 }
 
-// The pair of values 2J, 2J + 1 of a 4-bit source register q, as T2(v - 8, v' - 8).  The source position
-// of each value is read from the (static) register layout at compile time.  In the Marlin atom a register's
-// pairs sit at nibbles (p, p + 4), p = 0..3, i.e. 16 bits apart, so one lop3 (mask and magic exponent) makes a
-// pair.  fp16 takes the Marlin kernels' trick: nibble p = 1 stays in place as 1024 + 16 v and one HFMA2 by
-// 1/16 and -(64 + 8) finishes it, and p = 2, 3 do the same on q >> 8 (shared by both): 9 instructions per
-// register where shift, mask, or and subtraction per pair took 15 (SASS of the 256x32 kernel).  bf16 has a 7-bit mantissa, where 128 + 16 v
-// overflows, so each of its pairs is shifted down first.
+// The pair of values 2J, 2J + 1 of a 4-bit source register q, as T2(v - 8, v' - 8).  The source position of each
+// value is read from the (static) register layout at compile time; in the Marlin atom a register's pairs sit at
+// nibbles (p, p + 4), p = 0..3, i.e. 16 bits apart, so one lop3 (mask and magic exponent at once) makes a pair.
+// fp16 takes the Marlin kernels' trick: nibble p = 1 stays in place as 1024 + 16 v and one HFMA2 by 1/16 and
+// -(64 + 8) finishes it, and p = 2, 3 do the same on q >> 8 (shared by both): 9 instructions per register, where
+// a shift, mask, or and subtraction per pair took 15 (SASS of the 256x32 kernel).  bf16 has a 7-bit mantissa, which
+// 128 + 16 v overflows, so each of its pairs is shifted down first.
 template <class T, class LayoutIn, int J>
 CUTLASS_DEVICE uint32_t gptq_pair4(uint32_t q, uint32_t q8) {
   using M = Magic<T>;
   constexpr int p0 = decltype(LayoutIn{}(cute::Int<2 * J>{}))::value;
   constexpr int p1 = decltype(LayoutIn{}(cute::Int<2 * J + 1>{}))::value;
-  if constexpr (p1 == p0 + 4 && cute::is_same_v<T, cutlass::half_t>) {
+  static_assert(p1 == p0 + 4 && p0 < 4, "a value pair at nibbles p and p + 4 of one register (the Marlin atom)");
+  if constexpr (cute::is_same_v<T, cutlass::half_t>) {
     const uint32_t src = p0 >= 2 ? q8 : q;
     if constexpr (p0 % 2 == 0) return sub2<T>(gptq_vllm::lop3_and_or(src, 0x000f000fu, M::OR), M::SUB4);
     const uint32_t x = gptq_vllm::lop3_and_or(src, 0x00f000f0u, M::OR);
     const __half2 r = __hfma2(reinterpret_cast<const __half2&>(x), __float2half2_rn(1.f / 16), __float2half2_rn(-72.f));
     return reinterpret_cast<const uint32_t&>(r);
-  } else if constexpr (p1 == p0 + 4) {
-    return sub2<T>(gptq_vllm::lop3_and_or(q >> (4 * p0), 0x000f000fu, M::OR), M::SUB4);
   } else {
-    const uint32_t x = ((q >> (4 * p0)) & 0xfu) | (((q >> (4 * p1)) & 0xfu) << 16) | M::OR;
-    return sub2<T>(x, M::SUB4);
+    return sub2<T>(gptq_vllm::lop3_and_or(q >> (4 * p0), 0x000f000fu, M::OR), M::SUB4);
   }
 }
 
