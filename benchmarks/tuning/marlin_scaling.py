@@ -1,0 +1,70 @@
+"""Our Marlin kernels' time at M = 16 (or MS) as K grows, beside vLLM's Marlin: fixed cost against steady state.
+
+    python benchmarks/tuning/marlin_scaling.py [N=4096] [M=16]      (vLLM importable for its column)
+
+For K = 1024 … 16384 (N fixed): ours with a few forced splits (strips per block : cluster ranks, as the split sweep
+forces them; `auto` = the op's own choice) and vLLM's `marlin_gemm`, timed as benchmarks/kernels.py times the grid
+(CUDA graphs, L2 defeated by rotating weight copies).  Then per kernel a least-squares line t = a + b·K: a is what a
+launch costs whatever its size (launch gap, prologue, reduction, epilogue), b the steady state per 1024 rows of K.
+A gap to vLLM in a says the fixed part, in b the streaming loop (docs/kernel-tuning.md).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks/
+from kernels import G, L2_DEFEAT, timed  # noqa: E402  (benchmarks/kernels.py, which also puts the repo root on sys.path)
+
+KS = (1024, 2048, 4096, 8192, 16384)
+SPLITS = {"auto": (0, 0), "8:8": (8, 8), "4:4": (4, 4), "1:2": (1, 2)}
+
+
+def main(n: int = 4096, m: int = 16) -> None:
+    from gptq_vllm.kernels import cuda as ours
+
+    assert ours.available(), ours.load_error()
+    try:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from profile_marlin import vllm_marlin
+        import vllm  # noqa: F401
+    except ImportError as e:
+        print("vLLM not importable, its column skipped:", e)
+        vllm_marlin = None
+    dev = torch.device("cuda")
+    times: dict[str, list[float]] = {}
+    for k in KS:
+        copies = max(1, min(64, math.ceil(L2_DEFEAT / (k * n // 2))))
+        qs = [torch.randint(-2**31, 2**31 - 1, (k // 16, n * 2), dtype=torch.int32, device=dev) for _ in range(copies)]
+        ss = [(torch.rand(k // G, n, device=dev) * 0.01 + 0.001).half() for _ in range(copies)]
+        x = torch.randn(m, k, device=dev, dtype=torch.float16)
+        for name, (sb, cs) in SPLITS.items():
+            ours.marlin_set_config(sb=sb, cs=cs)
+            try:
+                t = timed([lambda q=q, s=s: ours.marlin_gemm(x, q, s, None, None, 4, G) for q, s in zip(qs, ss)])
+            except RuntimeError as e:  # a split the op refuses for this K
+                print(f"K={k} {name}: {str(e).splitlines()[0]}")
+                t = math.nan
+            times.setdefault(name, []).append(t)
+        ours.marlin_set_config()
+        if vllm_marlin is not None:
+            fns = [vllm_marlin(k, n, dev) for _ in range(copies)]
+            times.setdefault("vllm_marlin", []).append(timed([lambda f=f: f(x) for f in fns]))
+        del qs, ss
+        torch.cuda.empty_cache()
+    print(f"N = {n}, M = {m}: us per call")
+    print("| kernel | " + " | ".join(f"K={k}" for k in KS) + " | a (us) | b (us per 1024 K) |")
+    print("|---|" + "---|" * (len(KS) + 2))
+    for name, all_ts in times.items():
+        kx, ts = zip(*[(k / 1024, t) for k, t in zip(KS, all_ts) if not math.isnan(t)])
+        mk, mt = sum(kx) / len(kx), sum(ts) / len(ts)
+        b = sum((u - mk) * (t - mt) for u, t in zip(kx, ts)) / sum((u - mk) ** 2 for u in kx)
+        print(f"| {name} | " + " | ".join(f"{t:.1f}" for t in all_ts) + f" | {mt - b * mk:.2f} | {b:.2f} |")
+
+
+if __name__ == "__main__":
+    main(*(int(a) for a in sys.argv[1:3]))
