@@ -904,9 +904,11 @@ __global__ void __launch_bounds__(THREADS, wide<MB>() ? 1 : 2) marlin_gemm_kerne
     else *reinterpret_cast<float2*>(p.ws + static_cast<int64_t>(gslice) * p.M * p.N + o) = make_float2(v0, v1);
   }
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (cs > 1) {  // no block leaves while another rank may still read its shared memory
-    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
-  }
+  // No block leaves while another rank may still read its shared memory.  A relaxed arrive: this thread's remote
+  // loads were consumed by the stores above, so they are done, and nothing is published here; a release arrive
+  // compiles to MEMBAR.ALL.GPU, which made every block wait for its output stores' acknowledgements (2-5 % of the
+  // time at M <= 32 on the small shapes, docs/kernel-tuning.md).
+  if (cs > 1) asm volatile("barrier.cluster.arrive.relaxed.aligned;\nbarrier.cluster.wait.aligned;\n" ::: "memory");
 #endif
 }
 
