@@ -18,7 +18,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks/
-from kernels import G, L2_DEFEAT, timed  # noqa: E402  (benchmarks/kernels.py, which also puts the repo root on sys.path)
+from kernels import G, sweep_weights, timed  # noqa: E402  (also puts the repo root on sys.path)
 
 KS = (1024, 2048, 4096, 8192, 16384)
 SPLITS = {"auto": (0, 0), "8:8": (8, 8), "4:4": (4, 4), "1:2": (1, 2)}
@@ -38,9 +38,8 @@ def main(n: int = 4096, m: int = 16) -> None:
     dev = torch.device("cuda")
     times: dict[str, list[float]] = {}
     for k in KS:
-        copies = max(1, min(64, math.ceil(L2_DEFEAT / (k * n // 2))))
-        qs = [torch.randint(-2**31, 2**31 - 1, (k // 16, n * 2), dtype=torch.int32, device=dev) for _ in range(copies)]
-        ss = [(torch.rand(k // G, n, device=dev) * 0.01 + 0.001).half() for _ in range(copies)]
+        _, qs, ss, fw = sweep_weights(k, n, 4, dev)
+        del fw
         x = torch.randn(m, k, device=dev, dtype=torch.float16)
         for name, (sb, cs) in SPLITS.items():
             ours.marlin_set_config(sb=sb, cs=cs)
@@ -52,7 +51,7 @@ def main(n: int = 4096, m: int = 16) -> None:
             times.setdefault(name, []).append(t)
         ours.marlin_set_config()
         if vllm_marlin is not None:
-            fns = [vllm_marlin(k, n, dev) for _ in range(copies)]
+            fns = [vllm_marlin(k, n, dev) for _ in qs]
             times.setdefault("vllm_marlin", []).append(timed([lambda f=f: f(x) for f in fns]))
         del qs, ss
         torch.cuda.empty_cache()
