@@ -44,8 +44,11 @@ for stage in "$@"; do
       SWEEP=hopper OUT_JSON="$OUT/$SWEEP_JSON" python benchmarks/kernels.py > "$OUT/hopper-sweep.log" 2>&1 || status=1
       cp "$OUT/$SWEEP_JSON" /tmp/ 2>/dev/null
       grep "M=" "$OUT/hopper-sweep.log" | tail -60 ;;
-    hopper-pick)  # the selection table from the sweep, written into selection.py (which comes back under $OUT)
-      python benchmarks/pick_hopper.py "/tmp/$SWEEP_JSON" --write > "$OUT/hopper-pick.log" 2>&1 || status=1
+    hopper-pick)  # the selection table from the committed sweeps it was made from (selection.py names them), this
+                  # sweep's points replacing theirs, written into selection.py (which comes back under $OUT)
+      python benchmarks/pick_hopper.py $(sed -n 's|^#   \(benchmarks/results/hopper-sweep-.*\.json\)$|\1|p' \
+        gptq_vllm/kernels/selection.py | grep -v "/$SWEEP_JSON\$") "/tmp/$SWEEP_JSON" --write > "$OUT/hopper-pick.log" 2>&1 \
+        || status=1
       cp gptq_vllm/kernels/selection.py "$OUT/"
       tail -3 "$OUT/hopper-pick.log" ;;
     quantize)

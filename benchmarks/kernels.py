@@ -354,6 +354,11 @@ def sweep_hopper() -> int:
     dev = torch.device("cuda")
     bits = int(os.environ.get("BITS", "4"))
     names = ours.hopper_configs()
+    out = os.environ.get("OUT_JSON", f"hopper-sweep-{datetime.date.today().isoformat()}.json")
+    props = torch.cuda.get_device_properties(0)
+    env = {k: os.environ[k] for k in ("SWEEP", "MS", "SHAPES", "BITS", "TP") if k in os.environ}
+    meta = dict(gpu=props.name, date=datetime.date.today().isoformat(), torch=torch.__version__, configs=names,
+                command=" ".join([f"{k}={v}" for k, v in env.items()] + ["python", "benchmarks/kernels.py"]))
     rows = []
     for name, (K, N) in shapes.items():
         _, mq, sc, fw = sweep_weights(K, N, bits, dev)
@@ -380,14 +385,10 @@ def sweep_hopper() -> int:
                   f"{res['cublas_fp16'] / best[0]:.2f}x cublas)", flush=True)
         del mq, sc, hs, fw
         torch.cuda.empty_cache()
-    out = os.environ.get("OUT_JSON", f"hopper-sweep-{datetime.date.today().isoformat()}.json")
-    props = torch.cuda.get_device_properties(0)
-    env = {k: os.environ[k] for k in ("SWEEP", "MS", "SHAPES", "BITS", "TP") if k in os.environ}
-    meta = dict(gpu=props.name, date=datetime.date.today().isoformat(), torch=torch.__version__, configs=names,
-                command=" ".join([f"{k}={v}" for k, v in env.items()] + ["python", "benchmarks/kernels.py"]))
-    with open(out, "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=1)
-    print("wrote", out, flush=True)
+        # Rewritten after every shape: a sweep cut short by a time limit keeps the shapes it finished.
+        with open(out, "w") as f:
+            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+        print("wrote", out, "through", name, flush=True)
     return 0
 
 
