@@ -1,6 +1,7 @@
 """Our Marlin kernels' time at M = 16 (or MS) as K grows, beside vLLM's Marlin: fixed cost against steady state.
 
     python benchmarks/tuning/marlin_scaling.py [N=4096] [M=16]      (vLLM importable for its column)
+    ROWS=32 python benchmarks/tuning/marlin_scaling.py 4096 32      (the forced splits with that block-tile rows)
 
 For K = 1024 … 16384 (N fixed): ours with a few forced splits (strips per block : cluster ranks, as the split sweep
 forces them; `auto` = the op's own choice) and vLLM's `marlin_gemm`, timed as benchmarks/kernels.py times the grid
@@ -22,6 +23,7 @@ from kernels import G, sweep_weights, timed  # noqa: E402  (also puts the repo r
 
 KS = (1024, 2048, 4096, 8192, 16384)
 SPLITS = {"auto": (0, 0), "8:8": (8, 8), "4:4": (4, 4), "1:2": (1, 2)}
+ROWS = int(os.environ.get("ROWS", "0"))  # force the block-tile rows of the forced splits (0: the op's choice)
 
 
 def main(n: int = 4096, m: int = 16) -> None:
@@ -42,7 +44,8 @@ def main(n: int = 4096, m: int = 16) -> None:
         del fw
         x = torch.randn(m, k, device=dev, dtype=torch.float16)
         for name, (sb, cs) in SPLITS.items():
-            ours.marlin_set_config(sb=sb, cs=cs)
+            forced = ROWS if sb else 0  # `auto` stays the op's own choice
+            ours.marlin_set_config(sb=sb, cs=cs, dense_min_m=100000 if forced else 0, tile_rows=forced)
             try:
                 t = timed([lambda q=q, s=s: ours.marlin_gemm(x, q, s, None, None, 4, G) for q, s in zip(qs, ss)])
             except RuntimeError as e:  # a split the op refuses for this K
@@ -55,7 +58,7 @@ def main(n: int = 4096, m: int = 16) -> None:
             times.setdefault("vllm_marlin", []).append(timed([lambda f=f: f(x) for f in fns]))
         del qs, ss
         torch.cuda.empty_cache()
-    print(f"N = {n}, M = {m}: us per call")
+    print(f"N = {n}, M = {m}" + (f", forced splits with {ROWS}-row tiles" if ROWS else "") + ": us per call")
     print("| kernel | " + " | ".join(f"K={k}" for k in KS) + " | a (us) | b (us per 1024 K) |")
     print("|---|" + "---|" * (len(KS) + 2))
     for name, all_ts in times.items():

@@ -5,7 +5,8 @@
         python benchmarks/tuning/profile_marlin.py --vllm 8b.o:16 8b.o:32
 
 Arguments: SHAPE:M pairs (shapes of benchmarks/kernels.py); 4-bit symmetric g128 fp16, random weights.  A pair
-may force our kernel's split as SHAPE:M:STRIPS:RANKS (`cuda.marlin_set_config`, as the split sweep does).
+may force our kernel's split as SHAPE:M:STRIPS:RANKS, and its block-tile rows (8/16/32/64) as
+SHAPE:M:STRIPS:RANKS:ROWS (`cuda.marlin_set_config`, as the split sweep does with ROWS=...).
 Each launch runs twice (a warm-up that ncu also records, then the one to read).  --vllm launches vLLM's
 `marlin_gemm` on GPTQ words of the same shape right after ours (vLLM importable: `source
 /tmp/vllm-site/activate.sh` on the device), with the arguments `benchmarks/kernels.py` times it with.
@@ -51,7 +52,9 @@ def main(args: list[str]) -> None:
         s = (torch.rand(K // G, N, device=dev) * 0.01 + 0.001).half()
         x = torch.randn(int(m), K, device=dev, dtype=torch.float16)
         if split:
-            ours.marlin_set_config(sb=int(split[0]), cs=int(split[1]))
+            sb, cs, *rows = map(int, split)
+            # forced rows: never dense, as the sweep forces them
+            ours.marlin_set_config(sb=sb, cs=cs, dense_min_m=100000 if rows else 0, tile_rows=rows[0] if rows else 0)
         for _ in range(2):
             ours.marlin_gemm(x, q, s, None, None, 4, G)
         ours.marlin_set_config()
