@@ -16,7 +16,7 @@ set -uo pipefail
 source /tmp/vllm-site/activate.sh || exit 1
 export TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 PYTHONUNBUFFERED=1 VLLM_DISABLE_COMPILE_CACHE=1
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -oiE '[a-z][0-9]{2,4}' | head -1 | tr A-Z a-z)
-SWEEP_JSON="hopper-sweep-${GPU:-gpu}-$(date +%F).json"
+SWEEP_JSON="hopper-sweep-${GPU:-gpu}-$(date +%F)${PART:+-$PART}.json"  # PART: one of several SHAPES calls
 status=0
 for stage in "$@"; do
   echo "== $stage $(date +%T)"
@@ -40,15 +40,17 @@ for stage in "$@"; do
       # large M: dequantize + cuBLAS against the skinny kernel (the DENSE_MIN_M choice)
       SWEEP=1 MS=128,256 NO_VLLM=1 python benchmarks/kernels.py > "$OUT/kernels-dense-sweep.log" 2>&1 || status=1
       grep "M=" "$OUT/kernels-dense-sweep.log" | tail -16 ;;
-    hopper-sweep)  # kept in /tmp too, for hopper-pick in a later call on the same machine
+    hopper-sweep)  # kept in /tmp too, for hopper-pick in a later call on the same machine.  The 8 shapes take ~10
+                   # minutes (H100): past a 600 s call, run it per half, e.g. SHAPES=8b.qkv,8b.o,8b.gate_up,8b.down PART=a
       SWEEP=hopper OUT_JSON="$OUT/$SWEEP_JSON" python benchmarks/kernels.py > "$OUT/hopper-sweep.log" 2>&1 || status=1
       cp "$OUT/$SWEEP_JSON" /tmp/ 2>/dev/null
       grep "M=" "$OUT/hopper-sweep.log" | tail -60 ;;
     hopper-pick)  # the selection table from the committed sweeps it was made from (selection.py names them), this
-                  # sweep's points replacing theirs, written into selection.py (which comes back under $OUT)
+                  # machine's sweeps of today (every PART) replacing their points, written into selection.py (which
+                  # comes back under $OUT)
+      today=(/tmp/hopper-sweep-${GPU:-gpu}-$(date +%F)*.json)
       python benchmarks/pick_hopper.py $(sed -n 's|^#   \(benchmarks/results/hopper-sweep-.*\.json\)$|\1|p' \
-        gptq_vllm/kernels/selection.py | grep -v "/$SWEEP_JSON\$") "/tmp/$SWEEP_JSON" --write > "$OUT/hopper-pick.log" 2>&1 \
-        || status=1
+        gptq_vllm/kernels/selection.py) "${today[@]}" --write > "$OUT/hopper-pick.log" 2>&1 || status=1
       cp gptq_vllm/kernels/selection.py "$OUT/"
       tail -3 "$OUT/hopper-pick.log" ;;
     quantize)

@@ -88,7 +88,7 @@ def main(paths: list[str], write: bool = False) -> None:
                              / len(points)) for c in cands}
         pick = min(score, key=score.get)
         default[m] = None if pick == "marlin" else parse(pick)
-    sources = "".join(f"\n#   benchmarks/results/{Path(p).name}" for p in paths)
+    sources = "".join(f"\n#   benchmarks/results/{name}" for name in dict.fromkeys(Path(p).name for p in paths))
     tables = (f"HOPPER_DEFAULT: dict[int, HopperChoice | None] = {literal(default, 4)}\n\n"
               f"# (K, N) -> {{bucket: choice}}, from the sweeps{sources}\n"
               "HOPPER_TUNED: dict[tuple[int, int], dict[int, HopperChoice | None]] = {\n"
