@@ -121,7 +121,7 @@ def hopper_scales(marlin_scales, K):
     return hopper.operands(None, marlin_scales, bits=4, group_size=G, in_rows=K).scales
 
 
-def _vllm():
+def load_vllm():
     if os.environ.get("NO_VLLM") == "1":
         return None
     try:
@@ -137,6 +137,17 @@ def _vllm():
         return None
 
 
+def vllm_marlin(V: dict, gq: torch.Tensor, s: torch.Tensor, K: int, N: int, ws: torch.Tensor):
+    """x -> vLLM's marlin_gemm(x, W), the call the grid times, for GPTQ 4-bit words gq [K/8, N] (repacked here)
+    and fp16 g128 scales s [K/G, N]; V from load_vllm(), ws its workspace."""
+    ops, st = V["ops"], V["st"]
+    empty = torch.empty(0, dtype=torch.int, device=gq.device)
+    q = ops.gptq_marlin_repack(gq, empty, K, N, 4)
+    ps = V["permute_scales"](s, K, N, G)
+    return lambda x: ops.marlin_gemm(x, None, q, None, ps, None, None, None, empty, empty, ws, st.uint4b8, x.shape[0],
+                                     N, K, True, False, True, False)
+
+
 def main() -> int:
     from gptq_vllm.kernels import selection
 
@@ -147,7 +158,7 @@ def main() -> int:
     torch.manual_seed(0)
     variants = set(os.environ.get("VARIANTS", "base,marlin,act_order,bf16,w8,w3,w2").split(","))
     props = torch.cuda.get_device_properties(0)
-    V = _vllm()
+    V = load_vllm()
     print("device", props.name, "SMs", props.multi_processor_count, "torch", torch.__version__,
           "vllm", V and V["version"], flush=True)
     a = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
@@ -185,10 +196,8 @@ def main() -> int:
         exz3 = torch.full((K // G, N * 3 // 32), 0, dtype=torch.int32, device=dev)
         if V:
             ops, st = V["ops"], V["st"]
-            empty = torch.empty(0, dtype=torch.int, device=dev)
             gq = [torch.randint(-2**31, 2**31 - 1, (K // 8, N), dtype=torch.int32, device=dev) for _ in range(nq)]
-            vmq = [ops.gptq_marlin_repack(q, empty, K, N, 4) for q in gq]
-            vms = [V["permute_scales"](s, K, N, G) for s in sc]
+            vm = [vllm_marlin(V, q, s, K, N, ws) for q, s in zip(gq, sc)]
             try:
                 vmc = [ops.machete_prepack_B(q.t().contiguous().t(), torch.float16, st.uint4b8, torch.float16) for q in gq]
             except Exception as e:  # noqa: BLE001
@@ -241,9 +250,8 @@ def main() -> int:
                                                      for q, s in zip(exq, sc)]), q_bytes[4], "float16", 4, False))
             if V:
                 try:
-                    res.append(("vllm_marlin", timed([lambda q=q, s=s: ops.marlin_gemm(
-                        x, None, q, None, s, None, None, None, empty, empty, ws, st.uint4b8, M, N, K, True, False,
-                        True, False) for q, s in zip(vmq, vms)]), q_bytes[4], "float16", 4, False))
+                    res.append(("vllm_marlin", timed([lambda f=f: f(x) for f in vm]), q_bytes[4], "float16", 4,
+                                False))
                 except Exception as e:  # noqa: BLE001
                     print("vllm marlin failed", repr(e)[:200], flush=True)
                 if vmc is not None:
@@ -262,7 +270,7 @@ def main() -> int:
                 print(json.dumps(row), flush=True)
         del fw, mq, sc, scb, hs, hsb, mq8, exq, mql, exq3
         if V:
-            del gq, vmq, vms, vmc
+            del gq, vm, vmc
         torch.cuda.empty_cache()
 
     date = datetime.date.today().isoformat()

@@ -19,7 +19,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks/
-from kernels import G, sweep_weights, timed  # noqa: E402  (also puts the repo root on sys.path)
+from kernels import G, load_vllm, sweep_weights, timed  # noqa: E402  (also puts the repo root on sys.path)
 
 KS = (1024, 2048, 4096, 8192, 16384)
 SPLITS = {"auto": (0, 0), "8:8": (8, 8), "4:4": (4, 4), "1:2": (1, 2)}
@@ -30,13 +30,10 @@ def main(n: int = 4096, m: int = 16) -> None:
     from gptq_vllm.kernels import cuda as ours
 
     assert ours.available(), ours.load_error()
-    try:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        from profile_marlin import vllm_marlin
-        import vllm  # noqa: F401
-    except ImportError as e:
-        print("vLLM not importable, its column skipped:", e)
-        vllm_marlin = None
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from profile_marlin import vllm_marlin_random
+
+    V = load_vllm()  # None, with the reason printed, where vLLM is not importable (its column skipped)
     dev = torch.device("cuda")
     times: dict[str, list[float]] = {}
     for k in KS:
@@ -53,8 +50,8 @@ def main(n: int = 4096, m: int = 16) -> None:
                 t = math.nan
             times.setdefault(name, []).append(t)
         ours.marlin_set_config()
-        if vllm_marlin is not None:
-            fns = [vllm_marlin(k, n, dev) for _ in qs]
+        if V:
+            fns = [vllm_marlin_random(V, k, n, dev) for _ in qs]
             times.setdefault("vllm_marlin", []).append(timed([lambda f=f: f(x) for f in fns]))
         del qs, ss
         torch.cuda.empty_cache()

@@ -20,30 +20,22 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks/
-from kernels import G, SHAPES  # noqa: E402  (benchmarks/kernels.py, which also puts the repo root on sys.path)
+from kernels import G, SHAPES, load_vllm, vllm_marlin  # noqa: E402  (also puts the repo root on sys.path)
 
 
-def vllm_marlin(K: int, N: int, dev: torch.device):
-    """A callable x -> vLLM's marlin_gemm(x, W) for random 4-bit g128 GPTQ weights of shape K x N."""
-    from vllm import _custom_ops as ops
-    from vllm.model_executor.layers.quantization.utils.marlin_utils import (
-        marlin_make_workspace_new, marlin_permute_scales)
-    from vllm.scalar_type import scalar_types
-
-    empty = torch.empty(0, dtype=torch.int, device=dev)
+def vllm_marlin_random(V: dict, K: int, N: int, dev: torch.device):
+    """vLLM's marlin_gemm as the grid calls it (kernels.vllm_marlin) on random 4-bit g128 GPTQ words of shape K x N;
+    V from kernels.load_vllm()."""
     gq = torch.randint(-2**31, 2**31 - 1, (K // 8, N), dtype=torch.int32, device=dev)
-    q = ops.gptq_marlin_repack(gq, empty, K, N, 4)
-    s = marlin_permute_scales((torch.rand(K // G, N, device=dev) * 0.01 + 0.001).half(), K, N, G)
-    ws = marlin_make_workspace_new(dev)
-    return lambda x: ops.marlin_gemm(x, None, q, None, s, None, None, None, empty, empty, ws, scalar_types.uint4b8,
-                                     x.shape[0], N, K, True, False, True, False)
+    s = (torch.rand(K // G, N, device=dev) * 0.01 + 0.001).half()
+    return vllm_marlin(V, gq, s, K, N, V["ws"](dev))
 
 
 def main(args: list[str]) -> None:
     from gptq_vllm.kernels import cuda as ours
 
     assert ours.available(), ours.load_error()
-    with_vllm = "--vllm" in args
+    V = load_vllm() if "--vllm" in args else None  # None, with the reason printed, where vLLM is not importable
     dev = torch.device("cuda")
     for pair in (a for a in args if a != "--vllm"):
         name, m, *split = pair.split(":")
@@ -58,12 +50,12 @@ def main(args: list[str]) -> None:
         for _ in range(2):
             ours.marlin_gemm(x, q, s, None, None, 4, G)
         ours.marlin_set_config()
-        if with_vllm:
-            theirs = vllm_marlin(K, N, dev)
+        theirs = vllm_marlin_random(V, K, N, dev) if V else None
+        if theirs is not None:
             for _ in range(2):
                 theirs(x)
         torch.cuda.synchronize()
-        print(pair, "launched", "(ours, vLLM)" if with_vllm else "(ours)", flush=True)
+        print(pair, "launched", "(ours, vLLM)" if theirs is not None else "(ours)", flush=True)
 
 
 if __name__ == "__main__":
