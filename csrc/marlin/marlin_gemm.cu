@@ -48,7 +48,8 @@ Override& override_cfg() {
 // cuBLAS), the fastest (strips per block, cluster ranks) of the 16 tried, and whether the wgmma loop runs.
 // M <= 16: `SWEEP=1 MS=1,16 python benchmarks/kernels.py`; 16-row splits at M = 32/64: `SWEEP=1 ROWS=16
 // MS=32,64 ...`; rows and wgmma: `python benchmarks/pick_tiles.py` over the `ROWS=32` / `ROWS=64` / `ROWS=64
-// WGMMA=1` sweeps (docs/kernel-tuning.md, 2026-11-22).
+// WGMMA=1` sweeps (docs/kernel-tuning.md, 2026-11-22).  M <= 32 at (4096, 6144) and (8192, 8192): 32-row tiles
+// since they fold the scales into the run sums, `ROWS=32 SWEEP=1 MS=32,64 ...` on an H100 (2026-12-06).
 // Other shapes, batch sizes and GPUs use 8/16-row tiles with the model in marlin_gemm(), dense from M = 128.
 struct Tuned {
   int K, N, M, rows, sb, cs, wg;  // wg: the wgmma loop (64-row tiles, sm_90a builds)
@@ -65,9 +66,9 @@ constexpr Tuned TUNED[] = {
     {8192, 10240, 16, 16, 8, 8, 0}, {8192, 8192, 16, 16, 2, 2, 0},
     {8192, 57344, 16, 16, 8, 2, 0}, {28672, 8192, 16, 16, 2, 2, 0},
     // M <= 32
-    {4096, 6144, 32, 16, 8, 4, 0}, {4096, 4096, 32, 16, 2, 2, 0},
+    {4096, 6144, 32, 32, 4, 4, 0}, {4096, 4096, 32, 16, 2, 2, 0},
     {4096, 28672, 32, 32, 8, 2, 0}, {14336, 4096, 32, 16, 2, 2, 0},
-    {8192, 10240, 32, 16, 8, 8, 0}, {8192, 8192, 32, 16, 4, 2, 0},
+    {8192, 10240, 32, 16, 8, 8, 0}, {8192, 8192, 32, 32, 2, 2, 0},
     {8192, 57344, 32, 32, 8, 1, 0}, {28672, 8192, 32, 16, 4, 2, 0},
     // M <= 64
     {4096, 6144, 64, 64, 4, 4, 1}, {4096, 4096, 64, 16, 4, 2, 0},

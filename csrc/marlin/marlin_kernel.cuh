@@ -561,9 +561,10 @@ __global__ void __launch_bounds__(THREADS) gather_columns_kernel(const T* __rest
 // rank order, each rank producing a slice of the output; global slices (gridDim.z) go through the fp32
 // workspace.  All orders are fixed: the result is deterministic.
 // GEN = false: symmetric, no g_idx, one group per run (groups of a multiple of 128 rows, power-of-two tiles) or
-// a single group; the run's scales arrive through the ring.  For MB <= 2 they multiply the fp32 sums of each
-// run (exact products, 16 FFMA per run instead of 16 HMUL2 per tile); wide tiles have no registers for the
-// run's second set of sums and multiply the weights instead (16 HMUL2 per tile against 16 MB mma).
+// a single group; the run's scales arrive through the ring.  For MB <= 4 they multiply the fp32 sums of each
+// run (exact products, 16 MB FFMA per run instead of 16 HMUL2 per tile: the run's second set of sums fits the
+// one-block-per-SM register budget up to 32 rows, 215-232 registers); 64-row tiles have no registers for it and
+// multiply the weights instead (16 HMUL2 per tile against 32 mma).
 // GEN = true: g_idx_sorted rows, zero points, any group size (per-tile group test, scales per element).
 // WG: the wgmma loop (see above; MB = 8, lean mode, sb >= 4 so that the 4 warps of a warpgroup share k-phase).
 template <typename T, int BITS, int MB, bool GEN, bool WG = false>
@@ -572,7 +573,7 @@ __global__ void __launch_bounds__(THREADS, wide<MB>() ? 1 : 2) marlin_gemm_kerne
   using TT = TypeTraits<T>;
   using T2 = typename TT::T2;
   constexpr int R = 8 * MB;
-  constexpr bool FOLD = !GEN && !wide<MB>();   // scales applied to the fp32 sums of a run
+  constexpr bool FOLD = !GEN && MB <= 4;       // scales applied to the fp32 sums of a run
   constexpr int UT = unit_tiles<BITS>();        // k-tiles per unit (one ring slot)
   constexpr int UC = unit_chunks<BITS>();       // 16-byte chunks per lane per unit
   constexpr int UNIT_I4 = 32 * UC;              // 16-byte chunks per unit

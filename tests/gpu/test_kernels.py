@@ -410,7 +410,7 @@ WIDE_CASES = [(4, 128, True, False), (4, 128, True, True), (8, 128, False, True)
 @pytest.mark.parametrize("bits,group_size,sym,act", WIDE_CASES,
                          ids=[f"b{b}-g{g}-{'sym' if s else 'asym'}-{'act' if a else 'noact'}" for b, g, s, a in WIDE_CASES])
 def test_marlin_gemm_wide_tiles(kern, bits, group_size, sym, act, dtype):
-    """32- and 64-row block tiles (one block per SM, scales on the weights) in the lean and general
+    """32- and 64-row block tiles (one block per SM; scales on the run sums / on the weights) in the lean and general
     instantiations, with and without the wgmma loop (lean 64-row tiles on sm_90a): act-order (gather kernel,
     then g_idx_sorted), zero points, one group; split-K and a partial last m-block."""
     dev = torch.device("cuda")
