@@ -12,7 +12,8 @@ w3, w2, w3_widen, w2_widen, exllama, exllama3; default base,marlin,act_order,bf1
 2-bit g128 on the plugin's path (Marlin kernels; on sm_90 from M = 128 the Hopper GEMM on a 4-bit copy), w3_widen /
 w2_widen that Hopper path at every M >= 9 (tuning), exllama3 the 3-bit ExLlama GEMM they replace.  SWEEP=1
 (tuning: time the Marlin kernel under forced split configurations instead of the grid; 4-bit, BITS=8 / 3 / 2 for
-those widths, ROWS=8/16/32/64 to force the block-tile rows too, WGMMA=1/-1 the wgmma loop on/off, never dense),
+those widths, ROWS=8/16/32/64 to force the block-tile rows too, WGMMA=1/-1 the wgmma loop on/off, SLICES=2/4 global
+split-K slices on top of each cluster split (fp32 workspace and the reduce kernel, timed with them), never dense),
 ABUF=1/2 (grid and SWEEP=1: force the Marlin kernels' staged A buffers; default automatic),
 SWEEP=hopper (tuning: every Hopper GEMM config and decomposition against the Marlin path and cuBLAS; JSON rows for
 benchmarks/pick_hopper.py), TP=2 (one tensor-parallel rank's shard of each shape), OUT_JSON (output path), NO_VLLM=1
@@ -311,6 +312,7 @@ def sweep() -> int:
     bits = int(os.environ.get("BITS", "4"))
     rows = int(os.environ.get("ROWS", "0"))  # force the block-tile rows of the tried configurations
     wgmma = int(os.environ.get("WGMMA", "0"))  # 1 / -1: force the wgmma loop of 64-row tiles on / off
+    slices = int(os.environ.get("SLICES", "1"))  # global split-K slices of every tried configuration
     cfgs = [(sb, cs) for sb in (1, 2, 4, 8) for cs in (1, 2, 4, 8)]
     lines = []
     for name, (K, N) in shapes.items():
@@ -331,7 +333,7 @@ def sweep() -> int:
                 for sb, cs in cfgs:
                     if (N // 64) % sb:
                         continue
-                    ours.marlin_set_config(sb, cs, 1, 100000 if rows else 0, rows, wgmma, A_BUFFERS)  # forced rows: never dense
+                    ours.marlin_set_config(sb, cs, slices, 100000 if rows else 0, rows, wgmma, A_BUFFERS)  # forced rows: never dense
                     try:
                         res[f"{sb}:{cs}"] = timed(fns, iters=10)
                     except Exception as e:  # noqa: BLE001
