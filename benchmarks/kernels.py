@@ -13,7 +13,8 @@ w3, w2, w3_widen, w2_widen, exllama, exllama3; default base,marlin,act_order,bf1
 w2_widen that Hopper path at every M >= 9 (tuning), exllama3 the 3-bit ExLlama GEMM they replace.  SWEEP=1
 (tuning: time the Marlin kernel under forced split configurations instead of the grid; 4-bit, BITS=8 / 3 / 2 for
 those widths, ROWS=8/16/32/64 to force the block-tile rows too, WGMMA=1/-1 the wgmma loop on/off, SLICES=2/4 global
-split-K slices on top of each cluster split (fp32 workspace and the reduce kernel, timed with them), never dense),
+split-K slices on top of each cluster split (fp32 workspace and the reduce kernel, timed with them; configs print as
+sb:csxSLICES), never dense),
 ABUF=1/2 (grid and SWEEP=1: force the Marlin kernels' staged A buffers; default automatic),
 SWEEP=hopper (tuning: every Hopper GEMM config and decomposition against the Marlin path and cuBLAS; JSON rows for
 benchmarks/pick_hopper.py), TP=2 (one tensor-parallel rank's shard of each shape), OUT_JSON (output path), NO_VLLM=1
@@ -335,7 +336,7 @@ def sweep() -> int:
                         continue
                     ours.marlin_set_config(sb, cs, slices, 100000 if rows else 0, rows, wgmma, A_BUFFERS)  # forced rows: never dense
                     try:
-                        res[f"{sb}:{cs}"] = timed(fns, iters=10)
+                        res[f"{sb}:{cs}" + (f"x{slices}" if slices > 1 else "")] = timed(fns, iters=10)
                     except Exception as e:  # noqa: BLE001
                         print("cfg", sb, cs, "failed", repr(e)[:120], flush=True)
             ours.marlin_set_config(0, 0, 0, 0, a_buffers=A_BUFFERS)
