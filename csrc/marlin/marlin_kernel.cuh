@@ -567,8 +567,9 @@ __global__ void __launch_bounds__(THREADS) gather_columns_kernel(const T* __rest
 // multiply the weights instead (16 HMUL2 per tile against 32 mma).
 // GEN = true: g_idx_sorted rows, zero points, any group size (per-tile group test, scales per element).
 // WG: the wgmma loop (see above; MB = 8, lean mode, sb >= 4 so that the 4 warps of a warpgroup share k-phase).
-template <typename T, int BITS, int MB, bool GEN, bool WG = false>
-__global__ void __launch_bounds__(THREADS, wide<MB>() ? 1 : 2) marlin_gemm_kernel(const Params p) {
+// SOLO: compiled for one block per SM (no 128-register cap), for 16-row launches that fit in one wave anyway.
+template <typename T, int BITS, int MB, bool GEN, bool WG = false, bool SOLO = false>
+__global__ void __launch_bounds__(THREADS, wide<MB>() || SOLO ? 1 : 2) marlin_gemm_kernel(const Params p) {
   static_assert(!WG || (MB * 8 == WG_ROWS && !GEN), "wgmma tiles: 64 rows, lean mode");
   using TT = TypeTraits<T>;
   using T2 = typename TT::T2;
@@ -968,30 +969,75 @@ __global__ void __launch_bounds__(THREADS) marlin_dequant_kernel(const Params p,
   }
 }
 
-template <typename T, int BITS, int MB, bool GEN, bool WG = false>
-void launch_mb(const Params& p, dim3 grid, int cs, size_t smem, cudaStream_t stream) {
-  auto kern = marlin_gemm_kernel<T, BITS, MB, GEN, WG>;
-  static bool attr_done[64] = {false};
+// Kernel `kern` with its shared-memory limit raised to `bytes` (once per device).
+template <auto kern>
+void allow_smem(size_t bytes) {
+  static bool done[64] = {false};
   int dev = 0;
   C10_CUDA_CHECK(cudaGetDevice(&dev));
-  if (dev >= 64 || !attr_done[dev]) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(max_smem<BITS, MB>())));
-    if (dev < 64) attr_done[dev] = true;
+  if (dev >= 64 || !done[dev]) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+    if (dev < 64) done[dev] = true;
   }
+}
+
+__host__ inline cudaLaunchConfig_t launch_config(dim3 grid, int cs, size_t smem, cudaStream_t stream,
+                                                 cudaLaunchAttribute* cluster) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = dim3(THREADS);
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = cs;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
+  cluster->id = cudaLaunchAttributeClusterDimension;
+  cluster->val.clusterDim.x = cs;
+  cluster->val.clusterDim.y = 1;
+  cluster->val.clusterDim.z = 1;
+  cfg.attrs = cluster;
   cfg.numAttrs = cs > 1 ? 1 : 0;
+  return cfg;
+}
+
+// Whether a launch of `kern` (one block per SM) runs in one wave: its blocks, or its clusters of cs blocks, all
+// resident at once.  A cluster's blocks share one GPC, so fewer blocks than SMs need not all fit (8b.down at
+// M = 16, 16 clusters of 8 on 132 SMs, ran 22 % slower at one block per SM).
+template <auto kern, int BITS, int MB>
+bool one_wave(dim3 grid, int cs) {
+  static int resident[64][4] = {};  // 1 + resident clusters, per device and log2(cs); 0: not asked yet
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  const int lg = cs >= 8 ? 3 : cs >= 4 ? 2 : cs >= 2 ? 1 : 0;
+  int n = dev < 64 ? resident[dev][lg] - 1 : -1;
+  if (n < 0) {
+    allow_smem<kern>(max_smem<BITS, MB>());
+    cudaLaunchAttribute attr;
+    const cudaLaunchConfig_t cfg = launch_config(dim3(cs), cs, max_smem<BITS, MB>(), nullptr, &attr);
+    if (cs > 1) C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&n, kern, &cfg));
+    else n = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    if (dev < 64) resident[dev][lg] = n + 1;
+  }
+  return static_cast<int64_t>(grid.x) * grid.y * grid.z <= static_cast<int64_t>(n) * cs;
+}
+
+template <typename T, int BITS, int MB, bool GEN, bool WG, bool SOLO>
+void launch_kernel(const Params& p, dim3 grid, int cs, size_t smem, cudaStream_t stream) {
+  constexpr auto kern = marlin_gemm_kernel<T, BITS, MB, GEN, WG, SOLO>;
+  allow_smem<kern>(max_smem<BITS, MB>());
+  cudaLaunchAttribute attr;
+  const cudaLaunchConfig_t cfg = launch_config(grid, cs, smem, stream, &attr);
   C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kern, p));
+}
+
+// 16-row tiles: under the two-blocks-per-SM cap (128 registers) their run loop compiles to 842 instructions between
+// its first and last HMMA (fp16 4-bit), without it to 812 in 146 registers.  Where one block per SM runs the launch
+// in one wave anyway, the SOLO build is up to 6 % faster (docs/kernel-tuning.md); where it would take two waves
+// (more blocks than SMs, or clusters that do not all fit at once) the capped build keeps two blocks per SM.
+template <typename T, int BITS, int MB, bool GEN, bool WG = false>
+void launch_mb(const Params& p, dim3 grid, int cs, size_t smem, cudaStream_t stream) {
+  if constexpr (MB == 2) {
+    if (one_wave<marlin_gemm_kernel<T, BITS, MB, GEN, WG, true>, BITS, MB>(grid, cs))
+      return launch_kernel<T, BITS, MB, GEN, WG, true>(p, grid, cs, smem, stream);
+  }
+  launch_kernel<T, BITS, MB, GEN, WG, false>(p, grid, cs, smem, stream);
 }
 
 // The lean instantiation needs one group per run: a single group, or groups of a power-of-two multiple of RUN
