@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include "../common.cuh"
+#include "../kernels.h"
 
 namespace gptq_vllm {
 namespace marlin {
@@ -1012,7 +1013,7 @@ bool one_wave(dim3 grid, int cs) {
     cudaLaunchAttribute attr;
     const cudaLaunchConfig_t cfg = launch_config(dim3(cs), cs, max_smem<BITS, MB>(), nullptr, &attr);
     if (cs > 1) C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&n, kern, &cfg));
-    else n = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    else n = sm_count();
     if (dev < 64) resident[dev][lg] = n + 1;
   }
   return static_cast<int64_t>(grid.x) * grid.y * grid.z <= static_cast<int64_t>(n) * cs;
