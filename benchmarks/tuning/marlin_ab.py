@@ -1,10 +1,10 @@
 """Time our Marlin kernels (the raw `marlin_gemm` op, its automatic split) at a few points, with an output checksum.
 
-    PYTHONPATH=. [SHAPES=8b.o,70b.o] [MS=16,32] python benchmarks/tuning/marlin_ab.py LABEL
+    PYTHONPATH=. [SHAPES=8b.o,70b.o] [MS=16,32] [ZEROS=1] python benchmarks/tuning/marlin_ab.py LABEL
 
 Run it once per library build, alternating, to A/B two builds of csrc/marlin: one line per run, `shape@M us md5`
 per point (4-bit symmetric g128 fp16, the same random weights and activations in every run, so equal checksums mean
-bit-identical outputs).  Timed as benchmarks/kernels.py times the grid (CUDA graphs, L2 defeated by rotating weight
+bit-identical outputs; ZEROS=1: asymmetric, random zero points, which the general kernels serve).  Timed as benchmarks/kernels.py times the grid (CUDA graphs, L2 defeated by rotating weight
 copies, its `sweep_weights`), without the grid's reference kernels, copy-bandwidth probe and JSON: four runs took 18 s
 of device time on an H100, and unlike `kernels.py` grids fed to `compare_grids.py` it compares the outputs too
 (docs/kernel-tuning.md).
@@ -32,11 +32,14 @@ def main(label: str) -> None:
         K, N = SHAPES[name]
         torch.manual_seed(0)  # the same weights and activations in every run: checksums compare builds
         _, qs, ss, _ = sweep_weights(K, N, 4, dev)
+        # Marlin zero points: [groups, N * 4 / 32] words of 4-bit fields (formats/marlin.py), any value is valid
+        zs = ([torch.randint(-2**31, 2**31 - 1, (K // G, N // 8), dtype=torch.int32, device=dev) for _ in qs]
+              if os.environ.get("ZEROS") == "1" else [None] * len(qs))
         for M in (int(m) for m in os.environ.get("MS", "16,32").split(",")):
             x = torch.randn(M, K, device=dev, dtype=torch.float16)
-            y = ours.marlin_gemm(x, qs[0], ss[0], None, None, 4, G)
+            y = ours.marlin_gemm(x, qs[0], ss[0], zs[0], None, 4, G)
             digest = hashlib.md5(y.cpu().numpy().tobytes()).hexdigest()[:8]
-            us = timed([lambda q=q, s=s: ours.marlin_gemm(x, q, s, None, None, 4, G) for q, s in zip(qs, ss)])
+            us = timed([lambda q=q, s=s, z=z: ours.marlin_gemm(x, q, s, z, None, 4, G) for q, s, z in zip(qs, ss, zs)])
             points.append(f"{name}@{M} {us:.2f} {digest}")
     print(label, " | ".join(points), flush=True)
 
