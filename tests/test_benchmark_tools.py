@@ -1,4 +1,5 @@
-"""The benchmark scripts that read measurements (no GPU): benchmarks/compare_grids.py, benchmarks/targets.py."""
+"""The benchmark scripts that read measurements (no GPU): benchmarks/compare_grids.py, benchmarks/targets.py,
+benchmarks/tuning/marlin_ab.py --compare."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 
 def _script(name):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location(name, os.path.join(root, "benchmarks", f"{name}.py"))
+    spec = importlib.util.spec_from_file_location(name.replace("/", "_"), os.path.join(root, "benchmarks", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -80,3 +81,20 @@ def test_targets_reads_a_partial_grid(tmp_path, capsys):
     targets.main(str(path))
     out = capsys.readouterr().out
     assert "| a | 1.10 / 1.10 / - | 0.90 / 0.90 | +10% / - / - / - | 1.00 / 1.00 | - / - | - |" in out
+
+
+def test_marlin_ab_compare_takes_each_builds_best_run_and_flags_differing_outputs(tmp_path, capsys):
+    """marlin_ab.py --compare: per point the best (least) time of each label's runs, NEW / BASE, `DIFFER` where the
+    two builds' checksums disagree, and the geometric mean over the points; lines from a text file or a JSON list."""
+    ab = _script("tuning/marlin_ab")
+    lines = ["old a@1 10.00 aaaa | b@16 40.00 bbbb", "new a@1 6.00 aaaa | b@16 90.00 cccc",
+             "old a@1 12.00 aaaa | b@16 50.00 bbbb", "new a@1 5.00 aaaa | b@16 80.00 cccc"]
+    text = tmp_path / "ab.txt"
+    text.write_text("\n".join(lines) + "\n")
+    mean = ab.compare(ab.read_lines(str(text)), "old", "new")
+    out = capsys.readouterr().out
+    assert "| a@1 | 10.00 | 5.00 | 0.500 | same |" in out
+    assert "| b@16 | 40.00 | 80.00 | 2.000 | DIFFER |" in out
+    assert mean == pytest.approx(1.0)
+    (tmp_path / "ab.json").write_text(json.dumps({"runs": lines}))
+    assert ab.read_lines(str(tmp_path / "ab.json") + "#runs") == lines

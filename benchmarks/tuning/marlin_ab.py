@@ -1,20 +1,26 @@
 """Time our Marlin kernels (the raw `marlin_gemm` op, its automatic split) at a few points, with an output checksum.
 
     PYTHONPATH=. [SHAPES=8b.o,70b.o] [MS=16,32] [ZEROS=1] python benchmarks/tuning/marlin_ab.py LABEL
+    python benchmarks/tuning/marlin_ab.py --compare LINES BASE NEW      (no GPU)
 
 Run it once per library build, alternating, to A/B two builds of csrc/marlin: one line per run, `shape@M us md5`
 per point (4-bit symmetric g128 fp16, the same random weights and activations in every run, so equal checksums mean
 bit-identical outputs; ZEROS=1: asymmetric, random zero points, which the general kernels serve).  Timed as benchmarks/kernels.py times the grid (CUDA graphs, L2 defeated by rotating weight
 copies, its `sweep_weights`), without the grid's reference kernels, copy-bandwidth probe and JSON: four runs took 18 s
 of device time on an H100, and unlike `kernels.py` grids fed to `compare_grids.py` it compares the outputs too
-(docs/kernel-tuning.md).
+(docs/kernel-tuning.md).  --compare reads such lines (a text file, or FILE.json#KEY: a list of them, as
+benchmarks/results keeps them) and prints per point the best of BASE's runs, of NEW's, NEW / BASE and whether the
+checksums agree, then the geometric mean of NEW / BASE.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import os
 import sys
+from collections import defaultdict
 
 import torch
 
@@ -44,5 +50,39 @@ def main(label: str) -> None:
     print(label, " | ".join(points), flush=True)
 
 
+def read_lines(path: str) -> list[str]:
+    """The run lines of a text file, or of FILE.json#KEY (a JSON list of them)."""
+    name, _, key = path.partition("#")
+    if key:
+        with open(name) as f:
+            return json.load(f)[key]
+    with open(name) as f:
+        return [line for line in f.read().splitlines() if line.strip()]
+
+
+def compare(lines: list[str], base: str, new: str) -> float:
+    """Prints the A/B per point and returns the geometric mean of NEW's best time over BASE's."""
+    runs: dict[str, dict[str, list[tuple[float, str]]]] = defaultdict(lambda: defaultdict(list))
+    for line in lines:
+        label, _, rest = line.partition(" ")
+        for point in rest.split(" | "):
+            name, us, digest = point.split()
+            runs[name][label].append((float(us), digest))
+    logs = []
+    print(f"| point | {base} us | {new} us | {new} / {base} | outputs |")
+    print("|---|---|---|---|---|")
+    for name, by_label in runs.items():
+        t_base, t_new = (min(us for us, _ in by_label[label]) for label in (base, new))
+        same = {d for _, d in by_label[base]} == {d for _, d in by_label[new]}
+        logs.append(math.log(t_new / t_base))
+        print(f"| {name} | {t_base:.2f} | {t_new:.2f} | {t_new / t_base:.3f} | {'same' if same else 'DIFFER'} |")
+    mean = math.exp(sum(logs) / len(logs))
+    print(f"geometric mean {new} / {base} over {len(logs)} points: {mean:.4f}")
+    return mean
+
+
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "run")
+    if sys.argv[1:2] == ["--compare"]:
+        compare(read_lines(sys.argv[2]), sys.argv[3], sys.argv[4])
+    else:
+        main(sys.argv[1] if len(sys.argv) > 1 else "run")

@@ -1,4 +1,4 @@
-"""Our Marlin kernels' time at M = 16 (or MS) as K grows, beside vLLM's Marlin: fixed cost against steady state.
+"""Our Marlin kernels' time at M = 16 (or the M given) as K grows, beside vLLM's Marlin: fixed cost against steady state.
 
     python benchmarks/tuning/marlin_scaling.py [N=4096] [M=16]      (vLLM importable for its column)
     ROWS=32 python benchmarks/tuning/marlin_scaling.py 4096 32      (the forced splits with that block-tile rows)
