@@ -13,7 +13,7 @@ at::Tensor marlin_gemm(const at::Tensor& a, const at::Tensor& qweight, const at:
 
 // Benchmark-only tuning override of the Marlin GEMM's split choice (0 = automatic).
 void marlin_set_config(int64_t sb, int64_t cs, int64_t slices, int64_t dense_min_m, int64_t tile_rows, int64_t wgmma,
-                       int64_t a_buffers);
+                       int64_t a_buffers, int64_t solo);
 
 at::Tensor exllama_gemm(const at::Tensor& a, const at::Tensor& qweight, const std::optional<at::Tensor>& qzeros,
                         const at::Tensor& scales, const std::optional<at::Tensor>& g_idx_sorted, int64_t bits,

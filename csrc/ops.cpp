@@ -9,7 +9,7 @@ TORCH_LIBRARY(mygptq_cuda, m) {
   m.def("marlin_gemm(Tensor a, Tensor qweight, Tensor scales, Tensor? qzeros, Tensor? g_idx_sorted, int bits, "
         "int group_size, Tensor? perm=None) -> Tensor");
   m.def("_marlin_set_config(int sb, int cs, int slices, int dense_min_m, int tile_rows=0, int wgmma=0, "
-        "int a_buffers=0) -> ()", &gptq_vllm::marlin_set_config);
+        "int a_buffers=0, int solo=0) -> ()", &gptq_vllm::marlin_set_config);
   m.def("sm90a_code_runs() -> bool", &gptq_vllm::sm90a_code_runs);
   m.def("hopper_gemm(Tensor a, Tensor qweight, Tensor scales, Tensor? zeros, int bits, int group_size, int config, "
         "int decomposition=0, int splits=1, Tensor? perm=None) -> Tensor");

@@ -36,7 +36,7 @@ namespace marlin {
 
 // Tuning override (benchmarks only): 0 = automatic.
 struct Override {
-  int sb = 0, cs = 0, slices = 0, dense_min_m = 0, tile_rows = 0, wgmma = 0, a_buffers = 0;
+  int sb = 0, cs = 0, slices = 0, dense_min_m = 0, tile_rows = 0, wgmma = 0, a_buffers = 0, solo = 0;
 };
 Override& override_cfg() {
   static Override o;
@@ -49,7 +49,9 @@ Override& override_cfg() {
 // M <= 16: `SWEEP=1 MS=1,16 python benchmarks/kernels.py`; 16-row splits at M = 32/64: `SWEEP=1 ROWS=16
 // MS=32,64 ...`; rows and wgmma: `python benchmarks/pick_tiles.py` over the `ROWS=32` / `ROWS=64` / `ROWS=64
 // WGMMA=1` sweeps (docs/kernel-tuning.md, 2026-11-22).  M <= 32 at (4096, 6144) and (8192, 8192): 32-row tiles
-// since they fold the scales into the run sums, `ROWS=32 SWEEP=1 MS=32,64 ...` on an H100 (2026-12-06).
+// since they fold the scales into the run sums, `ROWS=32 SWEEP=1 MS=32,64 ...` on an H100 (2026-12-06).  M <= 16 at
+// (4096, 28672): (4, 1), 112 blocks that take the one-block-per-SM build, 5.5 % ahead of the H200's (8, 4) in three
+// `SWEEP=1 ROWS=16 MS=16,32,64` runs and an A/B on H100s (2026-12-06, fourteenth session); no other point gained 5 %.
 // Other shapes, batch sizes and GPUs use 8/16-row tiles with the model in marlin_gemm(), dense from M = 128.
 struct Tuned {
   int K, N, M, rows, sb, cs, wg;  // wg: the wgmma loop (64-row tiles, sm_90a builds)
@@ -62,7 +64,7 @@ constexpr Tuned TUNED[] = {
     {8192, 57344, 8, 8, 8, 2, 0}, {28672, 8192, 8, 8, 1, 2, 0},
     // M <= 16
     {4096, 6144, 16, 16, 4, 4, 0}, {4096, 4096, 16, 16, 8, 8, 0},
-    {4096, 28672, 16, 16, 8, 4, 0}, {14336, 4096, 16, 16, 4, 8, 0},
+    {4096, 28672, 16, 16, 4, 1, 0}, {14336, 4096, 16, 16, 4, 8, 0},
     {8192, 10240, 16, 16, 8, 8, 0}, {8192, 8192, 16, 16, 2, 2, 0},
     {8192, 57344, 16, 16, 8, 2, 0}, {28672, 8192, 16, 16, 2, 2, 0},
     // M <= 32
@@ -89,14 +91,14 @@ const Tuned* tuned_split(int64_t K, int64_t N, int64_t M, int sms) {
   return nullptr;
 }
 
-extern template void launch_bits<half, 4>(const Params&, int, bool, dim3, int, size_t, cudaStream_t);
-extern template void launch_bits<half, 8>(const Params&, int, bool, dim3, int, size_t, cudaStream_t);
-extern template void launch_bits<half, 2>(const Params&, int, bool, dim3, int, size_t, cudaStream_t);
-extern template void launch_bits<half, 3>(const Params&, int, bool, dim3, int, size_t, cudaStream_t);
-extern template void launch_bits<__nv_bfloat16, 4>(const Params&, int, bool, dim3, int, size_t, cudaStream_t);
-extern template void launch_bits<__nv_bfloat16, 8>(const Params&, int, bool, dim3, int, size_t, cudaStream_t);
-extern template void launch_bits<__nv_bfloat16, 2>(const Params&, int, bool, dim3, int, size_t, cudaStream_t);
-extern template void launch_bits<__nv_bfloat16, 3>(const Params&, int, bool, dim3, int, size_t, cudaStream_t);
+extern template void launch_bits<half, 4>(const Params&, int, bool, int, dim3, int, size_t, cudaStream_t);
+extern template void launch_bits<half, 8>(const Params&, int, bool, int, dim3, int, size_t, cudaStream_t);
+extern template void launch_bits<half, 2>(const Params&, int, bool, int, dim3, int, size_t, cudaStream_t);
+extern template void launch_bits<half, 3>(const Params&, int, bool, int, dim3, int, size_t, cudaStream_t);
+extern template void launch_bits<__nv_bfloat16, 4>(const Params&, int, bool, int, dim3, int, size_t, cudaStream_t);
+extern template void launch_bits<__nv_bfloat16, 8>(const Params&, int, bool, int, dim3, int, size_t, cudaStream_t);
+extern template void launch_bits<__nv_bfloat16, 2>(const Params&, int, bool, int, dim3, int, size_t, cudaStream_t);
+extern template void launch_bits<__nv_bfloat16, 3>(const Params&, int, bool, int, dim3, int, size_t, cudaStream_t);
 
 }  // namespace marlin
 
@@ -134,14 +136,14 @@ void launch_dequant(const marlin::Params& p, int64_t bits, dim3 blocks, at::Tens
 }
 
 template <typename T>
-void launch_gemm(const marlin::Params& p, int64_t bits, int mb, bool wg, dim3 grid, int cs, size_t smem,
+void launch_gemm(const marlin::Params& p, int64_t bits, int mb, bool wg, int solo, dim3 grid, int cs, size_t smem,
                  cudaStream_t stream) {
   using namespace marlin;
   switch (bits) {
-    case 2: return launch_bits<T, 2>(p, mb, wg, grid, cs, smem, stream);
-    case 3: return launch_bits<T, 3>(p, mb, wg, grid, cs, smem, stream);
-    case 4: return launch_bits<T, 4>(p, mb, wg, grid, cs, smem, stream);
-    default: return launch_bits<T, 8>(p, mb, wg, grid, cs, smem, stream);
+    case 2: return launch_bits<T, 2>(p, mb, wg, solo, grid, cs, smem, stream);
+    case 3: return launch_bits<T, 3>(p, mb, wg, solo, grid, cs, smem, stream);
+    case 4: return launch_bits<T, 4>(p, mb, wg, solo, grid, cs, smem, stream);
+    default: return launch_bits<T, 8>(p, mb, wg, solo, grid, cs, smem, stream);
   }
 }
 
@@ -162,10 +164,11 @@ at::Tensor gather_columns(const at::Tensor& a, const at::Tensor& perm, int64_t K
 }
 
 void marlin_set_config(int64_t sb, int64_t cs, int64_t slices, int64_t dense_min_m, int64_t tile_rows, int64_t wgmma,
-                       int64_t a_buffers) {
+                       int64_t a_buffers, int64_t solo) {
   TORCH_CHECK(tile_rows == 0 || tile_rows == 8 || tile_rows == 16 || tile_rows == 32 || tile_rows == 64,
               "marlin_set_config: tile_rows must be 0 (automatic), 8, 16, 32 or 64");
   TORCH_CHECK(a_buffers >= 0 && a_buffers <= marlin::A_BUFS_MAX, "marlin_set_config: a_buffers must be 0 (automatic), 1 or 2");
+  TORCH_CHECK(solo >= -1 && solo <= 1, "marlin_set_config: solo must be 0 (automatic), 1 (one block per SM) or -1 (two)");
   auto& o = marlin::override_cfg();
   o.tile_rows = static_cast<int>(tile_rows);
   o.sb = static_cast<int>(sb);
@@ -174,6 +177,7 @@ void marlin_set_config(int64_t sb, int64_t cs, int64_t slices, int64_t dense_min
   o.dense_min_m = static_cast<int>(dense_min_m);
   o.wgmma = static_cast<int>(wgmma);
   o.a_buffers = static_cast<int>(a_buffers);
+  o.solo = static_cast<int>(solo);
 }
 
 
@@ -390,8 +394,8 @@ at::Tensor marlin_gemm(const at::Tensor& a_in, const at::Tensor& qweight, const 
   const bool wg = want_wg && R == 64 && sb >= 4 && !needs_general(p) && sm90a_code_runs();
   const at::Tensor ws = bind_output(p, slices, out);
   dim3 grid(cs, mblocks, (NS / sb) * slices);
-  if (a.scalar_type() == at::kHalf) launch_gemm<half>(p, bits, mb, wg, grid, cs, smem, stream);
-  else launch_gemm<__nv_bfloat16>(p, bits, mb, wg, grid, cs, smem, stream);
+  if (a.scalar_type() == at::kHalf) launch_gemm<half>(p, bits, mb, wg, ov.solo, grid, cs, smem, stream);
+  else launch_gemm<__nv_bfloat16>(p, bits, mb, wg, ov.solo, grid, cs, smem, stream);
   if (slices > 1) reduce_slices(ws, out);
   return out;
 }

@@ -3,6 +3,6 @@
 
 namespace gptq_vllm {
 namespace marlin {
-template void launch_bits<__nv_bfloat16, 8>(const Params&, int, bool, dim3, int, size_t, cudaStream_t);
+template void launch_bits<__nv_bfloat16, 8>(const Params&, int, bool, int, dim3, int, size_t, cudaStream_t);
 }  // namespace marlin
 }  // namespace gptq_vllm

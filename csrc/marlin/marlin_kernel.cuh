@@ -1032,10 +1032,11 @@ void launch_kernel(const Params& p, dim3 grid, int cs, size_t smem, cudaStream_t
 // its first and last HMMA (fp16 4-bit), without it to 812 in 146 registers.  Where one block per SM runs the launch
 // in one wave anyway, the SOLO build is up to 6 % faster (docs/kernel-tuning.md); where it would take two waves
 // (more blocks than SMs, or clusters that do not all fit at once) the capped build keeps two blocks per SM.
+// solo: 0 decides so; 1 / -1 force the SOLO / capped build (the tuning override, and the tests comparing the two).
 template <typename T, int BITS, int MB, bool GEN, bool WG = false>
-void launch_mb(const Params& p, dim3 grid, int cs, size_t smem, cudaStream_t stream) {
+void launch_mb(const Params& p, int solo, dim3 grid, int cs, size_t smem, cudaStream_t stream) {
   if constexpr (MB == 2) {
-    if (one_wave<marlin_gemm_kernel<T, BITS, MB, GEN, WG, true>, BITS, MB>(grid, cs))
+    if (solo > 0 || (solo == 0 && one_wave<marlin_gemm_kernel<T, BITS, MB, GEN, WG, true>, BITS, MB>(grid, cs)))
       return launch_kernel<T, BITS, MB, GEN, WG, true>(p, grid, cs, smem, stream);
   }
   launch_kernel<T, BITS, MB, GEN, WG, false>(p, grid, cs, smem, stream);
@@ -1049,16 +1050,16 @@ __host__ inline bool needs_general(const Params& p) {
 }
 
 // Defined (explicitly instantiated) in marlin_inst_<dtype>_b<bits>.cu, so the kernels build in parallel.
-// wg: the wgmma loop (mb == 8, lean mode only; the caller checks wgmma_supported()).
+// wg: the wgmma loop (mb == 8, lean mode only; the caller checks wgmma_supported()); solo: see launch_mb.
 template <typename T, int BITS>
-void launch_bits(const Params& p, int mb, bool wg, dim3 grid, int cs, size_t smem, cudaStream_t stream) {
+void launch_bits(const Params& p, int mb, bool wg, int solo, dim3 grid, int cs, size_t smem, cudaStream_t stream) {
   const bool gen = needs_general(p);
-  if (wg && mb == 8 && !gen) return launch_mb<T, BITS, 8, false, true>(p, grid, cs, smem, stream);
+  if (wg && mb == 8 && !gen) return launch_mb<T, BITS, 8, false, true>(p, solo, grid, cs, smem, stream);
   switch (mb) {
-    case 1: return gen ? launch_mb<T, BITS, 1, true>(p, grid, cs, smem, stream) : launch_mb<T, BITS, 1, false>(p, grid, cs, smem, stream);
-    case 2: return gen ? launch_mb<T, BITS, 2, true>(p, grid, cs, smem, stream) : launch_mb<T, BITS, 2, false>(p, grid, cs, smem, stream);
-    case 4: return gen ? launch_mb<T, BITS, 4, true>(p, grid, cs, smem, stream) : launch_mb<T, BITS, 4, false>(p, grid, cs, smem, stream);
-    default: return gen ? launch_mb<T, BITS, 8, true>(p, grid, cs, smem, stream) : launch_mb<T, BITS, 8, false>(p, grid, cs, smem, stream);
+    case 1: return gen ? launch_mb<T, BITS, 1, true>(p, solo, grid, cs, smem, stream) : launch_mb<T, BITS, 1, false>(p, solo, grid, cs, smem, stream);
+    case 2: return gen ? launch_mb<T, BITS, 2, true>(p, solo, grid, cs, smem, stream) : launch_mb<T, BITS, 2, false>(p, solo, grid, cs, smem, stream);
+    case 4: return gen ? launch_mb<T, BITS, 4, true>(p, solo, grid, cs, smem, stream) : launch_mb<T, BITS, 4, false>(p, solo, grid, cs, smem, stream);
+    default: return gen ? launch_mb<T, BITS, 8, true>(p, solo, grid, cs, smem, stream) : launch_mb<T, BITS, 8, false>(p, solo, grid, cs, smem, stream);
   }
 }
 

@@ -238,13 +238,14 @@ def hopper_configs() -> list[str]:
 
 
 def marlin_set_config(sb: int = 0, cs: int = 0, slices: int = 0, dense_min_m: int = 0, tile_rows: int = 0,
-                      wgmma: int = 0, a_buffers: int = 0) -> None:
+                      wgmma: int = 0, a_buffers: int = 0, solo: int = 0) -> None:
     """Benchmark-only: force the Marlin GEMM's strips per block / cluster split / global slices / dense
     threshold / block-tile rows (8, 16, 32 or 64) / wgmma loop for 64-row tiles (1 on, -1 off) / staged A
-    buffers (1, or 2: the next chunk copied while this one is used) (0 = automatic, the default).
-    Process-global; not for production use."""
+    buffers (1, or 2: the next chunk copied while this one is used) / build of 16-row tiles (1 the one-block-
+    per-SM build, -1 the two-blocks-per-SM one) (0 = automatic, the default).  Process-global; not for
+    production use."""
     _require()
-    torch.ops.mygptq_cuda._marlin_set_config(sb, cs, slices, dense_min_m, tile_rows, wgmma, a_buffers)
+    torch.ops.mygptq_cuda._marlin_set_config(sb, cs, slices, dense_min_m, tile_rows, wgmma, a_buffers, solo)
 
 
 def exllama_gemm(a: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor | None, scales: torch.Tensor,
