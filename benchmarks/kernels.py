@@ -17,7 +17,8 @@ split-K slices on top of each cluster split (fp32 workspace and the reduce kerne
 sb:csxSLICES), never dense),
 ABUF=1/2 (grid and SWEEP=1: force the Marlin kernels' staged A buffers; default automatic),
 SWEEP=hopper (tuning: every Hopper GEMM config and decomposition against the Marlin path and cuBLAS; JSON rows for
-benchmarks/pick_hopper.py), TP=2 (one tensor-parallel rank's shard of each shape), OUT_JSON (output path), NO_VLLM=1
+benchmarks/pick_hopper.py; CONFIGS=a,b: only those configs), TP=2 (one tensor-parallel rank's shard of each shape),
+OUT_JSON (output path), NO_VLLM=1
 (skip vLLM).
 JSON: {"meta": {gpu, date, command, torch, vllm, copy_TBps}, "rows": [{shape, K, N, M, kernel, us, dtype, bits,
 group_size, act_order, weight_TBps, speedup_vs_fp16}]}.  Reference kernels: cublas_fp16, vllm_marlin,
@@ -365,9 +366,15 @@ def sweep_hopper() -> int:
     dev = torch.device("cuda")
     bits = int(os.environ.get("BITS", "4"))
     names = ours.hopper_configs()
+    # CONFIGS: a comma list of config names to time (default all), e.g. the large-tile ones at M >= 2048
+    wanted = os.environ.get("CONFIGS", "").split(",") if os.environ.get("CONFIGS") else names
+    unknown = sorted(set(wanted) - set(names))
+    if unknown:
+        print(f"CONFIGS: unknown Hopper configs {unknown}; known: {names}")
+        return 1
     out = os.environ.get("OUT_JSON", f"hopper-sweep-{datetime.date.today().isoformat()}.json")
     props = torch.cuda.get_device_properties(0)
-    env = {k: os.environ[k] for k in ("SWEEP", "MS", "SHAPES", "BITS", "TP") if k in os.environ}
+    env = {k: os.environ[k] for k in ("SWEEP", "MS", "SHAPES", "BITS", "TP", "CONFIGS") if k in os.environ}
     meta = dict(gpu=props.name, date=datetime.date.today().isoformat(), torch=torch.__version__, configs=names,
                 command=" ".join([f"{k}={v}" for k, v in env.items()] + ["python", "benchmarks/kernels.py"]))
     rows = []
@@ -381,6 +388,8 @@ def sweep_hopper() -> int:
                    "marlin": timed([lambda q=q, s=s: ours.marlin_gemm(x, q, s, None, None, bits, G)
                                     for q, s in zip(mq, sc)], iters=5, warmup_s=SWEEP_WARMUP_S)}
             for cfg, cname in enumerate(names):
+                if cname not in wanted:
+                    continue
                 for dec, splits in selection.hopper_decompositions(cname, HOPPER_DECOMPOSITIONS):
                     try:
                         res[f"{cname}/{dec}/{splits}"] = timed(

@@ -109,7 +109,9 @@ def test_hopper_choice_by_batch_size(monkeypatch):
     names = ["128x16_c1", "128x32_c2", "128x64_c2", "128x128_c2", "128x256_c2"]
     monkeypatch.setattr(selection, "_config_ids", {n: i for i, n in enumerate(names)})
     default = {16: None, 32: ("128x32_c2", 0, 1), 64: ("128x64_c2", 3, 1), 128: ("128x128_c2", 2, 2),
-               256: ("128x256_c2", 0, 1), 512: ("128x256_c2", 0, 1), 1024: ("128x256_c2", 3, 1)}
+               256: ("128x256_c2", 0, 1), 512: ("128x256_c2", 0, 1), 1024: ("128x256_c2", 0, 1),
+               2048: ("128x256_c2", 0, 1), 8192: ("128x256_c2", 3, 1)}
+    assert set(default) == set(selection.HOPPER_BUCKETS)
     monkeypatch.setattr(selection, "HOPPER_DEFAULT", default)
     monkeypatch.setattr(selection, "HOPPER_TUNED", {(4096, 4096): {16: ("128x16_c1", 3, 1), 32: None,
                                                                    64: ("128x16_c1", 3, 1)}})
@@ -119,6 +121,8 @@ def test_hopper_choice_by_batch_size(monkeypatch):
     # Buckets are upper bounds; M past the last bucket uses the last.
     assert selection.hopper_choice(17, 8192, 8192) == (1, 0, 1)
     assert selection.hopper_choice(100, 8192, 8192) == (3, 2, 2)
+    assert selection.hopper_choice(2048, 8192, 8192) == (4, 0, 1)
+    assert selection.hopper_choice(2049, 8192, 8192) == (4, 3, 1)
     assert selection.hopper_choice(100000, 8192, 8192) == (4, 3, 1)
     # A tuned shape: its own rows, the default row for buckets it does not list.
     assert selection.hopper_choice(32, 4096, 4096) is None
