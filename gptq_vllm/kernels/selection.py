@@ -134,7 +134,6 @@ HOPPER_DEFAULT: dict[int, HopperChoice | None] = {
 #   benchmarks/results/hopper-sweep-h100-2026-12-05.json
 #   benchmarks/results/hopper-sweep-h200-2026-12-06.json
 #   benchmarks/results/hopper-sweep-h100-2026-12-06.json
-#   benchmarks/results/hopper-sweep-large-m-h100-2026-12-06.json
 HOPPER_TUNED: dict[tuple[int, int], dict[int, HopperChoice | None]] = {
     (4096, 6144): {
         16: None, 32: None, 64: ("128x64_c1", 2, 2), 128: ("64x128_c2_pp", 0, 1), 256: ("64x256_c2_pp", 0, 1),
