@@ -232,14 +232,27 @@ SOLO_CASES = [(4, True, False), (4, False, True), (8, True, False), (3, True, Fa
 def test_marlin_gemm_16row_builds_agree(kern, bits, sym, act, dtype):
     """The 16-row tiles are compiled twice, for one block per SM (no register cap) and for two; a launch takes the
     first only where it fits in one wave.  Forced onto the same splits (cluster reduction, global slices, a partial
-    m-block), the two builds must give bit-identical outputs in the lean and general instantiations."""
+    m-block), the two builds must give bit-identical outputs in the lean and general instantiations; the profiler's
+    kernel names show that the override did run each build."""
     dev = torch.device("cuda")
     K, N = 4096, 1024
     w = make_weight(bits, 128, sym, act, K, N, seed=41 + bits + act, dtype=dtype)
     kw = kernel_layout.to_kernel(w, Layout.MARLIN, scale_dtype=dtype)
     qw, sc, qz, gs = to_dev(kw, dev)
     perm = None if kw.perm is None else kw.perm.to(torch.int32).to(dev)
+
+    def builds_run(solo, x):  # the SOLO template argument (last) of the Marlin kernels one forced call launched
+        kern.marlin_set_config(1, 1, 1, 100000, 16, 0, 0, solo)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            kern.marlin_gemm(x, qw, sc, qz, gs, bits, 128, perm)
+            torch.cuda.synchronize()
+        names = [e.name for e in prof.events() if "marlin_gemm_kernel<" in e.name]
+        assert names, "the profiler saw no marlin_gemm_kernel launch"
+        return {name.split(">(")[0].rsplit(",", 1)[1].strip() for name in names}
+
     try:
+        x16 = torch.randn(16, K, dtype=torch.float32).to(dtype).to(dev)
+        assert builds_run(1, x16) == {"true"} and builds_run(-1, x16) == {"false"}
         for M in (9, 16, 32, 50):
             x = torch.randn(M, K, generator=torch.Generator().manual_seed(M), dtype=torch.float32).to(dtype).to(dev)
             for sb, cs, slices in ((1, 1, 1), (2, 2, 1), (8, 8, 1), (4, 4, 2), (1, 1, 4), (2, 8, 1)):
