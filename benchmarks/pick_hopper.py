@@ -4,7 +4,9 @@
 
 The sweep (`SWEEP=hopper python benchmarks/kernels.py`) times, per Llama-3 shape and M bucket, the Marlin path
 and every Hopper config x decomposition.  Per shape and bucket the table takes the fastest Hopper choice when
-it beats the Marlin path by >= 5 % (else None: the Marlin kernels); the default row, for shapes outside the
+it beats the Marlin path by >= 5 % (else None: the Marlin kernels); above M = 128, where the Marlin path is its
+dense mode (the weight dequantized into an fp16 copy for each call, then cuBLAS), the Hopper choice, which needs no
+copy, stays unless the dense mode beats it by >= 5 %.  The default row, for shapes outside the
 table, takes per bucket the candidate (Marlin included) with the smallest geometric mean of time over that
 shape's fastest time.  Prints both as Python literals, then the per-point gain over the Marlin path; with
 --write, also puts them into gptq_vllm/kernels/selection.py in place of the current tables.  Several sweeps (e.g.
@@ -26,6 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from gptq_vllm.kernels.selection import PINGPONG_SUFFIX  # noqa: E402
 
 MARGIN = 1.05
+# Above this M the Marlin path runs dense (csrc/marlin: its split table ends at M = 128, DENSE_MIN_M_DEFAULT = 128).
+DENSE_ABOVE_M = 128
 SELECTION = Path(__file__).resolve().parent.parent / "gptq_vllm" / "kernels" / "selection.py"
 # The two tables in selection.py, from HOPPER_DEFAULT's first line to the closing brace of HOPPER_TUNED.
 TABLES = re.compile(r"^HOPPER_DEFAULT: .*?^HOPPER_TUNED: .*?^}\n", re.S | re.M)
@@ -75,7 +79,9 @@ def main(paths: list[str], write: bool = False) -> None:
     for (shape, m), t in us.items():
         hopper = {k: v for k, v in t.items() if "/" in k}
         best = min(hopper, key=hopper.get)
-        choice = parse(best) if hopper[best] * MARGIN <= t["marlin"] else None
+        hopper_wins = (hopper[best] < t["marlin"] * MARGIN if m > DENSE_ABOVE_M
+                       else hopper[best] * MARGIN <= t["marlin"])
+        choice = parse(best) if hopper_wins else None
         tuned[shape_of[shape]][m] = choice
         lines.append(f"{shape:12s} M={m:<5d} marlin {t['marlin']:8.1f}  best hopper {best:22s} {hopper[best]:8.1f} "
                      f"-> {'hopper' if choice else 'marlin'} ({t['marlin'] / min(hopper[best], t['marlin']):.2f}x "
