@@ -243,7 +243,8 @@ def test_marlin_gemm_16row_builds_agree(kern, bits, sym, act, dtype):
 
     def builds_run(solo, x):  # the SOLO template argument (last) of the Marlin kernels one forced call launched
         kern.marlin_set_config(1, 1, 1, 100000, 16, 0, 0, solo)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=activities) as prof:
             kern.marlin_gemm(x, qw, sc, qz, gs, bits, 128, perm)
             torch.cuda.synchronize()
         names = [e.name for e in prof.events() if "marlin_gemm_kernel<" in e.name]
