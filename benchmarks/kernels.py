@@ -8,9 +8,11 @@ each kernel is timed by replaying a CUDA graph that cycles through enough weight
     MS=1,16 SHAPES=8b.o,70b.down VARIANTS=base python benchmarks/kernels.py   # a quick subset
 
 Env: MS, SHAPES (comma lists), VARIANTS (comma list of base, marlin, act_order, act_order_gather, bf16, w8,
-w3, w2, w3_widen, w2_widen, exllama, exllama3; default base,marlin,act_order,bf16,w8,w3,w2): w3 / w2 are 3- and
-2-bit g128 on the plugin's path (Marlin kernels; on sm_90 from M = 128 the Hopper GEMM on a 4-bit copy), w3_widen /
-w2_widen that Hopper path at every M >= 9 (tuning), exllama3 the 3-bit ExLlama GEMM they replace.  SWEEP=1
+w3, w2, w3_marlin, w2_marlin, w3_units, w2_units, w3_widen, w2_widen, exllama, exllama3; default
+base,marlin,act_order,bf16,w8,w3,w2): w3 / w2 are 3- and 2-bit g128 on the plugin's path (selection.hopper_choice:
+Marlin kernels, on sm_90 the Hopper GEMM on the units or, from selection.WIDEN_MIN_M, on a 4-bit copy); for tuning
+w3_marlin / w2_marlin the Marlin kernels alone, w3_units / w2_units and w3_widen / w2_widen the Hopper GEMM on the
+units / on the 4-bit copy with the 4-bit table's choice at every M >= 9; exllama3 the 3-bit ExLlama GEMM.  SWEEP=1
 (tuning: time the Marlin kernel under forced split configurations instead of the grid; 4-bit, BITS=8 / 3 / 2 for
 those widths, ROWS=8/16/32/64 to force the block-tile rows too, WGMMA=1/-1 the wgmma loop on/off, SLICES=2/4 global
 split-K slices on top of each cluster split (fp32 workspace and the reduce kernel, timed with them; configs print as
@@ -189,7 +191,7 @@ def main() -> int:
         # 2/3-bit Marlin words: units of 2 / 4 k-tiles, qweight [K/32, 2N] / [K/64, 6N] (formats/marlin.py).
         low_shape = {3: (K // 64, N * 6), 2: (K // 32, N * 2)}
         mql = {b: [torch.randint(-2**31, 2**31 - 1, low_shape[b], dtype=torch.int32, device=dev) for _ in range(nq)]
-               for b in (3, 2) if f"w{b}" in variants or f"w{b}_widen" in variants}
+               for b in (3, 2) if {f"w{b}", f"w{b}_marlin", f"w{b}_widen", f"w{b}_units"} & variants}
         perm = torch.randperm(K, device=dev).to(torch.int32)
         exq = ([torch.randint(-2**31, 2**31 - 1, (K // 8, N), dtype=torch.int32, device=dev) for _ in range(nq)]
                if "exllama" in variants else [])
@@ -239,12 +241,22 @@ def main() -> int:
                     fns = [lambda q=q, s=s, h=h, b=b: our_gemm(x, q, s, h, None, b)
                            for q, s, h in zip(mql[b], sc, hs)]
                     res.append((f"mygptq_w{b}", timed(fns), q_bytes[b], "float16", b, False))
+            for b in (3, 2):
+                if f"w{b}_marlin" in variants:
+                    fns = [lambda q=q, s=s, b=b: ours.marlin_gemm(x, q, s, None, None, b, G) for q, s in zip(mql[b], sc)]
+                    res.append((f"mygptq_marlin_w{b}", timed(fns), q_bytes[b], "float16", b, False))
             for b in (3, 2):  # tuning (selection.WIDEN_MIN_M): the widened Hopper path at every M it can take
                 choice = selection.hopper_choice(M, K, N) if f"w{b}_widen" in variants and hs[0] is not None else None
                 if choice is not None:
                     fns = [lambda q=q, h=h, b=b: ours.hopper_gemm(x, ours.marlin_widen(q, b), h, None, 4, G, *choice)
                            for q, h in zip(mql[b], hs)]
                     res.append((f"mygptq_w{b}_widen", timed(fns), q_bytes[b], "float16", b, False))
+            for b in (3, 2):  # tuning: the Hopper GEMM on the units, with the 4-bit table's choice, at every M >= 9
+                choice = selection.hopper_choice(M, K, N) if f"w{b}_units" in variants and hs[0] is not None else None
+                if choice is not None:
+                    fns = [lambda q=q, h=h, b=b: ours.hopper_gemm(x, q, h, None, b, G, *choice)
+                           for q, h in zip(mql[b], hs)]
+                    res.append((f"mygptq_w{b}_units", timed(fns), q_bytes[b], "float16", b, False))
             if "exllama3" in variants:
                 res.append(("mygptq_exllama_w3", timed([lambda q=q, s=s: ours.exllama_gemm(x, q, exz3, s, None, 3, G)
                                                         for q, s in zip(exq3, sc)]), q_bytes[3], "float16", 3, False))

@@ -76,7 +76,7 @@ def test_unsupported_names_the_reason():
     assert hopper.unsupported(bits=4, group_size=4096, in_rows=4096, g_idx_sorted=False) is None  # one group
     assert "group size 32" in hopper.unsupported(bits=4, group_size=32, in_rows=4096, g_idx_sorted=False)
     assert "act-order shard" in hopper.unsupported(bits=4, group_size=128, in_rows=4096, g_idx_sorted=True)
-    assert hopper.unsupported(bits=3, group_size=128, in_rows=4096, g_idx_sorted=False) is None  # widened per call
+    assert hopper.unsupported(bits=3, group_size=128, in_rows=4096, g_idx_sorted=False) is None  # the unit mainloop
     assert hopper.unsupported(bits=2, group_size=-1, in_rows=4096, g_idx_sorted=False) is None
     assert "group size 32" in hopper.unsupported(bits=3, group_size=32, in_rows=4096, g_idx_sorted=False)
     assert "5-bit" in hopper.unsupported(bits=5, group_size=128, in_rows=4096, g_idx_sorted=False)
@@ -85,9 +85,9 @@ def test_unsupported_names_the_reason():
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("sym", [True, False])
 def test_2_3_4_bit_marlin_layers_get_hopper_operands(bits, sym, monkeypatch):
-    """On an sm_90 GPU every Marlin-layout width gets the Hopper operands (2/3-bit run on a 4-bit copy widened per
-    call), and the zero term s (2^(b-1) - z) of the layer's own width is the one the widened codes need:
-    s (q - z) = s ((q + d) - 8) + zero term, d = 8 - 2^(b-1)."""
+    """On an sm_90 GPU every Marlin-layout width gets the Hopper operands, plain scales and, for zero points, the
+    term s (2^(b-1) - z) of the layer's own width, with which both mainloops compute
+    s (q - 2^(b-1)) + s (2^(b-1) - z) = s (q - z)."""
     pytest.importorskip("vllm")
     from gptq_vllm.config import LayerScheme
     from gptq_vllm.linear import MyGPTQLinearMethod
@@ -99,10 +99,9 @@ def test_2_3_4_bit_marlin_layers_get_hopper_operands(bits, sym, monkeypatch):
     ops = method._hopper_operands(kw)
     assert ops is not None and (ops.zeros is None) == sym
     g = w.g_idx.long()
-    q4 = w.codes + 8 - 2 ** (bits - 1) if bits in hopper.WIDENED_BITS else w.codes
     zero_term = 0 if sym else ops.zeros.float()[g]
-    widened = ops.scales.float()[g] * (q4 - 8) + zero_term
-    assert torch.allclose(widened, w.scales[g] * (w.codes - w.zeros[g]), rtol=1e-6, atol=1e-6)
+    kernel_weight = ops.scales.float()[g] * (w.codes - 2 ** (bits - 1)) + zero_term
+    assert torch.allclose(kernel_weight, w.scales[g] * (w.codes - w.zeros[g]), rtol=1e-6, atol=1e-6)
 
 
 def test_hopper_choice_by_batch_size(monkeypatch):
@@ -131,10 +130,19 @@ def test_hopper_choice_by_batch_size(monkeypatch):
     # Below HOPPER_MIN_M the Marlin kernels' 8-row tiles run even where the 16-row bucket picks Hopper.
     assert selection.hopper_choice(selection.HOPPER_MIN_M - 1, 4096, 4096) is None
     assert selection.hopper_choice(selection.HOPPER_MIN_M, 4096, 4096) == (0, 3, 1)
-    # 2/3-bit layers pay a widening pass per call: the Hopper GEMM from WIDEN_MIN_M on only.
-    assert selection.hopper_choice(selection.WIDEN_MIN_M - 1, 8192, 8192, bits=3) is None
-    assert selection.hopper_choice(selection.WIDEN_MIN_M, 8192, 8192, bits=3) == (3, 2, 2)
-    assert selection.hopper_choice(selection.WIDEN_MIN_M - 1, 8192, 8192, bits=4) == (3, 2, 2)
+    # 2/3-bit layers take the same choices from UNITS_MIN_M on: on their units where the config's tile features
+    # divide N (the unit mainloop copies whole tiles), else the Marlin kernels; from WIDEN_MIN_M on a 4-bit copy,
+    # which any N fits.
+    assert selection.hopper_choice(selection.UNITS_MIN_M - 1, 8192, 8192, bits=3) is None
+    assert selection.hopper_choice(100, 8192, 8192, bits=3) == (3, 2, 2)
+    assert selection.hopper_choice(100, 8192, 8192 + 64, bits=2) is None
+    assert selection.hopper_choice(100, 8192, 8192 + 64, bits=4) == (3, 2, 2)
+    widen = selection.WIDEN_MIN_M[3]
+    assert selection.hopper_choice(widen, 8192, 8192 + 64, bits=3) == \
+        selection.hopper_choice(widen, 8192, 8192 + 64, bits=4) is not None
+    assert selection.widened(widen, 3) and not selection.widened(widen - 1, 3)
+    assert not selection.widened(100000, 2) and not selection.widened(100000, 4)
+    assert selection.tile_features("64x256_c2_pp") == 64 and selection.tile_features("256x16_c1") == 256
 
 
 def test_every_tabled_choice_names_a_known_config_and_decomposition():

@@ -74,22 +74,23 @@ def test_cuda_arch_list_builds_hopper_as_sm90a(given, built):
     assert with_sm90a(given) == built
 
 
-def test_every_hopper_config_has_its_own_unit():
-    """configs.h's X(id, W, T, C, S) lines and the hopper_tile_<name>.cu units match one to one: a config without
-    its unit would only fail at link time on a GPU build."""
+def test_every_hopper_config_has_its_own_units():
+    """configs.h's X(id, W, T, C, S) lines and the hopper_tile_<name>.cu (4/8 bit) and hopper_units_<name>.cu (2/3
+    bit) units match one to one: a config without its unit would only fail at link time on a GPU build."""
     from gptq_vllm.kernels import build
 
     hopper = os.path.join(build.CSRC, "hopper")
     text = open(os.path.join(hopper, "configs.h")).read()
     configs = re.findall(r"X\((\d+), (\d+), (\d+), (\d+), (coop|pp)\)", text)
     assert [int(c[0]) for c in configs] == list(range(len(configs))) and len(configs) >= 12
-    units = {}
-    for name in os.listdir(hopper):
-        if name.startswith("hopper_tile_"):
-            ids = re.findall(r"^GPTQ_HOPPER_INSTANTIATE\((\d+)\)", open(os.path.join(hopper, name)).read(), re.M)
-            units[name] = [int(i) for i in ids]
-    expected = {f"hopper_tile_{w}x{t}_c{c}{'_pp' if s == 'pp' else ''}.cu": [int(i)] for i, w, t, c, s in configs}
-    assert units == expected
+    for prefix, macro in (("hopper_tile_", "GPTQ_HOPPER_INSTANTIATE"), ("hopper_units_", "GPTQ_HOPPER_INSTANTIATE_UNITS")):
+        units = {}
+        for name in os.listdir(hopper):
+            if name.startswith(prefix):
+                ids = re.findall(rf"^{macro}\((\d+)\)", open(os.path.join(hopper, name)).read(), re.M)
+                units[name] = [int(i) for i in ids]
+        expected = {f"{prefix}{w}x{t}_c{c}{'_pp' if s == 'pp' else ''}.cu": [int(i)] for i, w, t, c, s in configs}
+        assert units == expected, prefix
 
 
 def test_cuda_build_compiles_every_kernel_family_and_finds_cutlass_only_when_asked(tmp_path, monkeypatch):
@@ -97,7 +98,7 @@ def test_cuda_build_compiles_every_kernel_family_and_finds_cutlass_only_when_ask
 
     names = {os.path.relpath(p, build.CSRC) for p in build.sources()}
     assert {"ops.cpp", "device.cu", "marlin/marlin_gemm.cu", "exllama/exllama_gemm.cu", "hopper/hopper_gemm.cu"} <= names
-    assert any(n.startswith("hopper/hopper_tile_") for n in names)
+    assert any(n.startswith("hopper/hopper_tile_") for n in names) and any(n.startswith("hopper/hopper_units_") for n in names)
     # Two units of one file name in different family folders would collide in the JIT build's objects.
     for d in ("a", "b"):
         (tmp_path / d).mkdir()

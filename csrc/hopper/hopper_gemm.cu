@@ -1,6 +1,7 @@
 // Host side of the Hopper mixed-input GEMM (torch op mygptq_cuda::hopper_gemm): checks, the output and
 // workspace allocation, and the dispatch to the instantiated kernels (mixed_gemm.cuh, hopper_tile_*.cu).
-// The weight is read in place in the Marlin layout; the scales (and zero points) come plain, [groups, N].
+// The weight is read in place in the Marlin layout (4/8-bit tiles, 2/3-bit units); the scales (and zero points)
+// come plain, [groups, N].
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -12,6 +13,7 @@
 #include <type_traits>
 
 #include "../kernels.h"
+#include "../units.h"
 #include "configs.h"
 #include "marlin_layout.hpp"
 
@@ -42,11 +44,19 @@ const char* dispatch(const GemmArgs& g, int config, const at::Tensor& like) {
   }
 }
 
+template <typename T, int BITS>
+const char* dispatch_zero(const GemmArgs& g, int config, const at::Tensor& like) {
+  return g.zeros != nullptr ? dispatch<T, BITS, true>(g, config, like) : dispatch<T, BITS, false>(g, config, like);
+}
+
 template <typename T>
 const char* dispatch_bits(const GemmArgs& g, int bits, int config, const at::Tensor& like) {
-  const bool zero = g.zeros != nullptr;
-  if (bits == 4) return zero ? dispatch<T, 4, true>(g, config, like) : dispatch<T, 4, false>(g, config, like);
-  return zero ? dispatch<T, 8, true>(g, config, like) : dispatch<T, 8, false>(g, config, like);
+  switch (bits) {
+    case 2: return dispatch_zero<T, 2>(g, config, like);
+    case 3: return dispatch_zero<T, 3>(g, config, like);
+    case 4: return dispatch_zero<T, 4>(g, config, like);
+    default: return dispatch_zero<T, 8>(g, config, like);
+  }
 }
 
 // Which configs are ping-pong (data-parallel only), by config id.
@@ -54,6 +64,10 @@ const char* dispatch_bits(const GemmArgs& g, int bits, int config, const at::Ten
 constexpr bool kPingpong[] = {GPTQ_HOPPER_CONFIGS(GPTQ_HOPPER_PP)};
 #undef GPTQ_HOPPER_PP
 constexpr int kConfigs = sizeof(kPingpong) / sizeof(kPingpong[0]);
+// Weight rows (features) per tile, by config id.
+#define GPTQ_HOPPER_W(ID, W, T, C, S) W,
+constexpr int kTileFeatures[] = {GPTQ_HOPPER_CONFIGS(GPTQ_HOPPER_W)};
+#undef GPTQ_HOPPER_W
 
 }  // namespace
 
@@ -81,15 +95,16 @@ std::vector<std::string> hopper_configs() {
 at::Tensor hopper_gemm(const at::Tensor& a_in, const at::Tensor& qweight, const at::Tensor& scales,
                        const std::optional<at::Tensor>& zeros, int64_t bits, int64_t group_size, int64_t config,
                        int64_t decomposition, int64_t splits, const std::optional<at::Tensor>& perm) {
-  TORCH_CHECK(bits == 4 || bits == 8, "hopper_gemm: bits must be 4 or 8, got ", bits);
+  TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8, "hopper_gemm: bits must be 2, 3, 4 or 8, got ", bits);
   TORCH_CHECK(a_in.is_cuda() && a_in.dim() == 2 && a_in.is_contiguous(),
               "hopper_gemm: a must be a contiguous 2-D CUDA tensor");
   TORCH_CHECK(a_in.scalar_type() == at::kHalf || a_in.scalar_type() == at::kBFloat16,
               "hopper_gemm: a must be float16 or bfloat16");
   TORCH_CHECK(qweight.scalar_type() == at::kInt && qweight.dim() == 2 && qweight.is_contiguous(),
-              "hopper_gemm: qweight must be contiguous int32 Marlin words [K/16, N*b/2]");
-  const int64_t M = a_in.size(0), K = qweight.size(0) * 16;
-  const int64_t N = qweight.size(1) * 2 / bits;
+              "hopper_gemm: qweight must be contiguous int32 Marlin words [K/rows, N*rows*b/32]");
+  const int64_t rows = unit_rows(static_cast<int>(bits));
+  const int64_t M = a_in.size(0), K = qweight.size(0) * rows;
+  const int64_t N = qweight.size(1) * 32 / (rows * bits);
   const at::cuda::OptionalCUDAGuard guard(a_in.device());
   const bool has_perm = perm.has_value() && perm->defined() && perm->numel() > 0;
   TORCH_CHECK(has_perm ? a_in.size(1) <= K : a_in.size(1) == K, "hopper_gemm: a has ", a_in.size(1),
@@ -98,6 +113,9 @@ at::Tensor hopper_gemm(const at::Tensor& a_in, const at::Tensor& qweight, const 
                      : gather_columns(a_in, reinterpret_cast<uintptr_t>(perm->data_ptr()) % 16 ? perm->clone() : *perm, K);
   TORCH_CHECK(K % 64 == 0 && N % 64 == 0, "hopper_gemm: K and N must be multiples of 64, got K = ", K, ", N = ", N);
   TORCH_CHECK(config >= 0 && config < kConfigs, "hopper_gemm: no config ", config);
+  // The unit mainloop copies whole tiles of units (unit_mainloop.hpp).
+  TORCH_CHECK(bits >= 4 || N % kTileFeatures[config] == 0, "hopper_gemm: ", bits, "-bit units need N to be a multiple of ",
+              "config ", hopper_configs()[config], "'s ", kTileFeatures[config], " features, got N = ", N);
   const int64_t G = group_size <= 0 || group_size >= K ? K : group_size;
   TORCH_CHECK(G == K || G % 64 == 0, "hopper_gemm: group size must be a multiple of 64 (the k tile) or -1, got ",
               group_size);

@@ -1,8 +1,9 @@
 // The Hopper mixed-input GEMM kernels: CUTLASS's SM90 collectives assembled for GPTQ weights in the Marlin
-// layout (marlin_layout.hpp) and fp16/bf16 activations.  Nothing here is a hand-written mainloop: the
-// mainloop is CUTLASS's TMA warp-specialized mixed-input collective (cooperative or ping-pong kernel), the
-// epilogue its TMA epilogue, the tile scheduler its stream-K (cooperative) or persistent (ping-pong) one;
-// this file picks the parts and binds the arguments.
+// layout and fp16/bf16 activations.  For 4/8-bit tiles (marlin_layout.hpp) the mainloop is CUTLASS's TMA
+// warp-specialized mixed-input collective; 2/3-bit units, which it cannot read, take ours (unit_mainloop.hpp),
+// written to the same contract.  Either runs in CUTLASS's cooperative or ping-pong kernel with its TMA epilogue and
+// its stream-K (cooperative) or persistent (ping-pong) tile scheduler; this file picks the parts and binds the
+// arguments.
 #pragma once
 
 #include "configs.h"
@@ -16,6 +17,7 @@
 #include "cutlass/gemm/kernel/tile_scheduler.hpp"
 #include "cutlass/util/packed_stride.hpp"
 #include "gptq_convert.hpp"
+#include "unit_mainloop.hpp"
 
 namespace gptq_vllm::hopper {
 
@@ -49,19 +51,36 @@ struct Config;
 GPTQ_HOPPER_CONFIGS(GPTQ_HOPPER_CONFIG_TYPE)
 #undef GPTQ_HOPPER_CONFIG_TYPE
 
-// Atom: the 64 (n) x 16 (k) weight atom, the Marlin one unless a tuning experiment passes another.
-template <typename T, int BITS, bool ZERO, int CFG, class Atom = typename MarlinAtom<BITS>::type>
+// The mainloop of a width: CUTLASS's mixed-input collective on the Marlin tiles (4/8 bit; Atom: the 64 (n) x 16 (k)
+// weight atom, the Marlin one unless a tuning experiment passes another), ours on the units (2/3 bit).
+template <typename T, int BITS, bool ZERO, int CFG, class Atom, int EPILOGUE_SMEM, bool UNITS = (BITS < 4)>
+struct MainloopOf {
+  using Q = Code<BITS>;
+  using ElementA = std::conditional_t<ZERO, cute::tuple<Q, T, T>, cute::tuple<Q, T>>;
+  using type = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,
+      ElementA, WeightLayout<std::conditional_t<std::is_void_v<Atom>, typename MarlinAtom<BITS>::type, Atom>>,
+      128 / cutlass::sizeof_bits<Q>::value,
+      T, cutlass::layout::ColumnMajor, 128 / cutlass::sizeof_bits<T>::value,
+      float, typename Config<CFG>::Tile, typename Config<CFG>::Cluster,
+      cutlass::gemm::collective::StageCountAutoCarveout<EPILOGUE_SMEM>,
+      typename Config<CFG>::Sched::Kernel>::CollectiveOp;
+};
+template <typename T, int BITS, bool ZERO, int CFG, class Atom, int EPILOGUE_SMEM>
+struct MainloopOf<T, BITS, ZERO, CFG, Atom, EPILOGUE_SMEM, true> {
+  using type = UnitMainloop<T, BITS, ZERO, typename Config<CFG>::Tile, typename Config<CFG>::Cluster,
+                            typename Config<CFG>::Sched::Kernel, EPILOGUE_SMEM>;
+};
+
+template <typename T, int BITS, bool ZERO, int CFG, class Atom = void>
 struct Kernel {
   using Tile = typename Config<CFG>::Tile;
   using Cluster = typename Config<CFG>::Cluster;
   using Sched = typename Config<CFG>::Sched;
-  using Q = Code<BITS>;
-  using LayoutA = WeightLayout<Atom>;
+  static constexpr bool kUnits = BITS < 4;
   // Activations: CUTLASS's B operand, K-major ([tokens, k] row-major).  Output: D^T, column-major
   // in CUTLASS's (features, tokens) terms = [tokens, features] row-major.
-  using LayoutB = cutlass::layout::ColumnMajor;
   using LayoutD = cutlass::layout::ColumnMajor;
-  static constexpr int kAlignA = 128 / cutlass::sizeof_bits<Q>::value;
   static constexpr int kAlign = 128 / cutlass::sizeof_bits<T>::value;
 
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
@@ -70,14 +89,8 @@ struct Kernel {
       void, LayoutD, kAlign,  // no C operand
       T, LayoutD, kAlign, typename Sched::Epilogue>::CollectiveOp;
 
-  using ElementA = std::conditional_t<ZERO, cute::tuple<Q, T, T>, cute::tuple<Q, T>>;
-  using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,
-      ElementA, LayoutA, kAlignA,
-      T, LayoutB, kAlign,
-      float, Tile, Cluster,
-      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
-      typename Sched::Kernel>::CollectiveOp;
+  using Mainloop =
+      typename MainloopOf<T, BITS, ZERO, CFG, Atom, static_cast<int>(sizeof(typename Epilogue::SharedStorage))>::type;
 
   using GemmKernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue,
                                                           typename Sched::TileScheduler>;
@@ -86,21 +99,26 @@ struct Kernel {
   static typename Adapter::Arguments arguments(const GemmArgs& g) {
     using StrideB = typename GemmKernel::StrideB;
     using StrideD = typename GemmKernel::StrideD;
-    using StrideS = typename Mainloop::StrideScale;
-    const int groups = g.k / g.group_size;
     const StrideB sb = cutlass::make_cute_packed_stride(StrideB{}, make_shape(g.m, g.k, 1));
     const StrideD sd = cutlass::make_cute_packed_stride(StrideD{}, make_shape(g.n, g.m, 1));
-    const StrideS ss = cutlass::make_cute_packed_stride(StrideS{}, make_shape(g.n, groups, 1));
-    using QP = typename Mainloop::ElementA const*;
     typename Adapter::Arguments args;
     args.mode = cutlass::gemm::GemmUniversalMode::kGemm;
     args.problem_shape = {g.n, g.m, g.k, 1};
-    if constexpr (ZERO) {
-      args.mainloop = {static_cast<QP>(g.b), weight_layout<Atom>(g.n, g.k), static_cast<const T*>(g.a), sb,
-                       static_cast<const T*>(g.scales), ss, g.group_size, static_cast<const T*>(g.zeros)};
+    if constexpr (kUnits) {
+      args.mainloop = {static_cast<const uint8_t*>(g.b), static_cast<const T*>(g.a), sb, static_cast<const T*>(g.scales),
+                       static_cast<const T*>(g.zeros), g.group_size};
     } else {
-      args.mainloop = {static_cast<QP>(g.b), weight_layout<Atom>(g.n, g.k), static_cast<const T*>(g.a), sb,
-                       static_cast<const T*>(g.scales), ss, g.group_size};
+      using QP = typename Mainloop::ElementA const*;
+      using StrideS = typename Mainloop::StrideScale;
+      const StrideS ss = cutlass::make_cute_packed_stride(StrideS{}, make_shape(g.n, g.k / g.group_size, 1));
+      const auto wl = weight_layout<std::conditional_t<std::is_void_v<Atom>, typename MarlinAtom<BITS>::type, Atom>>(g.n, g.k);
+      if constexpr (ZERO) {
+        args.mainloop = {static_cast<QP>(g.b), wl, static_cast<const T*>(g.a), sb, static_cast<const T*>(g.scales), ss,
+                         g.group_size, static_cast<const T*>(g.zeros)};
+      } else {
+        args.mainloop = {static_cast<QP>(g.b), wl, static_cast<const T*>(g.a), sb, static_cast<const T*>(g.scales), ss,
+                         g.group_size};
+      }
     }
     args.epilogue = {{1.f, 0.f}, nullptr, sd, static_cast<T*>(g.d), sd};
     args.hw_info.device_id = 0;
@@ -142,7 +160,8 @@ const char* Gemm<T, BITS, ZERO, CFG>::run(const GemmArgs& g, void* workspace) {
 
 }  // namespace gptq_vllm::hopper
 
-// Instantiates config CFG for both activation types, both widths, with and without zero points.
+// Instantiates config CFG for both activation types, with and without zero points: the 4/8-bit Marlin tiles
+// (hopper_tile_<name>.cu), the 2/3-bit units (hopper_units_<name>.cu).
 #define GPTQ_HOPPER_INSTANTIATE(CFG)                                        \
   template struct gptq_vllm::hopper::Gemm<cutlass::half_t, 4, false, CFG>;      \
   template struct gptq_vllm::hopper::Gemm<cutlass::half_t, 4, true, CFG>;       \
@@ -152,3 +171,12 @@ const char* Gemm<T, BITS, ZERO, CFG>::run(const GemmArgs& g, void* workspace) {
   template struct gptq_vllm::hopper::Gemm<cutlass::bfloat16_t, 4, true, CFG>;   \
   template struct gptq_vllm::hopper::Gemm<cutlass::bfloat16_t, 8, false, CFG>;  \
   template struct gptq_vllm::hopper::Gemm<cutlass::bfloat16_t, 8, true, CFG>;
+#define GPTQ_HOPPER_INSTANTIATE_UNITS(CFG)                                  \
+  template struct gptq_vllm::hopper::Gemm<cutlass::half_t, 2, false, CFG>;      \
+  template struct gptq_vllm::hopper::Gemm<cutlass::half_t, 2, true, CFG>;       \
+  template struct gptq_vllm::hopper::Gemm<cutlass::half_t, 3, false, CFG>;      \
+  template struct gptq_vllm::hopper::Gemm<cutlass::half_t, 3, true, CFG>;       \
+  template struct gptq_vllm::hopper::Gemm<cutlass::bfloat16_t, 2, false, CFG>;  \
+  template struct gptq_vllm::hopper::Gemm<cutlass::bfloat16_t, 2, true, CFG>;   \
+  template struct gptq_vllm::hopper::Gemm<cutlass::bfloat16_t, 3, false, CFG>;  \
+  template struct gptq_vllm::hopper::Gemm<cutlass::bfloat16_t, 3, true, CFG>;

@@ -7,6 +7,7 @@
 
 #include "../common.cuh"
 #include "../kernels.h"
+#include "../units.h"
 
 namespace gptq_vllm {
 namespace marlin {
@@ -51,14 +52,8 @@ struct Params {
 };
 
 // ---- weight layout per code width (gptq_vllm/formats/marlin.py) ---------------------------------------------
-// A unit is unit_tiles() k-tiles of one 64-column strip; a lane holds unit_chunks() 16-byte chunks of it, and
-// BITS 32-bit words per k-tile: 4-bit one chunk per tile, 8-bit two, 2-bit one chunk for two tiles, 3-bit three
-// chunks for four tiles (the 8 or 12 bytes of a 2/3-bit k-tile are grouped so that every copy is 16 bytes).
-// Units (ku, nt) are ordered k-unit-major, as Marlin's tiles: unit (ku, nt) starts at int4 (ku * N/64 + nt) * 32 C.
-template <int BITS>
-__host__ __device__ constexpr int unit_tiles() { return BITS == 2 ? 2 : (BITS == 3 ? 4 : 1); }
-template <int BITS>
-__host__ __device__ constexpr int unit_chunks() { return BITS == 3 ? 3 : (BITS == 8 ? 2 : 1); }
+// Units (units.h: unit_tiles() k-tiles of a strip, unit_chunks() 16-byte chunks per lane) (ku, nt) are ordered
+// k-unit-major, as Marlin's tiles: unit (ku, nt) starts at int4 (ku * N/64 + nt) * 32 C.
 // int4 index of lane t's chunk c inside a unit: 8-bit Marlin is lane-major (lane t's 32 bytes at 32 t); the
 // 2/3-bit units are chunk-major (chunk c of all 32 lanes is 512 contiguous bytes: one coalesced warp-wide copy).
 template <int BITS>

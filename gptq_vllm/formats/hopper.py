@@ -22,13 +22,13 @@ import torch
 from . import marlin
 from .gptq import sym_zero
 
-# The widths the Hopper GEMM converts (gptq_convert.hpp): the 4/8-bit Marlin tiles.  2/3-bit Marlin units run on it
-# as 4-bit tiles widened per call (marlin_widen: codes + 8 - 2^(b-1)), with the operands below computed for their
-# own width: s (2^(b-1) - z) is the same zero term for the widened codes.
+# The widths the Hopper GEMM reads: the 4/8-bit Marlin tiles through CUTLASS's mixed-input mainloop (converted by
+# gptq_convert.hpp), the 2/3-bit Marlin units through ours (csrc/hopper/unit_mainloop.hpp), both with the operands
+# below computed for the layer's own width.
 HOPPER_BITS = (4, 8)
-WIDENED_BITS = (2, 3)
-# CUTLASS's mixed-input mainloop applies one scale per k tile (64 rows of fp16/bf16 activations; it needs at
-# least four 16-deep wgmma k blocks per tile): a group must be a multiple of it, or span all of K.
+UNIT_BITS = (2, 3)
+# Both mainloops apply one scale per k tile (64 rows of fp16/bf16 activations; CUTLASS's needs at least four
+# 16-deep wgmma k blocks per tile): a group must be a multiple of it, or span all of K.
 K_TILE = 64
 
 
@@ -40,7 +40,7 @@ class HopperOperands:
 
 def unsupported(*, bits: int, group_size: int, in_rows: int, g_idx_sorted: bool) -> str | None:
     """Why the Hopper GEMM cannot run a Marlin weight of these facts (None: it can).  in_rows = K_pad."""
-    if bits not in HOPPER_BITS + WIDENED_BITS:
+    if bits not in HOPPER_BITS + UNIT_BITS:
         return f"{bits}-bit codes"
     if g_idx_sorted:
         return "rows whose groups are not runs of G (a row-parallel act-order shard)"

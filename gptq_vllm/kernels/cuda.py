@@ -156,7 +156,9 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("mygptq_cuda::hopper_gemm")
     def _hopper_gemm_fake(a, qweight, scales, zeros, bits, group_size, config, decomposition=0, splits=1, perm=None):
-        torch._check(a.size(1) <= qweight.size(0) * 16)
+        from ..formats import marlin
+
+        torch._check(a.size(1) <= marlin.stored_rows(qweight, bits))
         return a.new_empty((a.size(0), scales.size(1)))
 
     @torch.library.register_fake("mygptq_cuda::exllama_gemm")
@@ -215,8 +217,9 @@ def sm90a_code_runs() -> bool:
 def hopper_gemm(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                 bits: int, group_size: int, config: int, decomposition: int = 0, splits: int = 1,
                 perm: torch.Tensor | None = None) -> torch.Tensor:
-    """a [M, K_pad] (gathered, zero-padded, contiguous) @ the Marlin weight -> [M, N_pad], on CUTLASS's SM90
-    mixed-input GEMM (csrc/hopper/).  With perm (int32 [K_pad]) a is the raw [M, K_in] activation, gathered
+    """a [M, K_pad] (gathered, zero-padded, contiguous) @ the Marlin weight -> [M, N_pad], on the Hopper GEMM
+    (csrc/hopper/: CUTLASS's SM90 kernels; 4/8-bit tiles on its mixed-input mainloop, 2/3-bit units on ours, which
+    needs N_pad a multiple of the config's tile features).  With perm (int32 [K_pad]) a is the raw [M, K_in] activation, gathered
     by one kernel first (act-order).  scales: plain [K_pad/G, N_pad] in a's dtype (formats.hopper); zeros:
     scale * (2^(b-1) - z) likewise, or None (symmetric).  config: an index of hopper_configs();
     decomposition 0 heuristic / 1 data-parallel / 2 split-K (`splits` parts) / 3 stream-K."""

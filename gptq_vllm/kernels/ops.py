@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..formats import hopper, marlin
+from ..formats import marlin
 from ..formats.kernel_layout import KernelWeight, Layout, from_kernel
 from ..formats.reference import dequantize
 from . import selection
@@ -100,8 +100,8 @@ def marlin_gemm_cuda(a, qweight, scales, qzeros, perm, g_idx_sorted, hopper_scal
         a_in = a.contiguous() if perm is not None else _gather_rows(a, rows, None)
         choice = None if hopper_scales is None else selection.hopper_choice(a.shape[0], rows, scales.shape[1], bits)
         if choice is not None:
-            # 2/3-bit codes reach the Hopper GEMM as a 4-bit copy made for this call (formats.hopper WIDENED_BITS).
-            q, qbits = (qweight, bits) if bits in hopper.HOPPER_BITS else (cuda.marlin_widen(qweight, bits), 4)
+            # Large 2/3-bit calls read a 4-bit copy of the units made for this call (selection.widened).
+            q, qbits = (cuda.marlin_widen(qweight, bits), 4) if selection.widened(a.shape[0], bits) else (qweight, bits)
             y = cuda.hopper_gemm(a_in, q, hopper_scales, hopper_zeros, qbits, group_size, *choice, perm=perm)
         else:
             y = cuda.marlin_gemm(a_in, qweight, scales, qzeros, g_idx_sorted, bits, group_size, perm)

@@ -103,11 +103,14 @@ def check_stored(layout: Layout, *, bits: int, group_size: int, in_features: int
 # M <= 8 always runs the Marlin kernels' 8-row tiles (the sweep measures M = 16 for the bucket 9..16, where
 # both paths pad to 16 rows; at M = 1 the Hopper GEMM's 16-token tile is up to 1.6x slower).
 HOPPER_MIN_M = 9
-# 2/3-bit layers reach the Hopper GEMM through a 4-bit copy of the weight made per call (formats.hopper
-# WIDENED_BITS): one more pass over the weight bytes, which pays where the Marlin kernels' time grows with M.
-# Measured on the H100 (docs/kernels.md, issue 14): the 4-bit Hopper GEMM plus the widening beats the 3-bit Marlin
-# kernels from M = 128 on the 8 Llama shapes.
-WIDEN_MIN_M = 128
+# 2/3-bit layers (formats.hopper UNIT_BITS) take the same table between bounds of their own, measured on the H100
+# (docs/kernels.md, issue 14).  Below UNITS_MIN_M the Marlin kernels stay (faster at M = 32 for 3 bit).  From there
+# the Hopper GEMM reads the units in place (csrc/hopper/unit_mainloop.hpp), where the config's tile features divide
+# N (it copies whole tiles); 3-bit layers from WIDEN_MIN_M on read a 4-bit copy of the weight made for the call
+# (marlin_widen) instead: the unit mainloop decodes each weight once per token tile, ALU work that grows with M, which
+# at 3 bits costs more than the copy's one pass over the weight from M = 512 (at 2 bits the units stay faster).
+UNITS_MIN_M = 33  # the buckets from 64 on
+WIDEN_MIN_M = {3: 257}  # the buckets from 512 on
 # Upper bounds of the M buckets; M above the last bucket uses the last one.
 HOPPER_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 8192)
 
@@ -225,7 +228,7 @@ def hopper_available(device: torch.device) -> bool:
 def hopper_choice(m: int, k: int, n: int, bits: int = 4) -> tuple[int, int, int] | None:
     """(config id, decomposition, splits) of the Hopper GEMM for a call with m rows of activations on a
     [k, n] weight (padded sizes; every width shares the table), or None for the Marlin path."""
-    if m < (WIDEN_MIN_M if bits in hopper.WIDENED_BITS else HOPPER_MIN_M):
+    if m < (UNITS_MIN_M if bits in hopper.UNIT_BITS else HOPPER_MIN_M):
         return None
     bucket = next((b for b in HOPPER_BUCKETS if m <= b), HOPPER_BUCKETS[-1])
     row = HOPPER_TUNED.get((k, n), HOPPER_DEFAULT)
@@ -237,4 +240,16 @@ def hopper_choice(m: int, k: int, n: int, bits: int = 4) -> tuple[int, int, int]
 
         _config_ids.update({name: i for i, name in enumerate(cuda.hopper_configs())})
     name, decomposition, splits = choice
+    if bits in hopper.UNIT_BITS and not widened(m, bits) and n % tile_features(name):
+        return None
     return _config_ids[name], decomposition, splits
+
+
+def widened(m: int, bits: int) -> bool:
+    """Whether a call with m rows on a layer of this width runs the Hopper GEMM on a 4-bit copy of its units."""
+    return bits in WIDEN_MIN_M and m >= WIDEN_MIN_M[bits]
+
+
+def tile_features(config: str) -> int:
+    """Output features per tile of a Hopper config named "<W>x<T>_c<C>[_pp]" (csrc/hopper/configs.h)."""
+    return int(config.split("x", 1)[0])

@@ -318,6 +318,41 @@ def test_hopper_gemm(kern, bits, group_size, sym, act, dtype):
             assert torch.equal(y2, y1), f"hopper gather differs from gathered input at M={M}"
 
 
+UNIT_CASES = [(b, g, s, a) for b in (2, 3) for g in (-1, 64, 128) for s in (True, False) for a in (False, True)
+              if not (a and g == -1)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("bits,group_size,sym,act", UNIT_CASES,
+                         ids=[f"b{b}-g{g}-{'sym' if s else 'asym'}-{'act' if a else 'noact'}" for b, g, s, a in UNIT_CASES])
+def test_hopper_gemm_on_units(kern, bits, group_size, sym, act, dtype):
+    """The 2/3-bit units on the Hopper GEMM's own mainloop (csrc/hopper/unit_mainloop.hpp): every tile config and
+    decomposition, M past and inside the tiles, every fragment register of every warp (K = 1000 pads to whole
+    stages, N = 512 is whole tiles of every config); act-order through the gather."""
+    hopper_only(kern)
+    dev = torch.device("cuda")
+    K, N = 1000, 512
+    w = make_weight(bits, group_size, sym, act, K, N, seed=43 + bits + group_size + 5 * sym + 3 * act, dtype=dtype)
+    kw = kernel_layout.to_kernel(w, Layout.MARLIN, scale_dtype=dtype)
+    qw, sc, qz, gs = to_dev(kw, dev)
+    k_pad = marlin.stored_rows(qw, bits)
+    ops = hopper.operands(qz, sc, bits=bits, group_size=group_size, in_rows=k_pad)
+    perm = None if kw.perm is None else kw.perm.to(torch.int32).to(dev)
+    names = kern.hopper_configs()
+    for M in (17, 64, 333):
+        x = torch.randn(M, K, generator=torch.Generator().manual_seed(M), dtype=torch.float32).to(dtype).to(dev)
+        xg = gather(x, kw, k_pad)
+        for cfg, name in enumerate(names):
+            for dec, splits in selection.hopper_decompositions(name, ((0, 1), (1, 1), (2, 3), (3, 1))):
+                y = kern.hopper_gemm(xg, qw, ops.scales, ops.zeros, bits, group_size, cfg, dec, splits)
+                assert y.shape == (M, N) and y.dtype == dtype
+                check_close(y, x, w, f"hopper units b{bits} {name} dec={dec}/{splits} M={M}", zero_term=not sym)
+        if perm is not None:
+            y2 = kern.hopper_gemm(x, qw, ops.scales, ops.zeros, bits, group_size, 0, 0, 1, perm)
+            y1 = kern.hopper_gemm(xg, qw, ops.scales, ops.zeros, bits, group_size, 0, 0, 1)
+            assert torch.equal(y2, y1), f"hopper units gather differs from gathered input at M={M}"
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("K,N", [(4096, 6144), (14336, 4096)])
 def test_hopper_gemm_llama_shape(kern, bits, K, N):
@@ -350,10 +385,11 @@ def test_marlin_widen(kern, bits, K, N):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
 @pytest.mark.parametrize("bits,sym,act", [(3, True, False), (3, False, True), (2, True, True), (2, False, False)])
-def test_widened_hopper_path(kern, bits, sym, act, dtype):
-    """The plugin op on a 2/3-bit layer (ops.marlin_gemm_cuda): the Marlin kernels below selection.WIDEN_MIN_M, the
-    Hopper GEMM on the widened copy from there, both against the reference; zero points through the 2/3-bit
-    Hopper operands (formats.hopper), act-order through the op's gather."""
+def test_2_3_bit_op_paths(kern, bits, sym, act, dtype):
+    """The plugin op on a 2/3-bit layer (ops.marlin_gemm_cuda): the Marlin kernels below selection.UNITS_MIN_M and
+    where the table says so, the Hopper GEMM on the units (the same choice as 4-bit) elsewhere, for 3 bit from
+    WIDEN_MIN_M on a 4-bit copy, each against the reference; zero points through the 2/3-bit Hopper operands (formats.hopper),
+    act-order through the op's gather."""
     hopper_only(kern)
     from gptq_vllm.kernels import ops as plugin_ops
 
@@ -364,16 +400,16 @@ def test_widened_hopper_path(kern, bits, sym, act, dtype):
     qw, sc, qz, _ = to_dev(kw, dev)
     hops = hopper.operands(qz, sc, bits=bits, group_size=128, in_rows=K)
     perm = None if kw.perm is None else kw.perm.to(torch.int32).to(dev)
-    for M in (64, selection.WIDEN_MIN_M, 300):
+    for M in sorted({1, 16, 64, 300, selection.UNITS_MIN_M, selection.WIDEN_MIN_M[3] + 100}):
         x = torch.randn(M, K, generator=torch.Generator().manual_seed(M), dtype=torch.float32).to(dtype).to(dev)
         y = plugin_ops.marlin_gemm_cuda(x, qw, sc, qz, perm, None, hops.scales, hops.zeros, bits, 128, K, N)
-        check_close(y, x, w, f"widened b{bits} M={M}", zero_term=not sym)
+        check_close(y, x, w, f"b{bits} op M={M}", zero_term=not sym)
         choice = selection.hopper_choice(M, K, N, bits)
-        assert (choice is not None) == (M >= selection.WIDEN_MIN_M)
+        assert choice == (selection.hopper_choice(M, K, N, 4) if M >= selection.UNITS_MIN_M else None)
         if choice is not None:
-            wide = kern.marlin_widen(qw, bits)
-            direct = kern.hopper_gemm(x, wide, hops.scales, hops.zeros, 4, 128, *choice, perm=perm)
-            assert torch.equal(y, direct), f"the op did not take the widened Hopper path at M={M}"
+            q, qbits = (kern.marlin_widen(qw, bits), 4) if selection.widened(M, bits) else (qw, bits)
+            direct = kern.hopper_gemm(x, q, hops.scales, hops.zeros, qbits, 128, *choice, perm=perm)
+            assert torch.equal(y, direct), f"the op did not take the Hopper path it chose at M={M}"
 
 
 # Llama-3-8B layers as one rank of tensor parallel 2 holds them (issue 13): column-parallel layers keep K and halve
@@ -386,7 +422,7 @@ TP2_SHARDS = {"qkv": (4096, 3072, False), "o": (2048, 4096, True), "gate_up": (4
 @pytest.mark.parametrize("bits,act", [(4, False), (4, True), (3, False), (8, True)])
 def test_tp2_shards_of_the_llama_shapes(kern, layer, bits, act):
     """Each TP-2 shard through the plugin's op (ops.marlin_gemm_cuda: Marlin kernels, on sm_90 the Hopper GEMM from
-    the table, 2/3-bit widened) at decode and batch sizes, against the reference.  A row-parallel act-order shard
+    the table, 2/3-bit on their units) at decode and batch sizes, against the reference.  A row-parallel act-order shard
     carries g_idx_sorted and keeps the Marlin kernels (the Hopper GEMM refuses it)."""
     from gptq_vllm.kernels import ops as plugin_ops
 
@@ -426,6 +462,11 @@ def test_hopper_gemm_refuses_what_it_cannot_run(kern):
     assert pingpong
     with pytest.raises(RuntimeError, match="runs data-parallel only"):
         kern.hopper_gemm(x, qw, sc[:1].repeat(2, 1), None, 4, 128, pingpong[0], 3, 1)
+    # The unit mainloop copies whole tiles: 192 features are not whole 128-feature tiles.
+    units = marlin.pack(torch.randint(0, 8, (256, 192), dtype=torch.int32), 3).to(dev)
+    wide = kern.hopper_configs().index("128x128_c2")
+    with pytest.raises(RuntimeError, match="3-bit units need N to be a multiple of config 128x128_c2's 128 features"):
+        kern.hopper_gemm(x, units, torch.ones(2, 192, dtype=torch.float16, device=dev), None, 3, 128, wide)
 
 
 @pytest.mark.parametrize("k_in,k", [(1000, 1024), (1001, 1024), (118784, 118784)],
@@ -657,22 +698,24 @@ def test_cuda_graph_and_opcheck_hopper(kern, M, decomposition):
     torch.library.opcheck(torch.ops.mygptq_cuda.hopper_gemm.default, (x, qw, sc, zr, bits, g, 2, decomposition, splits, perm))
 
 
-def test_cuda_graph_widened_hopper_path(kern):
-    """A 3-bit act-order layer at a widened M under capture: the widening, the gather and the Hopper GEMM replay
-    exactly as they ran eagerly."""
+@pytest.mark.parametrize("bits,widened", [(2, False), (3, False), (3, True)])
+def test_cuda_graph_2_3_bit_hopper_paths(kern, bits, widened):
+    """A 2/3-bit act-order layer at batch sizes of the Hopper GEMM under capture: the gather and the unit mainloop (or
+    the widening and the 4-bit mainloop) replay exactly as they ran eagerly."""
     hopper_only(kern)
     from gptq_vllm.kernels import ops as plugin_ops
 
-    K, N, M = 1024, 512, 2 * selection.WIDEN_MIN_M
-    w = make_weight(3, 128, True, True, K, N, seed=77, dtype=torch.float16)
+    K, N = 1024, 512
+    M = selection.WIDEN_MIN_M[3] if widened else 256
+    w = make_weight(bits, 128, True, True, K, N, seed=77, dtype=torch.float16)
     kw = kernel_layout.to_kernel(w, Layout.MARLIN, scale_dtype=torch.float16)
     qw, sc, qz, _ = to_dev(kw, "cuda")
-    hops = hopper.operands(qz, sc, bits=3, group_size=128, in_rows=K)
+    hops = hopper.operands(qz, sc, bits=bits, group_size=128, in_rows=K)
     perm = kw.perm.to(torch.int32).cuda()
     x = torch.randn(M, K, dtype=torch.float16, device="cuda")
-    assert selection.hopper_choice(M, K, N, 3) is not None
-    _graph_equals_eager(lambda: plugin_ops.marlin_gemm_cuda(x, qw, sc, qz, perm, None, hops.scales, hops.zeros, 3, 128,
-                                                            K, N), x, [torch.randn_like(x) for _ in range(2)])
+    assert selection.hopper_choice(M, K, N, bits) is not None and selection.widened(M, bits) == widened
+    _graph_equals_eager(lambda: plugin_ops.marlin_gemm_cuda(x, qw, sc, qz, perm, None, hops.scales, hops.zeros, bits,
+                                                            128, K, N), x, [torch.randn_like(x) for _ in range(2)])
 
 
 @pytest.mark.parametrize("M", [1, 16, 100])

@@ -1,0 +1,4 @@
+// 2/3-bit kernels (the unit mainloop) of tile config 16 (128 weight rows x 64 tokens, cluster 1): see configs.h.
+#include "mixed_gemm.cuh"
+
+GPTQ_HOPPER_INSTANTIATE_UNITS(16)

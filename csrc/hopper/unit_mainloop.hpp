@@ -1,0 +1,467 @@
+// The mainloop of the Hopper GEMM for 2- and 3-bit weights: a collective in CUTLASS's SM90 form (the same
+// contract as its TMA warp-specialized mainloops, so CUTLASS's cooperative / ping-pong kernels, tile schedulers
+// and TMA epilogue run it unchanged) that reads the weight in our 2/3-bit Marlin units as the M <= 16 kernels do.
+//
+// Why not CUTLASS's mixed-input collective (which handles int2): its weights reach shared memory by TMA through a
+// CuTe layout recast to bytes, and no layout in which a thread's wgmma fragment is a few whole bytes survives that
+// recast for 2-bit codes (docs/kernels.md, "2- and 3-bit"); 3-bit has no CUTLASS code type.  A unit's bytes need
+// no layout at all: the W-wide tile of a stage is W/64 consecutive units per unit row, so the producer moves them
+// with one bulk copy per unit row (cp.async.bulk, no tensor map), beside the activation tile (TMA, multicast along
+// the cluster) and the stage's scale row.
+//
+// Geometry (gptq_vllm/formats/marlin.py is the definition).  A stage is 64 rows of K, four k-tiles: one 3-bit unit
+// row (4 k-tiles) or two 2-bit unit rows (2 k-tiles each).  wgmma's register A fragment of warp w in a warpgroup
+// covers rows 16w .. 16w + 15 of its 64 weight columns (one unit strip): register j holds the pair of k rows
+// (2 tig + 8 (j / 2), + 1) of column 16w + gid + 8 (j % 2), i.e. the unit's pair p = 2 s + b with n8 sub-tile
+// s = 2w + j % 2 and k block b = j / 2:  p = 4w + 2 (j % 2) + j / 2, "pair group" w of the k-tile.
+//
+// Where a pair sits in a lane's words depends on p (2-bit: word p / 8, bit 2 (p % 8); 3-bit: word p / 5, bit
+// 3 (p % 5), pair 15 spread over bit 15 of the three words), so each warp's four positions depend on its index.
+// The warp index is a runtime value, and branching on it between a wgmma and its wait makes ptxas serialize the
+// wgmmas (C7513), so the positions are data computed once per thread (`WarpPairs`): per k-tile a few selects pick
+// the words of the warp's pairs, then per pair a shift by a register, one lop3 and one HSUB2 (2-bit: one select and
+// one shift by 0 or 8 per k-tile, then fp16 fields in place).  A version in which warp w decoded all 16 pairs of
+// k-tile w with constant positions and the warpgroup exchanged them through shared memory (32-64 KB, fewer stages,
+// a barrier per stage) took 1.17x this one's time at 2 bits and 1.07x at 3 bits (docs/kernels.md, "2- and 3-bit").
+#pragma once
+
+#include "cute/arch/copy_sm90_tma.hpp"
+#include "cute/tensor.hpp"
+#include "cutlass/cutlass.h"
+#include "cutlass/gemm/collective/builders/sm90_common.inl"
+#include "cutlass/gemm/dispatch_policy.hpp"
+#include "cutlass/gemm/gemm.h"
+#include "cutlass/pipeline/pipeline.hpp"
+
+#include "../common.cuh"  // lop3_and_or
+#include "../units.h"
+
+namespace gptq_vllm::hopper {
+
+using namespace cute;
+
+// Dispatch tag: CUTLASS's GemmUniversal picks the kernel by Schedule, as for its own mainloops.
+template <int Stages_, class ClusterShape_, class KernelSchedule>
+struct MainloopSm90Units {
+  static constexpr int Stages = Stages_;
+  using ClusterShape = ClusterShape_;
+  using ArchTag = cutlass::arch::Sm90;
+  using Schedule = KernelSchedule;
+};
+
+namespace unit_detail {
+
+template <class T>
+struct Magic;
+// (x & mask) | OR = T2(B + a, B + b) for small fields a, b at bits 0 and 16, B = 1024 (fp16) or 128 (bf16), exact.
+template <>
+struct Magic<cutlass::half_t> {
+  static constexpr uint32_t OR = 0x64006400u;  // half2(1024, 1024)
+  using T2 = __half2;
+};
+template <>
+struct Magic<cutlass::bfloat16_t> {
+  static constexpr uint32_t OR = 0x43004300u;  // bf162(128, 128)
+  using T2 = __nv_bfloat162;
+};
+
+// T2(B + 2^(b-1), B + 2^(b-1)): subtracting it leaves q - 2^(b-1), exact.
+template <class T, int BITS>
+constexpr uint32_t sub_bits() {
+  if constexpr (cute::is_same_v<T, cutlass::half_t>) {
+    constexpr uint32_t h = 0x6400u + (1u << (BITS - 1));  // 1024 + m: fp16 steps by 1 in [1024, 2048)
+    return h | (h << 16);
+  } else {
+    constexpr uint32_t h = 0x4300u + (1u << (BITS - 1));  // 128 + m: bf16 steps by 1 in [128, 256)
+    return h | (h << 16);
+  }
+}
+
+// Where warp `warp` of a consumer warpgroup finds its pairs p_j = 4 warp + 2 (j % 2) + j / 2 (fragment register j)
+// in a k-tile's lane words w[0 .. BITS-1] (marlin.py _pair_fields).
+//   2-bit: all four in word warp / 2, at bits 8 (warp % 2) + 2 (p_j % 4): `shift8` moves odd warps' byte down once.
+//   3-bit: in word a = p_0 / 5 or a + 1 (`use_next[j]`), at bit `bit[j]`; pair 15 (warp 3, j = 3) is spread.
+struct WarpPairs {
+  int word;           // 2-bit: the word; 3-bit: a, the first word
+  uint32_t shift8;    // 2-bit: 0 or 8
+  bool use_next[4];   // 3-bit
+  uint32_t bit[4];    // 3-bit
+  bool spread;        // 3-bit, warp 3
+};
+
+template <int BITS>
+CUTLASS_DEVICE WarpPairs warp_pairs(int warp) {
+  WarpPairs wp{};
+  if constexpr (BITS == 2) {
+    wp.word = warp / 2;
+    wp.shift8 = 8 * (warp % 2);
+  } else {
+    wp.word = 4 * warp / 5;
+    CUTLASS_PRAGMA_UNROLL
+    for (int j = 0; j < 4; ++j) {
+      const int p = 4 * warp + 2 * (j % 2) + j / 2;
+      wp.use_next[j] = p / 5 != wp.word;
+      wp.bit[j] = 3 * (p % 5);
+    }
+    wp.spread = warp == 3;
+  }
+  return wp;
+}
+
+// The four pairs (codes at bits 0 and 16, rows k and k + 1) of the warp in a k-tile's lane words, as
+// T2(q - 2^(b-1)), exact.
+template <class T, int BITS>
+CUTLASS_DEVICE void decode_pairs(const uint32_t* w, const WarpPairs& wp, uint32_t (&out)[4]) {
+  using M = Magic<T>;
+  using T2 = typename M::T2;
+  constexpr uint32_t kSub = sub_bits<T, BITS>();
+  if constexpr (BITS == 2) {
+    const uint32_t src = (wp.word ? w[1] : w[0]) >> wp.shift8;
+    CUTLASS_PRAGMA_UNROLL
+    for (int j = 0; j < 4; ++j) {
+      const int x = 2 * (2 * (j % 2) + j / 2);  // bit of pair p_j % 4 within the byte
+      T2 r;
+      if constexpr (cute::is_same_v<T, cutlass::half_t>) {
+        // fp16 keeps the field in place: (src & mask) | 1024 = 1024 + q 2^x, and one HFMA2 by 2^-x finishes it -
+        // (1024 + q 2^x) 2^-x - (1024 2^-x + 2) = q - 2, every term exact (the Marlin kernels' trick).
+        const uint32_t v = lop3_and_or(src, 0x00030003u << x, M::OR);
+        r = __hfma2(from_u32<T2>(v), __float2half2_rn(1.f / (1 << x)), __float2half2_rn(-(1024.f / (1 << x) + 2)));
+      } else {
+        r = __hsub2(from_u32<T2>(lop3_and_or(src >> x, 0x00030003u, M::OR)), from_u32<T2>(kSub));
+      }
+      out[j] = reinterpret_cast<const uint32_t&>(r);
+    }
+  } else {
+    const uint32_t first = wp.word == 0 ? w[0] : wp.word == 1 ? w[1] : w[2];
+    const uint32_t next = wp.word == 0 ? w[1] : w[2];
+    CUTLASS_PRAGMA_UNROLL
+    for (int j = 0; j < 4; ++j) {
+      uint32_t q = lop3_and_or((j > 0 && wp.use_next[j] ? next : first) >> wp.bit[j], 0x00070007u, M::OR);
+      if (j == 3) {
+        // Pair 15: code bit i at bit 15 (row k) and 31 (row k + 1) of word i.
+        const uint32_t spread = lop3_and_or(w[2] >> 13, 0x00040004u,
+                                            lop3_and_or(w[1] >> 14, 0x00020002u, ((w[0] >> 15) & 0x00010001u) | M::OR));
+        q = wp.spread ? spread : q;
+      }
+      const T2 r = __hsub2(from_u32<T2>(q), from_u32<T2>(kSub));
+      out[j] = reinterpret_cast<const uint32_t&>(r);
+    }
+  }
+}
+
+// s (q - 2^(b-1)) (+ zero term) for both halves of a decoded pair: the product rounds once, as in the Marlin kernels
+// and the reference; zero points follow formats/hopper.py (W = s (q - 2^(b-1)) + s (2^(b-1) - z)).
+template <class T, bool ZERO>
+CUTLASS_DEVICE uint32_t scaled(uint32_t q, uint32_t scale, uint32_t zero) {
+  using T2 = typename Magic<T>::T2;
+  T2 r;
+  if constexpr (ZERO) {
+    r = __hfma2(from_u32<T2>(q), from_u32<T2>(scale), from_u32<T2>(zero));
+  } else {
+    r = __hmul2(from_u32<T2>(q), from_u32<T2>(scale));
+  }
+  return reinterpret_cast<const uint32_t&>(r);
+}
+
+}  // namespace unit_detail
+
+// T: cutlass::half_t / bfloat16_t; TileShape (W, T, 64) in CUTLASS's (M, N, K) = (features, tokens, k);
+// EpilogueSmem: the bytes the epilogue keeps in shared memory (the stage count takes the rest).
+template <class T, int BITS, bool ZERO, class TileShape_, class ClusterShape, class KernelSchedule, int EpilogueSmem>
+struct UnitMainloop {
+  using TileShape = TileShape_;
+  static constexpr int kTileW = size<0>(TileShape{});
+  static constexpr int kTileT = size<1>(TileShape{});
+  static constexpr int kTileK = size<2>(TileShape{});
+  static_assert(kTileK == 64 && kTileW % 64 == 0, "64-row stages of whole unit strips");
+
+  static constexpr int kUnitTiles = unit_tiles<BITS>();    // k-tiles per unit
+  static constexpr int kUnitChunks = unit_chunks<BITS>();  // 16-byte chunks per lane (512 bytes per warp)
+  static constexpr int kUnitBytes = kUnitChunks * 512;
+  static constexpr int kUnitRowsPerStage = kTileK / (16 * kUnitTiles);  // 3-bit: 1, 2-bit: 2
+  static constexpr int kStrips = kTileW / 64;
+  static constexpr int kRowBytes = kStrips * kUnitBytes;  // one unit row of the tile: contiguous in memory
+  static constexpr int kWeightBytes = kUnitRowsPerStage * kRowBytes;
+  static constexpr int kScaleRows = ZERO ? 2 : 1;  // the scale row, then the zero-term row
+  static constexpr int kScaleBytes = kScaleRows * kTileW * int(sizeof(T));
+  static constexpr int kActBytes = kTileT * kTileK * int(sizeof(T));
+  // Per stage: the tensors and the pipeline's two barriers.
+  static constexpr int kStageBytes = kWeightBytes + kScaleBytes + kActBytes + 16;
+
+  static constexpr int Stages = (cutlass::gemm::collective::detail::sm90_smem_capacity_bytes - EpilogueSmem) / kStageBytes;
+  static_assert(Stages >= 2, "the tile leaves room for fewer than two stages");
+
+  using DispatchPolicy = MainloopSm90Units<Stages, ClusterShape, KernelSchedule>;
+  using ArchTag = cutlass::arch::Sm90;
+  using ElementA = uint8_t;  // unit bytes: read by bulk copy, not through a CuTe layout
+  using StrideA = cute::Stride<int64_t, cute::Int<1>, int64_t>;
+  using ElementB = T;
+  using StrideB = cutlass::gemm::TagToStrideB_t<cutlass::layout::ColumnMajor>;  // activations [tokens, k]
+  using GmemTiledCopyA = void;
+  using GmemTiledCopyB = decltype(cutlass::gemm::collective::detail::sm90_cluster_shape_to_tma_atom(
+      shape<0>(ClusterShape{})));
+
+  static constexpr bool kCooperative =
+      cute::is_base_of_v<cutlass::gemm::KernelTmaWarpSpecializedCooperative, KernelSchedule>;
+  using AtomLayoutMNK = cute::conditional_t<kCooperative, Layout<Shape<_2, _1, _1>>, Layout<Shape<_1, _1, _1>>>;
+  using TiledMma = decltype(cute::make_tiled_mma(
+      cute::GMMA::rs_op_selector<T, T, float, TileShape, GMMA::Major::K, GMMA::Major::K>(), AtomLayoutMNK{}));
+  using ElementAccumulator = float;
+
+  using SmemLayoutAtomB = decltype(cutlass::gemm::collective::detail::ss_smem_selector<
+                                   GMMA::Major::K, T, Int<kTileT>, Int<kTileK>>());
+  using SmemLayoutB = decltype(tile_to_shape(SmemLayoutAtomB{}, make_shape(Int<kTileT>{}, Int<kTileK>{}, Int<Stages>{})));
+
+  using MainloopPipeline = cutlass::PipelineTmaAsync<Stages>;
+  using PipelineState = cutlass::PipelineState<Stages>;
+  using PipelineParams = typename MainloopPipeline::Params;
+  static constexpr int NumProducerThreadEvents = 1;
+
+  struct SharedStorage {
+    struct TensorStorage {
+      alignas(1024) cute::ArrayEngine<T, cute::cosize_v<SmemLayoutB>> smem_B;
+      alignas(128) cute::ArrayEngine<uint8_t, kWeightBytes * Stages> smem_W;
+      alignas(128) cute::ArrayEngine<T, kScaleRows * kTileW * Stages> smem_S;
+    } tensors;
+    using PipelineStorage = typename MainloopPipeline::SharedStorage;
+    PipelineStorage pipeline;
+  };
+  using TensorStorage = typename SharedStorage::TensorStorage;
+  using PipelineStorage = typename SharedStorage::PipelineStorage;
+
+  struct Arguments {
+    const uint8_t* weight = nullptr;  // the Marlin units, [K / rows, N * rows * b / 32] int32 words
+    const T* ptr_B = nullptr;         // activations
+    StrideB dB{};
+    const T* scales = nullptr;  // [K / G, N] plain
+    const T* zeros = nullptr;   // [K / G, N] zero terms (ZERO only)
+    int group_size = 0;         // rows per group (K for one group)
+  };
+
+  struct Params {
+    using TMA_B = decltype(make_tma_copy_B_sm90(
+        GmemTiledCopyB{},
+        make_tensor(static_cast<const T*>(nullptr), repeat_like(StrideB{}, int32_t(0)), StrideB{}),
+        SmemLayoutB{}(_, _, cute::Int<0>{}), TileShape{}, ClusterShape{}));
+    TMA_B tma_load_b;
+    const uint8_t* weight;
+    const T* scales;
+    const T* zeros;
+    int64_t row_stride;  // bytes of one unit row of the whole weight: N / 64 units
+    int n;
+    int group_size;
+    uint32_t tma_transaction_bytes = kWeightBytes + kScaleBytes + kActBytes;
+  };
+
+  template <class ProblemShape>
+  static Params to_underlying_arguments(ProblemShape const& problem_shape, Arguments const& args, void*) {
+    auto [M, N, K, L] = append<4>(problem_shape, 1);
+    Tensor tensor_b = make_tensor(args.ptr_B, make_layout(make_shape(N, K, L), args.dB));
+    auto tma_load_b = make_tma_copy_B_sm90(GmemTiledCopyB{}, tensor_b, SmemLayoutB{}(_, _, cute::Int<0>{}),
+                                           TileShape{}, ClusterShape{});
+    return {tma_load_b, args.weight, args.scales, args.zeros, int64_t(M / 64) * kUnitBytes, int(M),
+            args.group_size};
+  }
+
+  template <class ProblemShape>
+  static bool can_implement(ProblemShape const& problem_shape, Arguments const& args) {
+    auto [M, N, K, L] = append<4>(problem_shape, 1);
+    // Whole tiles along the features (a bulk copy has no bounds), whole stages and groups along K, and TMA's
+    // 16-byte alignment of the activation rows.
+    return M % kTileW == 0 && K % kTileK == 0 && args.group_size % kTileK == 0 && K % args.group_size == 0 &&
+           K % 8 == 0 && (ZERO == (args.zeros != nullptr));
+  }
+
+  CUTLASS_DEVICE static void prefetch_tma_descriptors(Params const& p) {
+    cute::prefetch_tma_descriptor(p.tma_load_b.get_tma_descriptor());
+  }
+
+  // The kernel's contract: (A tiles (BLK_M, BLK_K, m, k, l), B tiles (BLK_N, BLK_K, n, k, l)).  A is only counted
+  // (the producer addresses units itself); B is the TMA view of the activations.
+  template <class ProblemShape_MNKL>
+  CUTLASS_DEVICE auto load_init(ProblemShape_MNKL const& problem_shape_MNKL, Params const& p) const {
+    using X = Underscore;
+    auto [M, N, K, L] = problem_shape_MNKL;
+    Tensor gA_mkl = local_tile(make_identity_tensor(make_shape(M, K, L)), TileShape{}, make_coord(_, _, _),
+                               Step<_1, X, _1>{});
+    Tensor mB_nkl = p.tma_load_b.get_tma_tensor(make_shape(N, K, L));
+    Tensor gB_nkl = local_tile(mB_nkl, TileShape{}, make_coord(_, _, _), Step<X, _1, _1>{});
+    return cute::make_tuple(gA_mkl, gB_nkl);
+  }
+
+  // Producer: per stage the activation tile (TMA), the tile's unit rows and its scale row (bulk copies), all
+  // completing on the stage's barrier.
+  template <class TensorA, class TensorB, class KTileIterator, class BlockCoord>
+  CUTLASS_DEVICE void load(Params const& p, MainloopPipeline pipeline, PipelineState smem_pipe_write,
+                           cute::tuple<TensorA, TensorB> const& load_inputs, BlockCoord const& blk_coord,
+                           KTileIterator k_tile_iter, int k_tile_count, int, uint32_t block_rank_in_cluster,
+                           TensorStorage& shared) {
+    if (!cute::elect_one_sync()) return;
+    Tensor sB = make_tensor(make_smem_ptr(shared.smem_B.begin()), SmemLayoutB{});
+    constexpr uint32_t cluster_x = size<0>(ClusterShape{});
+    const uint32_t cluster_m = block_rank_in_cluster % cluster_x, cluster_n = block_rank_in_cluster / cluster_x;
+    auto block_tma_b = p.tma_load_b.get_slice(cluster_m);
+    auto [m_coord, n_coord, k_coord, l_coord] = blk_coord;
+    Tensor tBgB = block_tma_b.partition_S(get<1>(load_inputs)(_, _, n_coord, _, l_coord));
+    Tensor tBsB = block_tma_b.partition_D(sB);
+    uint16_t mcast_mask_b = 0;
+    if constexpr (cute::is_same_v<GmemTiledCopyB, SM90_TMA_LOAD_MULTICAST>) {
+      auto block_layout = Layout<ClusterShape>{};
+      for (int m = 0; m < size<0>(block_layout); ++m) {
+        mcast_mask_b |= uint16_t(1) << block_layout(m, cluster_n, Int<0>{});
+      }
+    }
+    const int64_t w0 = int64_t(m_coord) * kTileW;  // first feature of the tile
+    for (; k_tile_count > 0; --k_tile_count) {
+      pipeline.producer_acquire(smem_pipe_write);
+      uint64_t* bar = pipeline.producer_get_barrier(smem_pipe_write);
+      const int stage = smem_pipe_write.index();
+      const int kt = *k_tile_iter;
+      copy(p.tma_load_b.with(*bar, mcast_mask_b), tBgB(_, _, _, kt), tBsB(_, _, _, stage));
+      for (int r = 0; r < kUnitRowsPerStage; ++r) {
+        const uint8_t* src = p.weight + int64_t(kt * kUnitRowsPerStage + r) * p.row_stride + w0 / 64 * kUnitBytes;
+        SM90_BULK_COPY_G2S::copy(src, bar, shared.smem_W.begin() + stage * kWeightBytes + r * kRowBytes, kRowBytes);
+      }
+      const int64_t group_row = int64_t(kt) * kTileK / p.group_size * p.n;
+      T* s = shared.smem_S.begin() + stage * kScaleRows * kTileW;
+      SM90_BULK_COPY_G2S::copy(p.scales + group_row + w0, bar, s, kTileW * int(sizeof(T)));
+      if constexpr (ZERO) SM90_BULK_COPY_G2S::copy(p.zeros + group_row + w0, bar, s + kTileW, kTileW * int(sizeof(T)));
+      ++k_tile_iter;
+      ++smem_pipe_write;
+    }
+  }
+
+  CUTLASS_DEVICE void load_tail(MainloopPipeline pipeline, PipelineState smem_pipe_write) {
+    if (cute::elect_one_sync()) pipeline.producer_tail(smem_pipe_write);
+  }
+
+  // Consumer.  Registers per thread: the wgmma A fragments of the stage's 4 k blocks (tCrA), and the lane's unit
+  // words and scales of the stage.  Fragment k block kb is rewritten once the wgmma that read it last has retired:
+  // wgmmas are committed one k block at a time and at most 3 stay in flight (wait<3>), so right after issuing k
+  // block kb the previous stage's kb + 1 is done - as in CUTLASS's mixed-input mainloop.
+  template <class FrgTensorC>
+  CUTLASS_DEVICE void mma(MainloopPipeline pipeline, PipelineState smem_pipe_read, FrgTensorC& accum, int k_tile_count,
+                          int thread_idx, TensorStorage& shared, Params const&) {
+    Tensor sB = make_tensor(make_smem_ptr(shared.smem_B.begin()), SmemLayoutB{});
+    const int warp_group = __shfl_sync(0xffffffff, thread_idx / cutlass::NumThreadsPerWarpGroup, 0);
+    TiledMma tiled_mma;
+    auto wg_mma = tiled_mma.get_slice(warp_group * cutlass::NumThreadsPerWarpGroup);
+    Tensor tCrB = wg_mma.make_fragment_B(wg_mma.partition_B(sB));  // descriptors (MMA, MMA_N, MMA_K, PIPE)
+
+    // Which 64-column strip of the tile each of the thread's m blocks covers, read off the MMA's own partition.
+    auto thr_mma = tiled_mma.get_thread_slice(thread_idx);
+    Tensor tCcA = thr_mma.partition_A(make_identity_tensor(make_shape(Int<kTileW>{}, Int<kTileK>{})));
+    constexpr int kMmaM = size<1>(tCcA);
+    constexpr int kBlocks = size<2>(tCcA);
+    static_assert(size<0>(tCcA) == 8 && kBlocks == 4, "8 values per wgmma k block, 4 k blocks per stage");
+    static_assert(decltype(size<1>(accum))::value == kMmaM, "accumulator m blocks");
+    Tensor tCrA = make_tensor<T>(make_layout(make_shape(Int<8>{}, Int<kMmaM>{}, Int<kBlocks>{})));
+    Tensor frag = recast<uint32_t>(tCrA);  // (4, MMA_M, 4): register j of m block i, k block kb
+
+    const int lane = cutlass::canonical_lane_idx();
+    const int warp = cutlass::canonical_warp_idx() % 4;  // rows 16 warp .. of each m block
+    const unit_detail::WarpPairs pairs = unit_detail::warp_pairs<BITS>(warp);
+    int strip[kMmaM];
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < kMmaM; ++i) strip[i] = get<0>(tCcA(0, i, 0)) / 64;
+
+    constexpr int kWords = 4 * kUnitChunks;  // a lane's words of one unit
+    uint32_t words[kMmaM][kUnitRowsPerStage][kWords];
+    uint32_t scale[kMmaM][2], zero[kMmaM][2];
+
+    // The lane's unit words and its two columns' scales (and zero terms) for stage `stage`.
+    auto fetch = [&](int stage) {
+      const uint8_t* wbase = shared.smem_W.begin() + stage * kWeightBytes;
+      const T* sbase = shared.smem_S.begin() + stage * kScaleRows * kTileW;
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < kMmaM; ++i) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int r = 0; r < kUnitRowsPerStage; ++r) {
+          const uint8_t* unit = wbase + r * kRowBytes + strip[i] * kUnitBytes;
+          CUTLASS_PRAGMA_UNROLL
+          for (int c = 0; c < kUnitChunks; ++c) {
+            const uint4 v = *reinterpret_cast<const uint4*>(unit + (32 * c + lane) * 16);
+            words[i][r][4 * c + 0] = v.x;
+            words[i][r][4 * c + 1] = v.y;
+            words[i][r][4 * c + 2] = v.z;
+            words[i][r][4 * c + 3] = v.w;
+          }
+        }
+        CUTLASS_PRAGMA_UNROLL
+        for (int h = 0; h < 2; ++h) {
+          const int col = 64 * strip[i] + 16 * warp + lane / 4 + 8 * h;
+          const uint32_t sc = reinterpret_cast<const uint16_t&>(sbase[col]);
+          scale[i][h] = sc | (sc << 16);
+          if constexpr (ZERO) {
+            const uint32_t z = reinterpret_cast<const uint16_t&>(sbase[kTileW + col]);
+            zero[i][h] = z | (z << 16);
+          } else {
+            zero[i][h] = 0;
+          }
+        }
+      }
+    };
+
+    // Fragments of k block kb from the fetched words: k-tile v of unit row r (kb = r * tiles per unit + v).
+    auto convert = [&](auto kb_c) {
+      constexpr int kb = decltype(kb_c)::value;
+      constexpr int r = kb / kUnitTiles, v = kb % kUnitTiles;
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < kMmaM; ++i) {
+        uint32_t q[4];
+        unit_detail::decode_pairs<T, BITS>(&words[i][r][v * BITS], pairs, q);
+        CUTLASS_PRAGMA_UNROLL
+        for (int j = 0; j < 4; ++j) frag(j, i, kb) = unit_detail::scaled<T, ZERO>(q[j], scale[i][j % 2], zero[i][j % 2]);
+      }
+    };
+
+    PipelineState smem_pipe_release = smem_pipe_read;
+    tiled_mma.accumulate_ = GMMA::ScaleOut::Zero;
+    warpgroup_fence_operand(accum);
+
+    pipeline.consumer_wait(smem_pipe_read);
+    fetch(smem_pipe_read.index());
+    convert(Int<0>{});
+    bool first = true;
+    CUTLASS_PRAGMA_NO_UNROLL
+    for (; k_tile_count > 0; --k_tile_count) {
+      const int read_stage = smem_pipe_read.index();
+      ++smem_pipe_read;
+      warpgroup_fence_operand(accum);
+      cute::for_each(make_int_sequence<kBlocks>{}, [&](auto kb_c) {
+        constexpr int kb = decltype(kb_c)::value;
+        warpgroup_arrive();
+        cute::gemm(tiled_mma, tCrA(_, _, kb), tCrB(_, _, kb, read_stage), accum);
+        tiled_mma.accumulate_ = GMMA::ScaleOut::One;
+        warpgroup_commit_batch();
+        warpgroup_wait<kBlocks - 1>();
+        if constexpr (kb + 1 < kBlocks) {
+          convert(Int<kb + 1>{});
+        } else {
+          // The previous stage's wgmmas have all retired: its buffers go back to the producer.
+          if (!first) {
+            pipeline.consumer_release(smem_pipe_release);
+            ++smem_pipe_release;
+          }
+          if (k_tile_count > 1) {
+            pipeline.consumer_wait(smem_pipe_read);
+            fetch(smem_pipe_read.index());
+            convert(Int<0>{});
+          }
+        }
+      });
+      first = false;
+      warpgroup_fence_operand(accum);
+    }
+  }
+
+  // After mma: all wgmmas retired, the last stage released (mma released every earlier one).
+  CUTLASS_DEVICE void mma_tail(MainloopPipeline pipeline, PipelineState smem_pipe_release, int k_tile_count) {
+    smem_pipe_release.advance(k_tile_count - 1);
+    warpgroup_wait<0>();
+    pipeline.consumer_release(smem_pipe_release);
+  }
+
+};
+
+}  // namespace gptq_vllm::hopper
