@@ -283,7 +283,7 @@ def test_hopper_atom_is_the_marlin_tile(kern):
         assert torch.equal(kern.hopper_tile_offsets(bits), hopper.tile_offsets(bits)), f"{bits}-bit atom"
 
 
-HOPPER_CASES = [(b, g, s, a) for b in (4, 8) for g in (-1, 64, 128) for s in (True, False) for a in (False, True)
+HOPPER_CASES = [(b, g, s, a) for b in (2, 3, 4, 8) for g in (-1, 64, 128) for s in (True, False) for a in (False, True)
                 if not (a and g == -1)]
 
 
@@ -291,48 +291,15 @@ HOPPER_CASES = [(b, g, s, a) for b in (4, 8) for g in (-1, 64, 128) for s in (Tr
 @pytest.mark.parametrize("bits,group_size,sym,act", HOPPER_CASES,
                          ids=[f"b{b}-g{g}-{'sym' if s else 'asym'}-{'act' if a else 'noact'}" for b, g, s, a in HOPPER_CASES])
 def test_hopper_gemm(kern, bits, group_size, sym, act, dtype):
-    """Every tile config and decomposition at M past and inside the tiles; act-order through the gather."""
+    """Every tile config and decomposition at M past and inside the tiles, on both mainloops (4/8-bit tiles:
+    CUTLASS's; 2/3-bit units: csrc/hopper/unit_mainloop.hpp, every fragment register of every warp); act-order
+    through the gather."""
     hopper_only(kern)
     dev = torch.device("cuda")
-    K, N = 1000, 400  # padded to 1024 x 448: a partial 128/256-row weight tile
+    # K pads to 1024 (whole tiles, units and stages).  4/8 bit: N = 400 pads to 448, a partial 128/256-row weight
+    # tile; the unit mainloop copies whole tiles, so 512 (whole tiles of every config).
+    K, N = 1000, 400 if bits in hopper.HOPPER_BITS else 512
     w = make_weight(bits, group_size, sym, act, K, N, seed=41 + bits + group_size + 5 * sym + 3 * act, dtype=dtype)
-    kw = kernel_layout.to_kernel(w, Layout.MARLIN, scale_dtype=dtype)
-    qw, sc, qz, gs = to_dev(kw, dev)
-    k_pad = qw.shape[0] * 16
-    ops = hopper.operands(qz, sc, bits=bits, group_size=group_size, in_rows=k_pad)
-    perm = None if kw.perm is None else kw.perm.to(torch.int32).to(dev)
-    names = kern.hopper_configs()
-    for M in (17, 64, 333):
-        x = torch.randn(M, K, generator=torch.Generator().manual_seed(M), dtype=torch.float32).to(dtype).to(dev)
-        xg = gather(x, kw, k_pad)
-        first = None
-        for cfg, name in enumerate(names):
-            for dec, splits in selection.hopper_decompositions(name, ((0, 1), (1, 1), (2, 3), (3, 1))):
-                y = kern.hopper_gemm(xg, qw, ops.scales, ops.zeros, bits, group_size, cfg, dec, splits)
-                assert y.shape == (M, sc.shape[1]) and y.dtype == dtype
-                check_close(y[:, :N], x, w, f"hopper {name} dec={dec}/{splits} M={M}", zero_term=not sym)
-                first = y if first is None else first
-        if perm is not None:
-            y2 = kern.hopper_gemm(x, qw, ops.scales, ops.zeros, bits, group_size, 0, 0, 1, perm)
-            y1 = kern.hopper_gemm(xg, qw, ops.scales, ops.zeros, bits, group_size, 0, 0, 1)
-            assert torch.equal(y2, y1), f"hopper gather differs from gathered input at M={M}"
-
-
-UNIT_CASES = [(b, g, s, a) for b in (2, 3) for g in (-1, 64, 128) for s in (True, False) for a in (False, True)
-              if not (a and g == -1)]
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
-@pytest.mark.parametrize("bits,group_size,sym,act", UNIT_CASES,
-                         ids=[f"b{b}-g{g}-{'sym' if s else 'asym'}-{'act' if a else 'noact'}" for b, g, s, a in UNIT_CASES])
-def test_hopper_gemm_on_units(kern, bits, group_size, sym, act, dtype):
-    """The 2/3-bit units on the Hopper GEMM's own mainloop (csrc/hopper/unit_mainloop.hpp): every tile config and
-    decomposition, M past and inside the tiles, every fragment register of every warp (K = 1000 pads to whole
-    stages, N = 512 is whole tiles of every config); act-order through the gather."""
-    hopper_only(kern)
-    dev = torch.device("cuda")
-    K, N = 1000, 512
-    w = make_weight(bits, group_size, sym, act, K, N, seed=43 + bits + group_size + 5 * sym + 3 * act, dtype=dtype)
     kw = kernel_layout.to_kernel(w, Layout.MARLIN, scale_dtype=dtype)
     qw, sc, qz, gs = to_dev(kw, dev)
     k_pad = marlin.stored_rows(qw, bits)
@@ -345,12 +312,12 @@ def test_hopper_gemm_on_units(kern, bits, group_size, sym, act, dtype):
         for cfg, name in enumerate(names):
             for dec, splits in selection.hopper_decompositions(name, ((0, 1), (1, 1), (2, 3), (3, 1))):
                 y = kern.hopper_gemm(xg, qw, ops.scales, ops.zeros, bits, group_size, cfg, dec, splits)
-                assert y.shape == (M, N) and y.dtype == dtype
-                check_close(y, x, w, f"hopper units b{bits} {name} dec={dec}/{splits} M={M}", zero_term=not sym)
+                assert y.shape == (M, sc.shape[1]) and y.dtype == dtype
+                check_close(y[:, :N], x, w, f"hopper b{bits} {name} dec={dec}/{splits} M={M}", zero_term=not sym)
         if perm is not None:
             y2 = kern.hopper_gemm(x, qw, ops.scales, ops.zeros, bits, group_size, 0, 0, 1, perm)
             y1 = kern.hopper_gemm(xg, qw, ops.scales, ops.zeros, bits, group_size, 0, 0, 1)
-            assert torch.equal(y2, y1), f"hopper units gather differs from gathered input at M={M}"
+            assert torch.equal(y2, y1), f"hopper gather differs from gathered input at M={M}"
 
 
 @pytest.mark.parametrize("bits", [4, 8])
