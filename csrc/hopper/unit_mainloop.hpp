@@ -18,11 +18,14 @@
 // Where a pair sits in a lane's words depends on p (2-bit: word p / 8, bit 2 (p % 8); 3-bit: word p / 5, bit
 // 3 (p % 5), pair 15 spread over bit 15 of the three words), so each warp's four positions depend on its index.
 // The warp index is a runtime value, and branching on it between a wgmma and its wait makes ptxas serialize the
-// wgmmas (C7513), so the positions are data computed once per thread (`WarpPairs`): per k-tile a few selects pick
-// the words of the warp's pairs, then per pair a shift by a register, one lop3 and one HSUB2 (2-bit: one select and
-// one shift by 0 or 8 per k-tile, then fp16 fields in place).  A version in which warp w decoded all 16 pairs of
-// k-tile w with constant positions and the warpgroup exchanged them through shared memory (32-64 KB, fewer stages,
-// a barrier per stage) took 1.17x this one's time at 2 bits and 1.07x at 3 bits (docs/kernels.md, "2- and 3-bit").
+// wgmmas (C7513), so the positions are data computed once per thread (`WarpPairs`): each thread loads from shared
+// memory only the words its warp needs (per-warp offsets), and a pair costs one shift by a register (3-bit: a 64-bit
+// funnel shift over the warp's two words), one lop3 and one HSUB2 (2-bit fp16: lop3 and HFMA2, fields in place).
+// The loop is CUTLASS's mixed-input one: first and last k tiles peeled, no branch between the steady loop's wgmmas;
+// with those branches the 3-bit kernel took 1.13x as long at M = 64 (geometric mean), while cutting the decode from
+// ~34 to ~22 instructions per k block (selects of words in registers before) changed nothing measurable: the decode
+// runs under the wgmmas (docs/kernels.md, "2- and 3-bit").  A version in which warp w decoded all 16 pairs of
+// k-tile w with constant positions and exchanged them through shared memory took 1.17x / 1.07x the time at 2 / 3 bits.
 #pragma once
 
 #include "cute/arch/copy_sm90_tma.hpp"
@@ -77,16 +80,24 @@ constexpr uint32_t sub_bits() {
   }
 }
 
-// Where warp `warp` of a consumer warpgroup finds its pairs p_j = 4 warp + 2 (j % 2) + j / 2 (fragment register j)
-// in a k-tile's lane words w[0 .. BITS-1] (marlin.py _pair_fields).
-//   2-bit: all four in word warp / 2, at bits 8 (warp % 2) + 2 (p_j % 4): `shift8` moves odd warps' byte down once.
-//   3-bit: in word a = p_0 / 5 or a + 1 (`use_next[j]`), at bit `bit[j]`; pair 15 (warp 3, j = 3) is spread.
+// Byte offset of a lane's word x within a unit: word x sits in the lane's chunk x / 4 (chunks are 32 lanes x 16
+// bytes apart), at word x % 4 of it.
+CUTLASS_HOST_DEVICE constexpr int unit_word_offset(int x) { return 512 * (x / 4) + 4 * (x % 4); }
+
+// How warp `warp` of a consumer warpgroup reads its pairs p_j = 4 warp + 2 (j % 2) + j / 2 (fragment register j)
+// from a k-tile's lane words (marlin.py _pair_fields).  Each thread loads only the words its warp needs, at offsets
+// computed once, so choosing words costs no instruction in the loop:
+//   2-bit: all four pairs in word warp / 2, at bits 8 (warp % 2) + 2 (p_j % 4): `shift8` moves odd warps' byte down.
+//   3-bit: word p / 5 at bit 3 (p % 5), pair 15 spread over bit 15 of the three words.  The thread loads x = word
+//   xi = min(p_0 / 5, 1), y = word xi + 1 and z = word 0; pair j is the low bits of the 64-bit (y:x) >> shift[j]
+//   (one funnel shift: y's bits that come down land above the 3-bit fields).  Warp 3 (xi = 1) builds pair 15 from
+//   y >> 13, x >> 14 and z >> 15 under masks that are zero in the other warps, so every warp runs the same code.
 struct WarpPairs {
-  int word;           // 2-bit: the word; 3-bit: a, the first word
-  uint32_t shift8;    // 2-bit: 0 or 8
-  bool use_next[4];   // 3-bit
-  uint32_t bit[4];    // 3-bit
-  bool spread;        // 3-bit, warp 3
+  uint32_t shift8;        // 2-bit
+  int word;               // 2-bit: the word; 3-bit: xi
+  uint32_t shift[4];      // 3-bit
+  uint32_t mask3;         // 3-bit: pair j = 3's mask on (y:x) >> shift[3]
+  uint32_t mask_x, mask_z;  // 3-bit: pair 15's other two code bits (warp 3), else 0
 };
 
 template <int BITS>
@@ -96,27 +107,34 @@ CUTLASS_DEVICE WarpPairs warp_pairs(int warp) {
     wp.word = warp / 2;
     wp.shift8 = 8 * (warp % 2);
   } else {
-    wp.word = 4 * warp / 5;
+    wp.word = cute::min(4 * warp / 5, 1);
     CUTLASS_PRAGMA_UNROLL
     for (int j = 0; j < 4; ++j) {
       const int p = 4 * warp + 2 * (j % 2) + j / 2;
-      wp.use_next[j] = p / 5 != wp.word;
-      wp.bit[j] = 3 * (p % 5);
+      wp.shift[j] = p == 15 ? 32 * (2 - wp.word) + 13 : 32 * (p / 5 - wp.word) + 3 * (p % 5);
     }
-    wp.spread = warp == 3;
+    const bool spread = warp == 3;
+    wp.mask3 = spread ? 0x00040004u : 0x00070007u;
+    wp.mask_x = spread ? 0x00020002u : 0u;
+    wp.mask_z = spread ? 0x00010001u : 0u;
   }
   return wp;
 }
 
-// The four pairs (codes at bits 0 and 16, rows k and k + 1) of the warp in a k-tile's lane words, as
-// T2(q - 2^(b-1)), exact.
+// The low word of the 64-bit (hi:lo) >> n, n < 64: one SHF.R.U64.
+CUTLASS_DEVICE uint32_t funnel_right(uint32_t lo, uint32_t hi, uint32_t n) {
+  return static_cast<uint32_t>(((static_cast<uint64_t>(hi) << 32) | lo) >> n);
+}
+
+// The four pairs (codes at bits 0 and 16, rows k and k + 1) of the warp in a k-tile, as T2(q - 2^(b-1)), exact.
+// `w`: the thread's words of the k-tile (2-bit: its warp's word; 3-bit: x, y, z).
 template <class T, int BITS>
 CUTLASS_DEVICE void decode_pairs(const uint32_t* w, const WarpPairs& wp, uint32_t (&out)[4]) {
   using M = Magic<T>;
   using T2 = typename M::T2;
   constexpr uint32_t kSub = sub_bits<T, BITS>();
   if constexpr (BITS == 2) {
-    const uint32_t src = (wp.word ? w[1] : w[0]) >> wp.shift8;
+    const uint32_t src = w[0] >> wp.shift8;
     CUTLASS_PRAGMA_UNROLL
     for (int j = 0; j < 4; ++j) {
       const int x = 2 * (2 * (j % 2) + j / 2);  // bit of pair p_j % 4 within the byte
@@ -132,16 +150,13 @@ CUTLASS_DEVICE void decode_pairs(const uint32_t* w, const WarpPairs& wp, uint32_
       out[j] = reinterpret_cast<const uint32_t&>(r);
     }
   } else {
-    const uint32_t first = wp.word == 0 ? w[0] : wp.word == 1 ? w[1] : w[2];
-    const uint32_t next = wp.word == 0 ? w[1] : w[2];
+    const uint32_t x = w[0], y = w[1], z = w[2];
     CUTLASS_PRAGMA_UNROLL
     for (int j = 0; j < 4; ++j) {
-      uint32_t q = lop3_and_or((j > 0 && wp.use_next[j] ? next : first) >> wp.bit[j], 0x00070007u, M::OR);
+      uint32_t q = lop3_and_or(funnel_right(x, y, wp.shift[j]), j == 3 ? wp.mask3 : 0x00070007u, M::OR);
       if (j == 3) {
-        // Pair 15: code bit i at bit 15 (row k) and 31 (row k + 1) of word i.
-        const uint32_t spread = lop3_and_or(w[2] >> 13, 0x00040004u,
-                                            lop3_and_or(w[1] >> 14, 0x00020002u, ((w[0] >> 15) & 0x00010001u) | M::OR));
-        q = wp.spread ? spread : q;
+        q = lop3_and_or(x >> 14, wp.mask_x, q);  // warp 3: word 1's bit 15 (31) to bit 1 (17)
+        q = lop3_and_or(z >> 15, wp.mask_z, q);  // warp 3: word 0's bit 15 (31) to bit 0 (16)
       }
       const T2 r = __hsub2(from_u32<T2>(q), from_u32<T2>(kSub));
       out[j] = reinterpret_cast<const uint32_t&>(r);
@@ -335,7 +350,7 @@ struct UnitMainloop {
     if (cute::elect_one_sync()) pipeline.producer_tail(smem_pipe_write);
   }
 
-  // Consumer.  Registers per thread: the wgmma A fragments of the stage's 4 k blocks (tCrA), and the lane's unit
+  // Consumer.  Registers per thread: the wgmma A fragments of the stage's 4 k blocks (tCrA), and the thread's
   // words and scales of the stage.  Fragment k block kb is rewritten once the wgmma that read it last has retired:
   // wgmmas are committed one k block at a time and at most 3 stay in flight (wait<3>), so right after issuing k
   // block kb the previous stage's kb + 1 is done - as in CUTLASS's mixed-input mainloop.
@@ -365,26 +380,35 @@ struct UnitMainloop {
     CUTLASS_PRAGMA_UNROLL
     for (int i = 0; i < kMmaM; ++i) strip[i] = get<0>(tCcA(0, i, 0)) / 64;
 
-    constexpr int kWords = 4 * kUnitChunks;  // a lane's words of one unit
-    uint32_t words[kMmaM][kUnitRowsPerStage][kWords];
+    // The thread's words of a stage: per m block and k-tile, its warp's word (2-bit) or x, y, z (3-bit), at byte
+    // offsets from the lane's first chunk of the unit (warp_pairs).
+    constexpr int kTileWords = BITS == 2 ? 1 : 3;
+    int offset[kUnitTiles][kTileWords];
+    CUTLASS_PRAGMA_UNROLL
+    for (int v = 0; v < kUnitTiles; ++v) {
+      if constexpr (BITS == 2) {
+        offset[v][0] = unit_detail::unit_word_offset(2 * v + pairs.word);
+      } else {
+        offset[v][0] = unit_detail::unit_word_offset(3 * v + pairs.word);
+        offset[v][1] = unit_detail::unit_word_offset(3 * v + pairs.word + 1);
+        offset[v][2] = unit_detail::unit_word_offset(3 * v);
+      }
+    }
+    uint32_t words[kMmaM][kBlocks][kTileWords];
     uint32_t scale[kMmaM][2], zero[kMmaM][2];
 
-    // The lane's unit words and its two columns' scales (and zero terms) for stage `stage`.
+    // The thread's words and its two columns' scales (and zero terms) for stage `stage`.
     auto fetch = [&](int stage) {
       const uint8_t* wbase = shared.smem_W.begin() + stage * kWeightBytes;
       const T* sbase = shared.smem_S.begin() + stage * kScaleRows * kTileW;
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < kMmaM; ++i) {
         CUTLASS_PRAGMA_UNROLL
-        for (int r = 0; r < kUnitRowsPerStage; ++r) {
-          const uint8_t* unit = wbase + r * kRowBytes + strip[i] * kUnitBytes;
+        for (int kb = 0; kb < kBlocks; ++kb) {
+          const uint8_t* lane_unit = wbase + (kb / kUnitTiles) * kRowBytes + strip[i] * kUnitBytes + lane * 16;
           CUTLASS_PRAGMA_UNROLL
-          for (int c = 0; c < kUnitChunks; ++c) {
-            const uint4 v = *reinterpret_cast<const uint4*>(unit + (32 * c + lane) * 16);
-            words[i][r][4 * c + 0] = v.x;
-            words[i][r][4 * c + 1] = v.y;
-            words[i][r][4 * c + 2] = v.z;
-            words[i][r][4 * c + 3] = v.w;
+          for (int t = 0; t < kTileWords; ++t) {
+            words[i][kb][t] = *reinterpret_cast<const uint32_t*>(lane_unit + offset[kb % kUnitTiles][t]);
           }
         }
         CUTLASS_PRAGMA_UNROLL
@@ -402,14 +426,13 @@ struct UnitMainloop {
       }
     };
 
-    // Fragments of k block kb from the fetched words: k-tile v of unit row r (kb = r * tiles per unit + v).
+    // Fragments of k block kb (k-tile kb % tiles per unit of unit row kb / tiles per unit) from the fetched words.
     auto convert = [&](auto kb_c) {
       constexpr int kb = decltype(kb_c)::value;
-      constexpr int r = kb / kUnitTiles, v = kb % kUnitTiles;
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < kMmaM; ++i) {
         uint32_t q[4];
-        unit_detail::decode_pairs<T, BITS>(&words[i][r][v * BITS], pairs, q);
+        unit_detail::decode_pairs<T, BITS>(words[i][kb], pairs, q);
         CUTLASS_PRAGMA_UNROLL
         for (int j = 0; j < 4; ++j) frag(j, i, kb) = unit_detail::scaled<T, ZERO>(q[j], scale[i][j % 2], zero[i][j % 2]);
       }
@@ -419,14 +442,14 @@ struct UnitMainloop {
     tiled_mma.accumulate_ = GMMA::ScaleOut::Zero;
     warpgroup_fence_operand(accum);
 
-    pipeline.consumer_wait(smem_pipe_read);
-    fetch(smem_pipe_read.index());
-    convert(Int<0>{});
-    bool first = true;
-    CUTLASS_PRAGMA_NO_UNROLL
-    for (; k_tile_count > 0; --k_tile_count) {
+    // One k tile (stage): its 4 k blocks, converting each next one under the wgmmas in flight.  As in CUTLASS's
+    // mixed-input mainloop the first and last tiles are peeled (RELEASE: a previous stage to give back; NEXT: a next
+    // stage to load), so the steady-state loop has no branch between its wgmmas.
+    auto mma_tile = [&](auto release_c, auto next_c) {
+      constexpr bool kRelease = decltype(release_c)::value, kNext = decltype(next_c)::value;
       const int read_stage = smem_pipe_read.index();
       ++smem_pipe_read;
+      cutlass::ConsumerToken token{cutlass::BarrierStatus::WaitAgain};
       warpgroup_fence_operand(accum);
       cute::for_each(make_int_sequence<kBlocks>{}, [&](auto kb_c) {
         constexpr int kb = decltype(kb_c)::value;
@@ -434,25 +457,39 @@ struct UnitMainloop {
         cute::gemm(tiled_mma, tCrA(_, _, kb), tCrB(_, _, kb, read_stage), accum);
         tiled_mma.accumulate_ = GMMA::ScaleOut::One;
         warpgroup_commit_batch();
+        if constexpr (kNext && kb == 0) token = pipeline.consumer_try_wait(smem_pipe_read);
+        if constexpr (kNext && kb + 1 == kBlocks) {
+          // The next stage's words and scales load while the wait runs (this stage's are all converted).
+          pipeline.consumer_wait(smem_pipe_read, token);
+          fetch(smem_pipe_read.index());
+        }
         warpgroup_wait<kBlocks - 1>();
         if constexpr (kb + 1 < kBlocks) {
           convert(Int<kb + 1>{});
         } else {
-          // The previous stage's wgmmas have all retired: its buffers go back to the producer.
-          if (!first) {
+          // The previous stage's wgmmas have all retired: its buffers go back to the producer.  (Released one k
+          // block earlier, where they have retired too, the release makes ptxas serialize the wgmmas, C7513.)
+          if constexpr (kRelease) {
             pipeline.consumer_release(smem_pipe_release);
             ++smem_pipe_release;
           }
-          if (k_tile_count > 1) {
-            pipeline.consumer_wait(smem_pipe_read);
-            fetch(smem_pipe_read.index());
-            convert(Int<0>{});
-          }
+          if constexpr (kNext) convert(Int<0>{});
         }
       });
-      first = false;
       warpgroup_fence_operand(accum);
+    };
+
+    pipeline.consumer_wait(smem_pipe_read);
+    fetch(smem_pipe_read.index());
+    convert(Int<0>{});
+    if (k_tile_count == 1) {
+      mma_tile(cute::false_type{}, cute::false_type{});
+      return;
     }
+    mma_tile(cute::false_type{}, cute::true_type{});
+    CUTLASS_PRAGMA_NO_UNROLL
+    for (; k_tile_count > 2; --k_tile_count) mma_tile(cute::true_type{}, cute::true_type{});
+    mma_tile(cute::true_type{}, cute::false_type{});
   }
 
   // After mma: all wgmmas retired, the last stage released (mma released every earlier one).
