@@ -19,8 +19,9 @@
 // 3 (p % 5), pair 15 spread over bit 15 of the three words), so each warp's four positions depend on its index.
 // The warp index is a runtime value, and branching on it between a wgmma and its wait makes ptxas serialize the
 // wgmmas (C7513), so the positions are data computed once per thread (`WarpPairs`): each thread loads from shared
-// memory only the words its warp needs (per-warp offsets), and a pair costs one shift by a register (3-bit: a 64-bit
-// funnel shift over the warp's two words), one lop3 and one HSUB2 (2-bit fp16: lop3 and HFMA2, fields in place).
+// memory the words chosen for its warp (per-warp offsets; 2-bit: the one word of its pairs, 3-bit: three), and a pair
+// costs one shift by a register (3-bit: a 64-bit funnel shift over two words), one lop3 and one HSUB2 (2-bit fp16:
+// lop3 and HFMA2, fields in place).
 // The loop is CUTLASS's mixed-input one: first and last k tiles peeled, no branch between the steady loop's wgmmas;
 // with those branches the 3-bit kernel took 1.13x as long at M = 64 (geometric mean), while cutting the decode from
 // ~34 to ~22 instructions per k block (selects of words in registers before) changed nothing measurable: the decode
@@ -85,7 +86,7 @@ constexpr uint32_t sub_bits() {
 CUTLASS_HOST_DEVICE constexpr int unit_word_offset(int x) { return 512 * (x / 4) + 4 * (x % 4); }
 
 // How warp `warp` of a consumer warpgroup reads its pairs p_j = 4 warp + 2 (j % 2) + j / 2 (fragment register j)
-// from a k-tile's lane words (marlin.py _pair_fields).  Each thread loads only the words its warp needs, at offsets
+// from a k-tile's lane words (marlin.py _pair_fields).  Each thread loads only words chosen for its warp, at offsets
 // computed once, so choosing words costs no instruction in the loop:
 //   2-bit: all four pairs in word warp / 2, at bits 8 (warp % 2) + 2 (p_j % 4): `shift8` moves odd warps' byte down.
 //   3-bit: word p / 5 at bit 3 (p % 5), pair 15 spread over bit 15 of the three words.  The thread loads x = word
