@@ -160,23 +160,12 @@ const char* Gemm<T, BITS, ZERO, CFG>::run(const GemmArgs& g, void* workspace) {
 
 }  // namespace gptq_vllm::hopper
 
-// Instantiates config CFG for both activation types, with and without zero points: the 4/8-bit Marlin tiles
-// (hopper_tile_<name>.cu), the 2/3-bit units (hopper_units_<name>.cu).
-#define GPTQ_HOPPER_INSTANTIATE(CFG)                                        \
-  template struct gptq_vllm::hopper::Gemm<cutlass::half_t, 4, false, CFG>;      \
-  template struct gptq_vllm::hopper::Gemm<cutlass::half_t, 4, true, CFG>;       \
-  template struct gptq_vllm::hopper::Gemm<cutlass::half_t, 8, false, CFG>;      \
-  template struct gptq_vllm::hopper::Gemm<cutlass::half_t, 8, true, CFG>;       \
-  template struct gptq_vllm::hopper::Gemm<cutlass::bfloat16_t, 4, false, CFG>;  \
-  template struct gptq_vllm::hopper::Gemm<cutlass::bfloat16_t, 4, true, CFG>;   \
-  template struct gptq_vllm::hopper::Gemm<cutlass::bfloat16_t, 8, false, CFG>;  \
-  template struct gptq_vllm::hopper::Gemm<cutlass::bfloat16_t, 8, true, CFG>;
-#define GPTQ_HOPPER_INSTANTIATE_UNITS(CFG)                                  \
-  template struct gptq_vllm::hopper::Gemm<cutlass::half_t, 2, false, CFG>;      \
-  template struct gptq_vllm::hopper::Gemm<cutlass::half_t, 2, true, CFG>;       \
-  template struct gptq_vllm::hopper::Gemm<cutlass::half_t, 3, false, CFG>;      \
-  template struct gptq_vllm::hopper::Gemm<cutlass::half_t, 3, true, CFG>;       \
-  template struct gptq_vllm::hopper::Gemm<cutlass::bfloat16_t, 2, false, CFG>;  \
-  template struct gptq_vllm::hopper::Gemm<cutlass::bfloat16_t, 2, true, CFG>;   \
-  template struct gptq_vllm::hopper::Gemm<cutlass::bfloat16_t, 3, false, CFG>;  \
-  template struct gptq_vllm::hopper::Gemm<cutlass::bfloat16_t, 3, true, CFG>;
+// Instantiates config CFG at width B for both activation types, with and without zero points; per unit: the 4/8-bit
+// Marlin tiles (hopper_tile_<name>.cu), the 2/3-bit units (hopper_units_<name>.cu).
+#define GPTQ_HOPPER_INSTANTIATE_TYPES(B, CFG)                               \
+  template struct gptq_vllm::hopper::Gemm<cutlass::half_t, B, false, CFG>;      \
+  template struct gptq_vllm::hopper::Gemm<cutlass::half_t, B, true, CFG>;       \
+  template struct gptq_vllm::hopper::Gemm<cutlass::bfloat16_t, B, false, CFG>;  \
+  template struct gptq_vllm::hopper::Gemm<cutlass::bfloat16_t, B, true, CFG>;
+#define GPTQ_HOPPER_INSTANTIATE(CFG) GPTQ_HOPPER_INSTANTIATE_TYPES(4, CFG) GPTQ_HOPPER_INSTANTIATE_TYPES(8, CFG)
+#define GPTQ_HOPPER_INSTANTIATE_UNITS(CFG) GPTQ_HOPPER_INSTANTIATE_TYPES(2, CFG) GPTQ_HOPPER_INSTANTIATE_TYPES(3, CFG)
