@@ -12,7 +12,8 @@ w3, w2, w3_marlin, w2_marlin, w3_units, w2_units, w3_widen, w2_widen, exllama, e
 base,marlin,act_order,bf16,w8,w3,w2): w3 / w2 are 3- and 2-bit g128 on the plugin's path (selection.hopper_choice:
 Marlin kernels, on sm_90 the Hopper GEMM on the units or, from selection.WIDEN_MIN_M, on a 4-bit copy); for tuning
 w3_marlin / w2_marlin the Marlin kernels alone, w3_units / w2_units and w3_widen / w2_widen the Hopper GEMM on the
-units / on the 4-bit copy with the 4-bit table's choice at every M >= 9; exllama3 the 3-bit ExLlama GEMM.  SWEEP=1
+units (the width's table choice, selection.table_choice) / on the 4-bit copy (the 4-bit choice) at every M >= 9;
+exllama3 the 3-bit ExLlama GEMM.  SWEEP=1
 (tuning: time the Marlin kernel under forced split configurations instead of the grid; 4-bit, BITS=8 / 3 / 2 for
 those widths, ROWS=8/16/32/64 to force the block-tile rows too, WGMMA=1/-1 the wgmma loop on/off, SLICES=2/4 global
 split-K slices on top of each cluster split (fp32 workspace and the reduce kernel, timed with them; configs print as
@@ -251,10 +252,12 @@ def main() -> int:
                     fns = [lambda q=q, h=h, b=b: ours.hopper_gemm(x, ours.marlin_widen(q, b), h, None, 4, G, *choice)
                            for q, h in zip(mql[b], hs)]
                     res.append((f"mygptq_w{b}_widen", timed(fns), q_bytes[b], "float16", b, False))
-            for b in (3, 2):  # tuning: the Hopper GEMM on the units, with the 4-bit table's choice, at every M >= 9
-                choice = selection.hopper_choice(M, K, N) if f"w{b}_units" in variants and hs[0] is not None else None
+            for b in (3, 2):  # tuning: the Hopper GEMM on the units, with the width's table choice, at every M >= 9
+                choice = (selection.table_choice(M, K, N, b) if f"w{b}_units" in variants and hs[0] is not None
+                          and M >= selection.HOPPER_MIN_M else None)
                 if choice is not None:
-                    fns = [lambda q=q, h=h, b=b: ours.hopper_gemm(x, q, h, None, b, G, *choice)
+                    cfg = ours.hopper_configs().index(choice[0])
+                    fns = [lambda q=q, h=h, b=b: ours.hopper_gemm(x, q, h, None, b, G, cfg, *choice[1:])
                            for q, h in zip(mql[b], hs)]
                     res.append((f"mygptq_w{b}_units", timed(fns), q_bytes[b], "float16", b, False))
             if "exllama3" in variants:

@@ -13,6 +13,12 @@ shape's fastest time.  Prints both as Python literals, then the per-point gain o
 the TP-1 shapes and, with TP=2, one tensor-parallel rank's shards) make one table: rows are keyed by (K, N);
 where a later sweep times a (shape, M) point again, its timings replace the earlier ones for that point.  A ping-pong
 config's two timings (decompositions 0 and 1, one kernel) count once, at the slower.
+
+    python benchmarks/pick_hopper.py --units benchmarks/results/hopper-sweep-lowbit-h100-<date>.json [--write]
+
+takes the units' sweeps instead (`SWEEP=hopper BITS=3` / `BITS=2`: the Hopper GEMM on 2/3-bit units) and makes
+HOPPER_UNITS_TUNED, a width's own choices where one beats the shared table's choice (timed in the same sweep) by
+>= 5 %.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from gptq_vllm.formats.hopper import UNIT_BITS  # noqa: E402
+from gptq_vllm.kernels import selection  # noqa: E402
 from gptq_vllm.kernels.selection import PINGPONG_SUFFIX  # noqa: E402
 
 MARGIN = 1.05
@@ -33,6 +41,8 @@ DENSE_ABOVE_M = 128
 SELECTION = Path(__file__).resolve().parent.parent / "gptq_vllm" / "kernels" / "selection.py"
 # The two tables in selection.py, from HOPPER_DEFAULT's first line to the closing brace of HOPPER_TUNED.
 TABLES = re.compile(r"^HOPPER_DEFAULT: .*?^HOPPER_TUNED: .*?^}\n", re.S | re.M)
+# The 2/3-bit overrides, from their comment's sources to the closing brace.
+UNITS_TABLE = re.compile(r"^#   benchmarks/results/\S+\n(?:#   \S+\n)*HOPPER_UNITS_TUNED: .*?^}\n", re.S | re.M)
 
 
 def parse(kernel: str):
@@ -63,17 +73,62 @@ def slower_of_same_kernel(t: dict[str, float]) -> None:
         t[f"{name}/0/1"] = slowest
 
 
-def main(paths: list[str], write: bool = False) -> None:
-    us: dict[tuple[str, int], dict[str, float]] = {}
+def read_sweeps(paths: list[str], units: bool):
+    """Per (bits, shape, M) the sweeps' timings (a point timed again replaces the earlier timings whole: one run
+    per point), and each shape's (K, N).  `units`: the 2/3-bit sweeps, else the 4/8-bit ones."""
+    us: dict[tuple[int, str, int], dict[str, float]] = {}
     shape_of: dict[str, tuple[int, int]] = {}
     for path in paths:
-        timed: dict[tuple[str, int], dict[str, float]] = defaultdict(dict)
+        timed: dict[tuple[int, str, int], dict[str, float]] = defaultdict(dict)
         for r in json.loads(Path(path).read_text())["rows"]:
-            timed[(r["shape"], r["M"])][r["kernel"]] = r["us"]
+            bits = r.get("bits", 4)
+            if (bits in UNIT_BITS) != units:
+                raise SystemExit(f"{path}: {bits}-bit rows; "
+                                 + ("the 2/3-bit overrides take the units' sweeps (BITS=2 / 3)" if units
+                                    else "the units' sweeps make their overrides: use --units"))
+            timed[(bits, r["shape"], r["M"])][r["kernel"]] = r["us"]
             shape_of[r["shape"]] = (r["K"], r["N"])
-        us.update(timed)  # a point timed again replaces the earlier timings whole: one run per point
+        us.update(timed)
     for t in us.values():
         slower_of_same_kernel(t)
+    return us, shape_of
+
+
+def units_main(paths: list[str], write: bool) -> None:
+    """HOPPER_UNITS_TUNED: per width, shape and bucket the units' fastest choice where it beats the shared table's
+    choice (selection.table_choice, timed in the same sweep) by >= 5 %; points where the shared table keeps the
+    Marlin kernels stay with them."""
+    us, shape_of = read_sweeps(paths, units=True)
+    tuned: dict[int, dict[tuple[int, int], dict[int, tuple]]] = defaultdict(lambda: defaultdict(dict))
+    for (bits, shape, m), t in sorted(us.items()):
+        shared = selection.table_choice(m, *shape_of[shape])
+        if shared is None:
+            continue
+        name, dec, splits = shared
+        key = f"{name}/0/1" if name.endswith(PINGPONG_SUFFIX) else f"{name}/{dec}/{splits}"
+        hopper = {k: v for k, v in t.items() if "/" in k}
+        best = min(hopper, key=hopper.get)
+        won = hopper[best] * MARGIN <= hopper[key]
+        if won:
+            tuned[bits][shape_of[shape]][m] = parse(best)
+        print(f"{bits}-bit {shape:12s} M={m:<5d} shared {key:22s} {hopper[key]:8.1f}  best {best:22s} "
+              f"{hopper[best]:8.1f} ({hopper[key] / hopper[best]:.2f}x){'  -> override' if won else ''}")
+    sources = "".join(f"#   benchmarks/results/{name}\n" for name in dict.fromkeys(Path(p).name for p in paths))
+    table = (sources + "HOPPER_UNITS_TUNED: dict[int, dict[tuple[int, int], dict[int, HopperChoice]]] = {\n"
+             + "".join(f"    {bits}: {{\n" + "".join(f"        {kn}: {literal(row, 12)},\n" for kn, row in rows.items())
+                       + "    },\n" for bits, rows in sorted(tuned.items(), reverse=True)) + "}\n")
+    print(table)
+    if write:
+        source = SELECTION.read_text()
+        if len(UNITS_TABLE.findall(source)) != 1:
+            raise SystemExit(f"{SELECTION}: cannot find the HOPPER_UNITS_TUNED table")
+        SELECTION.write_text(UNITS_TABLE.sub(lambda _: table, source))
+        print(f"wrote the table into {SELECTION}")
+
+
+def main(paths: list[str], write: bool = False) -> None:
+    swept, shape_of = read_sweeps(paths, units=False)
+    us = {(shape, m): t for (_, shape, m), t in swept.items()}
     tuned: dict[tuple[int, int], dict[int, object]] = defaultdict(dict)
     lines = []
     for (shape, m), t in us.items():
@@ -110,7 +165,8 @@ def main(paths: list[str], write: bool = False) -> None:
 
 
 if __name__ == "__main__":
-    files = [a for a in sys.argv[1:] if a != "--write"]
-    if not files or sys.argv[1:].count("--write") > 1:
+    flags = ("--write", "--units")
+    files = [a for a in sys.argv[1:] if a not in flags]
+    if not files or any(sys.argv[1:].count(f) > 1 for f in flags):
         raise SystemExit(__doc__)
-    main(files, write="--write" in sys.argv[1:])
+    (units_main if "--units" in sys.argv[1:] else main)(files, write="--write" in sys.argv[1:])

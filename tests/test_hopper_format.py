@@ -145,13 +145,34 @@ def test_hopper_choice_by_batch_size(monkeypatch):
     assert selection.tile_features("64x256_c2_pp") == 64 and selection.tile_features("256x16_c1") == 256
 
 
+def test_units_take_their_width_s_own_choices_where_tabled(monkeypatch):
+    """HOPPER_UNITS_TUNED overrides the shared table for one width's units only: not for other widths, not for a
+    widened call (a 4-bit copy runs the 4-bit choice), not where the shared table keeps the Marlin kernels."""
+    names = ["128x64_c2", "128x128_c2", "256x64_c2"]
+    monkeypatch.setattr(selection, "_config_ids", {n: i for i, n in enumerate(names)})
+    monkeypatch.setattr(selection, "HOPPER_TUNED", {(8192, 8192): {64: ("128x64_c2", 2, 2), 128: ("128x128_c2", 3, 1),
+                                                                   512: ("128x128_c2", 0, 1)},
+                                                    (4096, 4096): {64: None}})
+    monkeypatch.setattr(selection, "HOPPER_UNITS_TUNED", {3: {(8192, 8192): {64: ("256x64_c2", 0, 1),
+                                                                             512: ("256x64_c2", 3, 1)},
+                                                              (4096, 4096): {64: ("256x64_c2", 0, 1)}}})
+    assert selection.hopper_choice(64, 8192, 8192, bits=3) == (2, 0, 1)
+    assert selection.hopper_choice(64, 8192, 8192, bits=2) == selection.hopper_choice(64, 8192, 8192) == (0, 2, 2)
+    assert selection.hopper_choice(128, 8192, 8192, bits=3) == (1, 3, 1)  # a bucket the width does not list
+    assert selection.hopper_choice(64, 4096, 4096, bits=3) is None
+    assert selection.widened(512, 3) and selection.hopper_choice(512, 8192, 8192, bits=3) == (1, 0, 1)
+    assert selection.table_choice(512, 8192, 8192, 3) == ("256x64_c2", 3, 1)  # bounds aside, as kernels.py times it
+
+
 def test_every_tabled_choice_names_a_known_config_and_decomposition():
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "hopper", "configs.h")
     with open(path) as f:
         configs = {f"{w}x{t}_c{c}" + ("_pp" if s == "pp" else "")
                    for w, t, c, s in re.findall(r"X\(\d+, (\d+), (\d+), (\d+), (coop|pp)\)", f.read())}
     assert len(configs) >= 12 and any(c.endswith(selection.PINGPONG_SUFFIX) for c in configs)
-    rows = [selection.HOPPER_DEFAULT, *selection.HOPPER_TUNED.values()]
+    rows = [selection.HOPPER_DEFAULT, *selection.HOPPER_TUNED.values(),
+            *(row for table in selection.HOPPER_UNITS_TUNED.values() for row in table.values())]
+    assert set(selection.HOPPER_UNITS_TUNED) <= set(hopper.UNIT_BITS)
     for row in rows:
         for choice in row.values():
             if choice is not None:
@@ -216,3 +237,43 @@ def test_pick_hopper_writes_the_tables_it_picks(tmp_path, monkeypatch, capsys):
     head = original.split("HOPPER_DEFAULT: ")[0]
     assert target.read_text().startswith(head)
     assert target.read_text().endswith(original[original.index("\n_config_ids"):])
+
+
+def test_pick_hopper_units_overrides_only_clear_wins(tmp_path, monkeypatch, capsys):
+    """pick_hopper.py --units --write: a width's own choice where its sweep times one >= 5 % faster than the shared
+    table's choice (a ping-pong config at the slower of its two timings), nothing where the shared table keeps the
+    Marlin kernels; the table replaces the old one in place, the rest of selection.py unchanged.  Sweeps of the
+    other kind are refused in either mode."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("pick_hopper", os.path.join(root, "benchmarks", "pick_hopper.py"))
+    pick = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pick)
+    monkeypatch.setattr(selection, "HOPPER_TUNED", {(8192, 8192): {64: ("128x64_c2", 2, 2), 128: ("128x128_c2", 3, 1),
+                                                                   256: None}})
+    times = {64: {"128x64_c2/2/2": 10.0, "256x64_c2/0/1": 9.4},  # 3-bit: 6 % faster, an override
+             128: {"128x128_c2/3/1": 10.0, "64x128_c2_pp/0/1": 8.0, "64x128_c2_pp/1/1": 9.6},  # 4 %: none
+             256: {"128x256_c2/0/1": 5.0}}  # the shared table keeps Marlin here
+    rows = [dict(shape="s", K=8192, N=8192, M=m, bits=bits, kernel=k,
+                 us=9.8 if (bits, m, k) == (2, 64, "256x64_c2/0/1") else us)  # 2-bit: 2 % faster, none
+            for bits in (3, 2) for m, t in times.items() for k, us in {**t, "marlin": 20.0, "cublas_fp16": 20.0}.items()]
+    sweep = tmp_path / "hopper-sweep-lowbit.json"
+    sweep.write_text(json.dumps(dict(meta={}, rows=rows)))
+    target = tmp_path / "selection.py"
+    original = open(selection.__file__).read()
+    target.write_text(original)
+    monkeypatch.setattr(pick, "SELECTION", target)
+    pick.units_main([str(sweep)], write=True)
+    capsys.readouterr()
+    picked = {"HopperChoice": tuple}
+    block = pick.UNITS_TABLE.search(target.read_text()).group(0)
+    exec(block, picked)
+    assert picked["HOPPER_UNITS_TUNED"] == {3: {(8192, 8192): {64: ("256x64_c2", 0, 1)}}}
+    assert block.startswith("#   benchmarks/results/hopper-sweep-lowbit.json\n")
+    old = pick.UNITS_TABLE.search(original)
+    assert target.read_text() == original[:old.start()] + block + original[old.end():]
+    four_bit = tmp_path / "hopper-sweep-4.json"
+    four_bit.write_text(json.dumps(dict(meta={}, rows=[dict(rows[0], bits=4)])))
+    with pytest.raises(SystemExit, match="4-bit rows"):
+        pick.units_main([str(four_bit)], write=False)
+    with pytest.raises(SystemExit, match="use --units"):
+        pick.main([str(sweep)], write=False)

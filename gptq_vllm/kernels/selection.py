@@ -103,12 +103,14 @@ def check_stored(layout: Layout, *, bits: int, group_size: int, in_features: int
 # M <= 8 always runs the Marlin kernels' 8-row tiles (the sweep measures M = 16 for the bucket 9..16, where
 # both paths pad to 16 rows; at M = 1 the Hopper GEMM's 16-token tile is up to 1.6x slower).
 HOPPER_MIN_M = 9
-# 2/3-bit layers (formats.hopper UNIT_BITS) take the same table between bounds of their own, measured on the H100
+# 2/3-bit layers (formats.hopper UNIT_BITS) take the same table (with a width's own choices where its sweep found
+# faster ones: HOPPER_UNITS_TUNED) between bounds of their own, measured on the H100
 # (docs/kernels.md, issue 14).  Below UNITS_MIN_M the Marlin kernels stay (faster at M = 32 for 3 bit).  From there
 # the Hopper GEMM reads the units in place (csrc/hopper/unit_mainloop.hpp), where the config's tile features divide
 # N (it copies whole tiles); 3-bit layers from WIDEN_MIN_M on read a 4-bit copy of the weight made for the call
-# (marlin_widen) instead: the unit mainloop decodes each weight once per token tile, ALU work that grows with M, which
-# at 3 bits costs more than the copy's one pass over the weight from M = 512 (at 2 bits the units stay faster).
+# (marlin_widen) instead: the unit mainloop decodes each weight once per token tile, ALU work that grows with M; at
+# 3 bits and M = 512 the two tie in geometric mean (the copy wins 8b.qkv / o / down, the units the other five
+# shapes), from 1024 the copy leads (at 2 bits the units stay faster).
 UNITS_MIN_M = 33  # the buckets from 64 on
 WIDEN_MIN_M = {3: 257}  # the buckets from 512 on
 # Upper bounds of the M buckets; M above the last bucket uses the last one.
@@ -212,6 +214,41 @@ HOPPER_TUNED: dict[tuple[int, int], dict[int, HopperChoice | None]] = {
     },
 }
 
+# 2/3-bit layers reading their units in place: (bits) -> (K, N) -> {bucket: choice} where the units' own sweep
+# (`SWEEP=hopper BITS=b`) found a config >= 5 % faster than the shared table's (benchmarks/pick_hopper.py --units);
+# every other point takes the shared table's choice.  From the sweeps
+#   benchmarks/results/hopper-sweep-lowbit-h100-2026-12-06.json
+HOPPER_UNITS_TUNED: dict[int, dict[tuple[int, int], dict[int, HopperChoice]]] = {
+    3: {
+        (8192, 57344): {
+            128: ("128x128_c2", 3, 1), 256: ("128x256_c1", 0, 1),
+        },
+        (8192, 8192): {
+            256: ("128x256_c2", 0, 1),
+        },
+        (8192, 10240): {
+            64: ("128x64_c1", 3, 1),
+        },
+        (14336, 4096): {
+            256: ("128x256_c2", 3, 1),
+        },
+        (4096, 28672): {
+            128: ("128x128_c2", 1, 1),
+        },
+    },
+    2: {
+        (28672, 8192): {
+            64: ("256x64_c2", 0, 1), 256: ("128x256_c1", 0, 1),
+        },
+        (8192, 8192): {
+            256: ("128x256_c2", 2, 2),
+        },
+        (14336, 4096): {
+            256: ("128x256_c2", 0, 1),
+        },
+    },
+}
+
 _config_ids: dict[str, int] = {}
 
 
@@ -227,12 +264,10 @@ def hopper_available(device: torch.device) -> bool:
 
 def hopper_choice(m: int, k: int, n: int, bits: int = 4) -> tuple[int, int, int] | None:
     """(config id, decomposition, splits) of the Hopper GEMM for a call with m rows of activations on a
-    [k, n] weight (padded sizes; every width shares the table), or None for the Marlin path."""
+    [k, n] weight (padded sizes; `table_choice`), or None for the Marlin path."""
     if m < (UNITS_MIN_M if bits in hopper.UNIT_BITS else HOPPER_MIN_M):
         return None
-    bucket = next((b for b in HOPPER_BUCKETS if m <= b), HOPPER_BUCKETS[-1])
-    row = HOPPER_TUNED.get((k, n), HOPPER_DEFAULT)
-    choice = row.get(bucket, HOPPER_DEFAULT[bucket])
+    choice = table_choice(m, k, n, 4 if widened(m, bits) else bits)
     if choice is None:
         return None
     if not _config_ids:
@@ -243,6 +278,16 @@ def hopper_choice(m: int, k: int, n: int, bits: int = 4) -> tuple[int, int, int]
     if bits in hopper.UNIT_BITS and not widened(m, bits) and n % tile_features(name):
         return None
     return _config_ids[name], decomposition, splits
+
+
+def table_choice(m: int, k: int, n: int, bits: int = 4) -> HopperChoice | None:
+    """The tables' entry for m rows on a [k, n] weight of this width, bounds aside: the shared table's (the
+    default row for shapes it lacks), or for 2/3-bit units the width's own where it has one."""
+    bucket = next((b for b in HOPPER_BUCKETS if m <= b), HOPPER_BUCKETS[-1])
+    choice = HOPPER_TUNED.get((k, n), HOPPER_DEFAULT).get(bucket, HOPPER_DEFAULT[bucket])
+    if choice is None or bits not in hopper.UNIT_BITS:
+        return choice
+    return HOPPER_UNITS_TUNED.get(bits, {}).get((k, n), {}).get(bucket, choice)
 
 
 def widened(m: int, bits: int) -> bool:
