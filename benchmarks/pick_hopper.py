@@ -73,6 +73,15 @@ def slower_of_same_kernel(t: dict[str, float]) -> None:
         t[f"{name}/0/1"] = slowest
 
 
+def replace_in_selection(pattern: re.Pattern, text: str, what: str) -> None:
+    """Put `text` into selection.py in place of the one block `pattern` matches."""
+    source = SELECTION.read_text()
+    if len(pattern.findall(source)) != 1:
+        raise SystemExit(f"{SELECTION}: cannot find the {what}")
+    SELECTION.write_text(pattern.sub(lambda _: text, source))
+    print(f"wrote the {what} into {SELECTION}")
+
+
 def read_sweeps(paths: list[str], units: bool):
     """Per (bits, shape, M) the sweeps' timings (a point timed again replaces the earlier timings whole: one run
     per point), and each shape's (K, N).  `units`: the 2/3-bit sweeps, else the 4/8-bit ones."""
@@ -107,6 +116,9 @@ def units_main(paths: list[str], write: bool) -> None:
         name, dec, splits = shared
         key = f"{name}/0/1" if name.endswith(PINGPONG_SUFFIX) else f"{name}/{dec}/{splits}"
         hopper = {k: v for k, v in t.items() if "/" in k}
+        if key not in hopper:
+            raise SystemExit(f"{bits}-bit {shape} M={m}: the sweeps do not time the shared table's choice {key} "
+                             f"(sweep every config: no CONFIGS=)")
         best = min(hopper, key=hopper.get)
         won = hopper[best] * MARGIN <= hopper[key]
         if won:
@@ -119,11 +131,7 @@ def units_main(paths: list[str], write: bool) -> None:
                        + "    },\n" for bits, rows in sorted(tuned.items(), reverse=True)) + "}\n")
     print(table)
     if write:
-        source = SELECTION.read_text()
-        if len(UNITS_TABLE.findall(source)) != 1:
-            raise SystemExit(f"{SELECTION}: cannot find the HOPPER_UNITS_TUNED table")
-        SELECTION.write_text(UNITS_TABLE.sub(lambda _: table, source))
-        print(f"wrote the table into {SELECTION}")
+        replace_in_selection(UNITS_TABLE, table, "HOPPER_UNITS_TUNED table")
 
 
 def main(paths: list[str], write: bool = False) -> None:
@@ -157,11 +165,7 @@ def main(paths: list[str], write: bool = False) -> None:
     print(tables)
     print("\n".join(lines))
     if write:
-        source = SELECTION.read_text()
-        if len(TABLES.findall(source)) != 1:
-            raise SystemExit(f"{SELECTION}: cannot find the HOPPER_DEFAULT / HOPPER_TUNED tables")
-        SELECTION.write_text(TABLES.sub(lambda _: tables, source))
-        print(f"wrote the tables into {SELECTION}")
+        replace_in_selection(TABLES, tables, "HOPPER_DEFAULT / HOPPER_TUNED tables")
 
 
 if __name__ == "__main__":

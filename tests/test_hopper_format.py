@@ -277,3 +277,7 @@ def test_pick_hopper_units_overrides_only_clear_wins(tmp_path, monkeypatch, caps
         pick.units_main([str(four_bit)], write=False)
     with pytest.raises(SystemExit, match="use --units"):
         pick.main([str(sweep)], write=False)
+    partial = tmp_path / "hopper-sweep-configs.json"
+    partial.write_text(json.dumps(dict(meta={}, rows=[r for r in rows if r["kernel"] != "128x64_c2/2/2"])))
+    with pytest.raises(SystemExit, match="do not time the shared table's choice 128x64_c2/2/2"):
+        pick.units_main([str(partial)], write=False)
