@@ -351,10 +351,15 @@ struct UnitMainloop {
     if (cute::elect_one_sync()) pipeline.producer_tail(smem_pipe_write);
   }
 
-  // Consumer.  Registers per thread: the wgmma A fragments of the stage's 4 k blocks (tCrA), and the thread's
-  // words and scales of the stage.  Fragment k block kb is rewritten once the wgmma that read it last has retired:
-  // wgmmas are committed one k block at a time and at most 3 stay in flight (wait<3>), so right after issuing k
-  // block kb the previous stage's kb + 1 is done - as in CUTLASS's mixed-input mainloop.
+  // Consumer.  Registers per thread: the wgmma A fragments (tCrA), and the thread's words and scales of the stage.
+  // Fragments live in kFragBuffers buffers, k block kb in buffer kb % kFragBuffers; a buffer is rewritten once the
+  // wgmma that read it last has retired: wgmmas are committed one k block at a time and at most kFragBuffers - 1
+  // stay in flight, so right after issuing k block kb the one that last read buffer (kb + 1) % kFragBuffers is done -
+  // as in CUTLASS's mixed-input mainloop.  Four buffers (one per k block, 3 wgmmas in flight) everywhere except
+  // two m blocks of a 128+ wide token tile: there 128 accumulators plus four buffers exceed the consumer's 232
+  // registers and ptxas serializes every wgmma (C7512), so two buffers (1 in flight) - measured 1.13x (2-bit
+  // 256x128_c2) to 1.33-1.42x (128x128_c2_pp) faster on an H100 - except 3-bit 256x128_c2, measured 5 % faster
+  // serialized with four.
   template <class FrgTensorC>
   CUTLASS_DEVICE void mma(MainloopPipeline pipeline, PipelineState smem_pipe_read, FrgTensorC& accum, int k_tile_count,
                           int thread_idx, TensorStorage& shared, Params const&) {
@@ -371,8 +376,9 @@ struct UnitMainloop {
     constexpr int kBlocks = size<2>(tCcA);
     static_assert(size<0>(tCcA) == 8 && kBlocks == 4, "8 values per wgmma k block, 4 k blocks per stage");
     static_assert(decltype(size<1>(accum))::value == kMmaM, "accumulator m blocks");
-    Tensor tCrA = make_tensor<T>(make_layout(make_shape(Int<8>{}, Int<kMmaM>{}, Int<kBlocks>{})));
-    Tensor frag = recast<uint32_t>(tCrA);  // (4, MMA_M, 4): register j of m block i, k block kb
+    constexpr int kFragBuffers = (kMmaM == 2 && kTileT >= 128 && !(BITS == 3 && kCooperative)) ? 2 : kBlocks;
+    Tensor tCrA = make_tensor<T>(make_layout(make_shape(Int<8>{}, Int<kMmaM>{}, Int<kFragBuffers>{})));
+    Tensor frag = recast<uint32_t>(tCrA);  // (4, MMA_M, buffers): register j of m block i, k block kb % buffers
 
     const int lane = cutlass::canonical_lane_idx();
     const int warp = cutlass::canonical_warp_idx() % 4;  // rows 16 warp .. of each m block
@@ -435,7 +441,8 @@ struct UnitMainloop {
         uint32_t q[4];
         unit_detail::decode_pairs<T, BITS>(words[i][kb], pairs, q);
         CUTLASS_PRAGMA_UNROLL
-        for (int j = 0; j < 4; ++j) frag(j, i, kb) = unit_detail::scaled<T, ZERO>(q[j], scale[i][j % 2], zero[i][j % 2]);
+        for (int j = 0; j < 4; ++j)
+          frag(j, i, kb % kFragBuffers) = unit_detail::scaled<T, ZERO>(q[j], scale[i][j % 2], zero[i][j % 2]);
       }
     };
 
@@ -455,7 +462,7 @@ struct UnitMainloop {
       cute::for_each(make_int_sequence<kBlocks>{}, [&](auto kb_c) {
         constexpr int kb = decltype(kb_c)::value;
         warpgroup_arrive();
-        cute::gemm(tiled_mma, tCrA(_, _, kb), tCrB(_, _, kb, read_stage), accum);
+        cute::gemm(tiled_mma, tCrA(_, _, kb % kFragBuffers), tCrB(_, _, kb, read_stage), accum);
         tiled_mma.accumulate_ = GMMA::ScaleOut::One;
         warpgroup_commit_batch();
         if constexpr (kNext && kb == 0) token = pipeline.consumer_try_wait(smem_pipe_read);
@@ -464,7 +471,7 @@ struct UnitMainloop {
           pipeline.consumer_wait(smem_pipe_read, token);
           fetch(smem_pipe_read.index());
         }
-        warpgroup_wait<kBlocks - 1>();
+        warpgroup_wait<kFragBuffers - 1>();
         if constexpr (kb + 1 < kBlocks) {
           convert(Int<kb + 1>{});
         } else {
