@@ -357,9 +357,10 @@ struct UnitMainloop {
   // stay in flight, so right after issuing k block kb the one that last read buffer (kb + 1) % kFragBuffers is done -
   // as in CUTLASS's mixed-input mainloop.  Four buffers (one per k block, 3 wgmmas in flight) everywhere except
   // two m blocks of a 128+ wide token tile: there 128 accumulators plus four buffers exceed the consumer's 232
-  // registers and ptxas serializes every wgmma (C7512), so two buffers (1 in flight) - measured 1.13x (2-bit
-  // 256x128_c2) to 1.33-1.42x (128x128_c2_pp) faster on an H100 - except 3-bit 256x128_c2, measured 5 % faster
-  // serialized with four.
+  // registers and ptxas serializes every wgmma (C7512), so two buffers (1 in flight).  At 3 bits those builds
+  // still spilled a word per k tile until each k block's words came to load two k blocks ahead of its convert
+  // rather than all at the stage's start (kFirstBlocks).  Measured on an H100 (docs/kernels.md): 2-bit 1.13x
+  // (256x128_c2) and 1.42x (128x128_c2_pp) faster than serialized, 3-bit 1.07x and 1.45x.
   template <class FrgTensorC>
   CUTLASS_DEVICE void mma(MainloopPipeline pipeline, PipelineState smem_pipe_read, FrgTensorC& accum, int k_tile_count,
                           int thread_idx, TensorStorage& shared, Params const&) {
@@ -376,7 +377,8 @@ struct UnitMainloop {
     constexpr int kBlocks = size<2>(tCcA);
     static_assert(size<0>(tCcA) == 8 && kBlocks == 4, "8 values per wgmma k block, 4 k blocks per stage");
     static_assert(decltype(size<1>(accum))::value == kMmaM, "accumulator m blocks");
-    constexpr int kFragBuffers = (kMmaM == 2 && kTileT >= 128 && !(BITS == 3 && kCooperative)) ? 2 : kBlocks;
+    constexpr int kFragBuffers = (kMmaM == 2 && kTileT >= 128) ? 2 : kBlocks;
+    constexpr int kFirstBlocks = (kFragBuffers == 2 && BITS == 3) ? 2 : kBlocks;
     Tensor tCrA = make_tensor<T>(make_layout(make_shape(Int<8>{}, Int<kMmaM>{}, Int<kFragBuffers>{})));
     Tensor frag = recast<uint32_t>(tCrA);  // (4, MMA_M, buffers): register j of m block i, k block kb % buffers
 
@@ -404,20 +406,23 @@ struct UnitMainloop {
     uint32_t words[kMmaM][kBlocks][kTileWords];
     uint32_t scale[kMmaM][2], zero[kMmaM][2];
 
-    // The thread's words and its two columns' scales (and zero terms) for stage `stage`.
+    // The thread's words of m block i, k block kb of stage `stage`.
+    auto fetch_words = [&](int stage, int i, auto kb_c) {
+      constexpr int kb = decltype(kb_c)::value;
+      const uint8_t* lane_unit = shared.smem_W.begin() + stage * kWeightBytes + (kb / kUnitTiles) * kRowBytes +
+                                 strip[i] * kUnitBytes + lane * 16;
+      CUTLASS_PRAGMA_UNROLL
+      for (int t = 0; t < kTileWords; ++t) {
+        words[i][kb][t] = *reinterpret_cast<const uint32_t*>(lane_unit + offset[kb % kUnitTiles][t]);
+      }
+    };
+    // The thread's two columns' scales (and zero terms) for stage `stage`, and its words of the first kFirstBlocks
+    // k blocks (the rest load two k blocks ahead of their convert, in mma_tile).
     auto fetch = [&](int stage) {
-      const uint8_t* wbase = shared.smem_W.begin() + stage * kWeightBytes;
       const T* sbase = shared.smem_S.begin() + stage * kScaleRows * kTileW;
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < kMmaM; ++i) {
-        CUTLASS_PRAGMA_UNROLL
-        for (int kb = 0; kb < kBlocks; ++kb) {
-          const uint8_t* lane_unit = wbase + (kb / kUnitTiles) * kRowBytes + strip[i] * kUnitBytes + lane * 16;
-          CUTLASS_PRAGMA_UNROLL
-          for (int t = 0; t < kTileWords; ++t) {
-            words[i][kb][t] = *reinterpret_cast<const uint32_t*>(lane_unit + offset[kb % kUnitTiles][t]);
-          }
-        }
+        cute::for_each(make_int_sequence<kFirstBlocks>{}, [&](auto kb_c) { fetch_words(stage, i, kb_c); });
         CUTLASS_PRAGMA_UNROLL
         for (int h = 0; h < 2; ++h) {
           const int col = 64 * strip[i] + 16 * warp + lane / 4 + 8 * h;
@@ -466,8 +471,12 @@ struct UnitMainloop {
         tiled_mma.accumulate_ = GMMA::ScaleOut::One;
         warpgroup_commit_batch();
         if constexpr (kNext && kb == 0) token = pipeline.consumer_try_wait(smem_pipe_read);
+        if constexpr (kb + 2 < kBlocks && kb + 2 >= kFirstBlocks) {
+          CUTLASS_PRAGMA_UNROLL
+          for (int i = 0; i < kMmaM; ++i) fetch_words(read_stage, i, Int<kb + 2>{});
+        }
         if constexpr (kNext && kb + 1 == kBlocks) {
-          // The next stage's words and scales load while the wait runs (this stage's are all converted).
+          // The next stage's scales and first words load while the wait runs (this stage's are all converted).
           pipeline.consumer_wait(smem_pipe_read, token);
           fetch(smem_pipe_read.index());
         }
