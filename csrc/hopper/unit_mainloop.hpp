@@ -407,8 +407,7 @@ struct UnitMainloop {
     uint32_t scale[kMmaM][2], zero[kMmaM][2];
 
     // The thread's words of m block i, k block kb of stage `stage`.
-    auto fetch_words = [&](int stage, int i, auto kb_c) {
-      constexpr int kb = decltype(kb_c)::value;
+    auto fetch_words = [&](int stage, int i, int kb) {
       const uint8_t* lane_unit = shared.smem_W.begin() + stage * kWeightBytes + (kb / kUnitTiles) * kRowBytes +
                                  strip[i] * kUnitBytes + lane * 16;
       CUTLASS_PRAGMA_UNROLL
@@ -422,7 +421,8 @@ struct UnitMainloop {
       const T* sbase = shared.smem_S.begin() + stage * kScaleRows * kTileW;
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < kMmaM; ++i) {
-        cute::for_each(make_int_sequence<kFirstBlocks>{}, [&](auto kb_c) { fetch_words(stage, i, kb_c); });
+        CUTLASS_PRAGMA_UNROLL
+        for (int kb = 0; kb < kFirstBlocks; ++kb) fetch_words(stage, i, kb);
         CUTLASS_PRAGMA_UNROLL
         for (int h = 0; h < 2; ++h) {
           const int col = 64 * strip[i] + 16 * warp + lane / 4 + 8 * h;
@@ -473,7 +473,7 @@ struct UnitMainloop {
         if constexpr (kNext && kb == 0) token = pipeline.consumer_try_wait(smem_pipe_read);
         if constexpr (kb + 2 < kBlocks && kb + 2 >= kFirstBlocks) {
           CUTLASS_PRAGMA_UNROLL
-          for (int i = 0; i < kMmaM; ++i) fetch_words(read_stage, i, Int<kb + 2>{});
+          for (int i = 0; i < kMmaM; ++i) fetch_words(read_stage, i, kb + 2);
         }
         if constexpr (kNext && kb + 1 == kBlocks) {
           // The next stage's scales and first words load while the wait runs (this stage's are all converted).
