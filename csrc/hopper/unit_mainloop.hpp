@@ -359,8 +359,9 @@ struct UnitMainloop {
   // two m blocks of a 128+ wide token tile: there 128 accumulators plus four buffers exceed the consumer's 232
   // registers and ptxas serializes every wgmma (C7512), so two buffers (1 in flight).  At 3 bits those builds
   // still spilled a word per k tile until each k block's words came to load two k blocks ahead of its convert
-  // rather than all at the stage's start (kFirstBlocks).  Measured on an H100 (docs/kernels.md): 2-bit 1.13x
-  // (256x128_c2) and 1.42x (128x128_c2_pp) faster than serialized, 3-bit 1.07x and 1.45x.
+  // rather than all at the stage's start (kFirstBlocks).  Measured on an H100 (docs/kernels.md): two buffers 1.13x
+  // (2-bit 256x128_c2) and 1.33-1.42x (128x128_c2_pp) faster than serialized; the 3-bit loads two ahead another
+  // 1.09x on 128x128_c2_pp, and 1.07x over serialized on 256x128_c2.
   template <class FrgTensorC>
   CUTLASS_DEVICE void mma(MainloopPipeline pipeline, PipelineState smem_pipe_read, FrgTensorC& accum, int k_tile_count,
                           int thread_idx, TensorStorage& shared, Params const&) {
