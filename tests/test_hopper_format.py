@@ -151,17 +151,17 @@ def test_units_take_their_width_s_own_choices_where_tabled(monkeypatch):
     names = ["128x64_c2", "128x128_c2", "256x64_c2"]
     monkeypatch.setattr(selection, "_config_ids", {n: i for i, n in enumerate(names)})
     monkeypatch.setattr(selection, "HOPPER_TUNED", {(8192, 8192): {64: ("128x64_c2", 2, 2), 128: ("128x128_c2", 3, 1),
-                                                                   512: ("128x128_c2", 0, 1)},
+                                                                   2048: ("128x128_c2", 0, 1)},
                                                     (4096, 4096): {64: None}})
     monkeypatch.setattr(selection, "HOPPER_UNITS_TUNED", {3: {(8192, 8192): {64: ("256x64_c2", 0, 1),
-                                                                             512: ("256x64_c2", 3, 1)},
+                                                                             2048: ("256x64_c2", 3, 1)},
                                                               (4096, 4096): {64: ("256x64_c2", 0, 1)}}})
     assert selection.hopper_choice(64, 8192, 8192, bits=3) == (2, 0, 1)
     assert selection.hopper_choice(64, 8192, 8192, bits=2) == selection.hopper_choice(64, 8192, 8192) == (0, 2, 2)
     assert selection.hopper_choice(128, 8192, 8192, bits=3) == (1, 3, 1)  # a bucket the width does not list
     assert selection.hopper_choice(64, 4096, 4096, bits=3) is None
-    assert selection.widened(512, 3) and selection.hopper_choice(512, 8192, 8192, bits=3) == (1, 0, 1)
-    assert selection.table_choice(512, 8192, 8192, 3) == ("256x64_c2", 3, 1)  # bounds aside, as kernels.py times it
+    assert selection.widened(2048, 3) and selection.hopper_choice(2048, 8192, 8192, bits=3) == (1, 0, 1)
+    assert selection.table_choice(2048, 8192, 8192, 3) == ("256x64_c2", 3, 1)  # bounds aside, as kernels.py times it
 
 
 def test_every_tabled_choice_names_a_known_config_and_decomposition():

@@ -108,11 +108,12 @@ HOPPER_MIN_M = 9
 # (docs/kernels.md, issue 14).  Below UNITS_MIN_M the Marlin kernels stay (faster at M = 32 for 3 bit).  From there
 # the Hopper GEMM reads the units in place (csrc/hopper/unit_mainloop.hpp), where the config's tile features divide
 # N (it copies whole tiles); 3-bit layers from WIDEN_MIN_M on read a 4-bit copy of the weight made for the call
-# (marlin_widen) instead: the unit mainloop decodes each weight once per token tile, ALU work that grows with M; at
-# 3 bits and M = 512 the two tie in geometric mean (the copy wins 8b.qkv / o / down, the units the other five
-# shapes), from 1024 the copy leads (at 2 bits the units stay faster).
+# (marlin_widen) instead: the unit mainloop decodes each weight once per token tile, ALU work that grows with M.
+# With the units' own tile choices (HOPPER_UNITS_TUNED, 2026-12-07) the units beat the copy at 3 bits on 7 of 8
+# shapes at M = 512 (1.06-1.13x; 8b.o 0.96x) and at 1024 (1.02-1.07x; 8b.qkv 0.95x); above 1024 the copy is
+# unmeasured against them and stays.  At 2 bits the units are faster everywhere measured.
 UNITS_MIN_M = 33  # the buckets from 64 on
-WIDEN_MIN_M = {3: 257}  # the buckets from 512 on
+WIDEN_MIN_M = {3: 1025}  # the buckets from 2048 on
 # Upper bounds of the M buckets; M above the last bucket uses the last one.
 HOPPER_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 8192)
 
@@ -218,33 +219,43 @@ HOPPER_TUNED: dict[tuple[int, int], dict[int, HopperChoice | None]] = {
 # (`SWEEP=hopper BITS=b`) found a config >= 5 % faster than the shared table's (benchmarks/pick_hopper.py --units);
 # every other point takes the shared table's choice.  From the sweeps
 #   benchmarks/results/hopper-sweep-lowbit-h100-2026-12-06.json
+#   benchmarks/results/hopper-sweep-lowbit-h100-2026-12-07.json
 HOPPER_UNITS_TUNED: dict[int, dict[tuple[int, int], dict[int, HopperChoice]]] = {
     3: {
         (8192, 57344): {
-            128: ("128x128_c2", 3, 1), 256: ("128x256_c1", 0, 1),
+            256: ("128x256_c2", 0, 1),
         },
         (8192, 8192): {
             256: ("128x256_c2", 0, 1),
         },
         (8192, 10240): {
-            64: ("128x64_c1", 3, 1),
+            64: ("128x64_c1", 3, 1), 256: ("128x256_c2", 3, 1),
         },
         (14336, 4096): {
-            256: ("128x256_c2", 3, 1),
+            256: ("128x256_c2", 3, 1), 512: ("128x256_c1", 2, 2),
         },
         (4096, 28672): {
-            128: ("128x128_c2", 1, 1),
+            512: ("128x256_c2", 0, 1),
+        },
+        (4096, 6144): {
+            512: ("128x256_c1", 0, 1),
         },
     },
     2: {
         (28672, 8192): {
-            64: ("256x64_c2", 0, 1), 256: ("128x256_c1", 0, 1),
+            64: ("256x64_c2", 0, 1), 128: ("256x128_c2", 3, 1), 256: ("128x256_c2", 0, 1),
+        },
+        (8192, 57344): {
+            256: ("128x256_c2", 0, 1),
         },
         (8192, 8192): {
             256: ("128x256_c2", 2, 2),
         },
+        (8192, 10240): {
+            256: ("128x256_c2", 3, 1),
+        },
         (14336, 4096): {
-            256: ("128x256_c2", 0, 1),
+            256: ("128x256_c2", 3, 1),
         },
     },
 }
