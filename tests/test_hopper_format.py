@@ -188,15 +188,23 @@ def test_pingpong_configs_run_data_parallel_only():
     assert selection.hopper_decompositions("64x128_c2" + selection.PINGPONG_SUFFIX, every) == ((0, 1), (1, 1))
 
 
-def test_pick_hopper_writes_the_tables_it_picks(tmp_path, monkeypatch, capsys):
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def pick():
+    """benchmarks/pick_hopper.py as a module."""
+    spec = importlib.util.spec_from_file_location("pick_hopper", os.path.join(ROOT, "benchmarks", "pick_hopper.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pick_hopper_writes_the_tables_it_picks(pick, tmp_path, monkeypatch, capsys):
     """benchmarks/pick_hopper.py --write: per shape and bucket the fastest Hopper choice that beats the Marlin path
     by >= 5 % (above M = 128, where the Marlin path is dense, one that the dense mode does not beat by >= 5 %), put
     into selection.py in place of the old tables, the rest of the file unchanged; several sweeps (as the TP-1 shapes
     and TP=2 shards are swept) make one table, a point timed again taking the later run's timings."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location("pick_hopper", os.path.join(root, "benchmarks", "pick_hopper.py"))
-    pick = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pick)
     sweeps = []
     for shape, (k, n) in {"a": (4096, 4096), "b": (8192, 8192)}.items():
         rows = []
@@ -239,15 +247,11 @@ def test_pick_hopper_writes_the_tables_it_picks(tmp_path, monkeypatch, capsys):
     assert target.read_text().endswith(original[original.index("\n_config_ids"):])
 
 
-def test_pick_hopper_units_overrides_only_clear_wins(tmp_path, monkeypatch, capsys):
+def test_pick_hopper_units_overrides_only_clear_wins(pick, tmp_path, monkeypatch, capsys):
     """pick_hopper.py --units --write: a width's own choice where its sweep times one >= 5 % faster than the shared
     table's choice (a ping-pong config at the slower of its two timings), nothing where the shared table keeps the
     Marlin kernels; the table replaces the old one in place, the rest of selection.py unchanged.  Sweeps of the
     other kind are refused in either mode."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location("pick_hopper", os.path.join(root, "benchmarks", "pick_hopper.py"))
-    pick = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pick)
     monkeypatch.setattr(selection, "HOPPER_TUNED", {(8192, 8192): {64: ("128x64_c2", 2, 2), 128: ("128x128_c2", 3, 1),
                                                                    256: None}})
     times = {64: {"128x64_c2/2/2": 10.0, "256x64_c2/0/1": 9.4},  # 3-bit: 6 % faster, an override
@@ -281,3 +285,21 @@ def test_pick_hopper_units_overrides_only_clear_wins(tmp_path, monkeypatch, caps
     partial.write_text(json.dumps(dict(meta={}, rows=[r for r in rows if r["kernel"] != "128x64_c2/2/2"])))
     with pytest.raises(SystemExit, match="do not time the shared table's choice 128x64_c2/2/2"):
         pick.units_main([str(partial)], write=False)
+
+
+def test_committed_tables_are_what_their_sweeps_pick(pick, tmp_path, monkeypatch, capsys):
+    """selection.py's tables are exactly what pick_hopper.py makes from the committed sweeps their comments name
+    (the 4/8-bit sweeps for HOPPER_DEFAULT / HOPPER_TUNED, the units' for HOPPER_UNITS_TUNED): a table edited by
+    hand, or a sweep file changed or gone, fails here."""
+    source = open(selection.__file__).read()
+    tuned = re.findall(r"^#   benchmarks/results/(hopper-sweep-[a-z][0-9]*-\S+\.json)$", source, re.M)
+    units = re.findall(r"^#   benchmarks/results/(hopper-sweep-lowbit-\S+\.json)$", source, re.M)
+    assert tuned and units
+    target = tmp_path / "selection.py"
+    target.write_text(source)
+    monkeypatch.setattr(pick, "SELECTION", target)
+    results = os.path.join(ROOT, "benchmarks", "results")
+    pick.main([os.path.join(results, name) for name in tuned], write=True)
+    pick.units_main([os.path.join(results, name) for name in units], write=True)
+    capsys.readouterr()
+    assert target.read_text() == source
