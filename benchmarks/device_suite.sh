@@ -48,10 +48,8 @@ for stage in "$@"; do
     hopper-pick)  # the selection table from the committed sweeps it was made from (selection.py names them), this
                   # machine's sweeps of today (every PART) replacing their points, written into selection.py (which
                   # comes back under $OUT)
-      # (the 4/8-bit sweeps only: hopper-sweep-<gpu>-*, not the units' hopper-sweep-lowbit-*, which --units takes)
       today=(/tmp/hopper-sweep-${GPU:-gpu}-$(date +%F)*.json)
-      python benchmarks/pick_hopper.py $(sed -n 's|^#   \(benchmarks/results/hopper-sweep-[a-z][0-9]*-.*\.json\)$|\1|p' \
-        gptq_vllm/kernels/selection.py) "${today[@]}" --write > "$OUT/hopper-pick.log" 2>&1 || status=1
+      python benchmarks/pick_hopper.py --committed "${today[@]}" --write > "$OUT/hopper-pick.log" 2>&1 || status=1
       cp gptq_vllm/kernels/selection.py "$OUT/"
       tail -3 "$OUT/hopper-pick.log" ;;
     quantize)

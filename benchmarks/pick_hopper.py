@@ -19,6 +19,11 @@ config's two timings (decompositions 0 and 1, one kernel) count once, at the slo
 takes the units' sweeps instead (`SWEEP=hopper BITS=3` / `BITS=2`: the Hopper GEMM on 2/3-bit units) and makes
 HOPPER_UNITS_TUNED, a width's own choices where one beats the shared table's choice (timed in the same sweep) by
 >= 5 %.
+
+    python benchmarks/pick_hopper.py --committed [--units] [new sweeps ...] [--write]
+
+starts from the committed sweeps the table in selection.py names as its sources (its comment), so that new sweeps
+(of some shapes or M) replace only their own points.
 """
 
 from __future__ import annotations
@@ -80,6 +85,12 @@ def replace_in_selection(pattern: re.Pattern, text: str, what: str) -> None:
         raise SystemExit(f"{SELECTION}: cannot find the {what}")
     SELECTION.write_text(pattern.sub(lambda _: text, source))
     print(f"wrote the {what} into {SELECTION}")
+
+
+def committed_sweeps(units: bool) -> list[str]:
+    """The sweeps the current table in selection.py names as its sources (HOPPER_TUNED's, or HOPPER_UNITS_TUNED's)."""
+    block = (UNITS_TABLE if units else TABLES).search(SELECTION.read_text()).group(0)
+    return [str(SELECTION.parents[2] / name) for name in re.findall(r"^#   (benchmarks/results/\S+\.json)$", block, re.M)]
 
 
 def read_sweeps(paths: list[str], units: bool):
@@ -169,8 +180,10 @@ def main(paths: list[str], write: bool = False) -> None:
 
 
 if __name__ == "__main__":
-    flags = ("--write", "--units")
-    files = [a for a in sys.argv[1:] if a not in flags]
+    flags = ("--write", "--units", "--committed")
+    units = "--units" in sys.argv[1:]
+    files = ((committed_sweeps(units) if "--committed" in sys.argv[1:] else [])
+             + [a for a in sys.argv[1:] if a not in flags])
     if not files or any(sys.argv[1:].count(f) > 1 for f in flags):
         raise SystemExit(__doc__)
-    (units_main if "--units" in sys.argv[1:] else main)(files, write="--write" in sys.argv[1:])
+    (units_main if units else main)(files, write="--write" in sys.argv[1:])

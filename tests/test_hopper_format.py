@@ -19,6 +19,17 @@ from gptq_vllm.formats.gptq import QuantizedWeight
 from gptq_vllm.formats.kernel_layout import Layout, to_kernel
 from gptq_vllm.kernels import selection
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def pick():
+    """benchmarks/pick_hopper.py as a module."""
+    spec = importlib.util.spec_from_file_location("pick_hopper", os.path.join(ROOT, "benchmarks", "pick_hopper.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 def weight(bits, group_size, sym, K=256, N=128, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -188,18 +199,6 @@ def test_pingpong_configs_run_data_parallel_only():
     assert selection.hopper_decompositions("64x128_c2" + selection.PINGPONG_SUFFIX, every) == ((0, 1), (1, 1))
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture
-def pick():
-    """benchmarks/pick_hopper.py as a module."""
-    spec = importlib.util.spec_from_file_location("pick_hopper", os.path.join(ROOT, "benchmarks", "pick_hopper.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_pick_hopper_writes_the_tables_it_picks(pick, tmp_path, monkeypatch, capsys):
     """benchmarks/pick_hopper.py --write: per shape and bucket the fastest Hopper choice that beats the Marlin path
     by >= 5 % (above M = 128, where the Marlin path is dense, one that the dense mode does not beat by >= 5 %), put
@@ -292,14 +291,13 @@ def test_committed_tables_are_what_their_sweeps_pick(pick, tmp_path, monkeypatch
     (the 4/8-bit sweeps for HOPPER_DEFAULT / HOPPER_TUNED, the units' for HOPPER_UNITS_TUNED): a table edited by
     hand, or a sweep file changed or gone, fails here."""
     source = open(selection.__file__).read()
-    tuned = re.findall(r"^#   benchmarks/results/(hopper-sweep-[a-z][0-9]*-\S+\.json)$", source, re.M)
-    units = re.findall(r"^#   benchmarks/results/(hopper-sweep-lowbit-\S+\.json)$", source, re.M)
-    assert tuned and units
+    tuned, units = pick.committed_sweeps(units=False), pick.committed_sweeps(units=True)
+    assert len(tuned) >= 3 and all("lowbit" not in p for p in tuned)
+    assert len(units) >= 2 and all("lowbit" in p and os.path.exists(p) for p in units)
     target = tmp_path / "selection.py"
     target.write_text(source)
     monkeypatch.setattr(pick, "SELECTION", target)
-    results = os.path.join(ROOT, "benchmarks", "results")
-    pick.main([os.path.join(results, name) for name in tuned], write=True)
-    pick.units_main([os.path.join(results, name) for name in units], write=True)
+    pick.main(tuned, write=True)
+    pick.units_main(units, write=True)
     capsys.readouterr()
     assert target.read_text() == source
