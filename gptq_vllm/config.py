@@ -161,6 +161,7 @@ class MyGPTQConfig(QuantizationConfig):
         """
         directory = _local_directory(model_name, revision)
         if directory is None:
+            quant_config.check_unit_layout(self.scheme.raw, f"{NAME}: quantization config")  # else config_sources
             logger.warning("mygptq: %s is not a local directory or a cached Hub snapshot; its config files "
                            "are not cross-checked and every linear layer is treated as quantized", model_name)
             return

@@ -16,6 +16,7 @@ import gptq_vllm  # noqa: E402
 from converters.checkpoint.emit import Target, quantization_config  # noqa: E402
 from gptq_vllm.formats.gptq import ZeroFormat  # noqa: E402
 from gptq_vllm.formats.kernel_layout import Layout  # noqa: E402
+from gptq_vllm.formats.quant_config import check_unit_layout  # noqa: E402
 
 gptq_vllm.register()
 from gptq_vllm.config import LayerScheme, MyGPTQConfig, module_matches  # noqa: E402
@@ -147,6 +148,34 @@ def test_converted_dynamic_bits_keep_the_checkpoint_layout(layout):
                               dynamic={r"+:.*down_proj": {"bits": 2}})
     scheme = parse(cfg).layer_scheme("model.layers.0.mlp.down_proj")
     assert scheme.bits == 2 and scheme.layout is layout
+
+
+# A converted Marlin-layout config as gptq-convert wrote it before the unit_layout key.
+CONVERTED_MARLIN = {"quant_method": "mygptq", "checkpoint_format": "mygptq", "layout": "marlin", "bits": 4,
+                    "group_size": 128, "sym": True, "desc_act": False}
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_converted_marlin_configs_carry_the_unit_layout(bits):
+    cfg = quantization_config(Target.MYGPTQ, bits, 128, True, False)
+    assert cfg["unit_layout"] == 2
+    check_unit_layout(cfg, "config.json")
+    # Without the key: 2/4-bit units and tiles have not changed, so such checkpoints still load.
+    if bits != 3:
+        check_unit_layout({**CONVERTED_MARLIN, "bits": bits}, "config.json")
+
+
+@pytest.mark.parametrize("cfg", [
+    {**CONVERTED_MARLIN, "bits": 3},
+    {**CONVERTED_MARLIN, "dynamic": {r"+:.*down_proj": {"bits": 3}}},  # one module's rule is enough
+])
+def test_3_bit_units_of_unit_layout_1_are_refused(cfg):
+    """3-bit Marlin units as converted before the pair-group layout (no unit_layout); every entry point refuses
+    them with this message, the file in front (tests/test_validation.py)."""
+    with pytest.raises(ValueError, match=r"^config.json: unit_layout 1 \(3-bit Marlin units .*expected 2; convert "
+                                         r"the source checkpoint again with `gptq-convert convert`$"):
+        check_unit_layout(cfg, "config.json")
+    check_unit_layout({**cfg, "layout": "exllama"}, "config.json")  # ExLlama words have no units
 
 
 @pytest.mark.parametrize("cfg, message", [

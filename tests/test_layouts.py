@@ -101,16 +101,19 @@ def marlin_unit_formula(Q: torch.Tensor, bits: int) -> torch.Tensor:
             t, p = 4 * gid + tig, 2 * s + b
 
             def put(lane_word: int, value: int, bit: int) -> None:
-                c, j = divmod(bits * v + lane_word, 4)  # lane word i = v*W + w, W = bits; chunk c, word j
+                c, j = divmod(lane_word, 4)  # lane word i = 4*c + j: chunk c, word j
                 words[ku, 128 * C * nt + 4 * (32 * c + t) + j] |= value << bit
 
+            g, f = divmod(p, 4)  # 3-bit: pair group g (lane words 4*c + g), pair f of the group
             if bits == 2:
-                put(p // 8, code, 2 * (p % 8) + 16 * h)
-            elif p < 15:
-                put(p // 5, code, 3 * (p % 5) + 16 * h)
+                put(2 * v + p // 8, code, 2 * (p % 8) + 16 * h)
+            elif v < 3:
+                put(4 * v + g, code, 3 * f + 16 * h)
+            elif f < 3:
+                put(4 * f + g, code, 12 + 16 * h)
             else:
-                for j in range(3):
-                    put(j, (code >> j) & 1, 15 + 16 * h)
+                for c in range(3):
+                    put(4 * c + g, (code >> c) & 1, 15 + 16 * h)
     return words
 
 
@@ -134,12 +137,17 @@ def test_marlin_unit_uses_every_bit(bits):
     (2, 0, 0, [(0, 0)]),  # lane 0, k-tile 0, pair 0, h = 0: lane word 0 = chunk 0 word 0, bit 0
     (2, 9, 63, [(4 * 28 + 1, 2 * 7 + 16)]),  # row 9: tig 0, b 1, h 1; column 63: s 7, gid 7 -> lane 28, pair 15
     (2, 16 + 1, 8 * 5 + 2, [(4 * 8 + 3, 2 * (10 % 8) + 16)]),  # k-tile 1, lane 8, pair 10 -> lane word 2 + 1
-    (3, 16 + 2, 1, [(4 * 5 + 3, 0)]),  # k-tile 1, lane 5: lane word 3 -> chunk 0, word 3
-    (3, 32 + 2, 1, [(4 * (32 + 5) + 2, 0)]),  # k-tile 2: lane word 6 -> chunk 1, word 2
-    (3, 48 + 8 + 7, 8 * 6 + 3, [(4 * (64 + 15) + 3, 3 * 3 + 16)]),  # k-tile 3, lane 15, pair 13 (word 2), h 1
-    (3, 8, 8 * 7, [(0, 15), (1, 15), (2, 15)]),  # pair 15, h 0, lane 0: code bit j at bit 15 of lane word j
-    # k-tile 3, lane 31, pair 15, h 1: lane words 9, 10, 11 = chunk 2, words 1, 2, 3, bit 31.
-    (3, 48 + 15, 8 * 7 + 7, [(4 * (64 + 31) + 1, 31), (4 * (64 + 31) + 2, 31), (4 * (64 + 31) + 3, 31)]),
+    # 3-bit: lane word 4*c + g holds pair group g (pairs 4g .. 4g + 3); k-tile v < 3 in c = v, k-tile 3 at bit 12 + spread.
+    (3, 0, 16, [(1, 0)]),  # k-tile 0, lane 0, pair 4 = group 1, f 0: lane word 1 = chunk 0, word 1, bit 0
+    (3, 16 + 2, 1, [(4 * (32 + 5), 0)]),  # k-tile 1, lane 5, pair 0: lane word 4 -> chunk 1, word 0
+    (3, 32 + 2, 1, [(4 * (64 + 5), 0)]),  # k-tile 2: lane word 8 -> chunk 2, word 0
+    (3, 8, 8 * 7, [(3, 9)]),  # k-tile 0, lane 0, pair 15 = group 3, f 3: lane word 3, bit 9
+    # k-tile 3, lane 15, pair 13 (group 3, f 1): lane word 4 + 3 = chunk 1, word 3, bit 12, h 1.
+    (3, 48 + 8 + 7, 8 * 6 + 3, [(4 * (32 + 15) + 3, 12 + 16)]),
+    # k-tile 3, lane 0, pair 3 (group 0, f 3), h 0: code bit c at bit 15 of lane word 4c = chunk c, word 0.
+    (3, 48 + 8, 8, [(0, 15), (4 * 32, 15), (4 * 64, 15)]),
+    # k-tile 3, lane 31, pair 15, h 1: lane words 3, 7, 11 = chunks 0, 1, 2, word 3, bit 31.
+    (3, 48 + 15, 8 * 7 + 7, [(4 * 31 + 3, 31), (4 * (32 + 31) + 3, 31), (4 * (64 + 31) + 3, 31)]),
 ])
 def test_marlin_unit_word_order_is_chunk_major(bits, k, n, expected):
     """One code of one unit: the words (chunk-major) and bits it lands in, worked out by hand."""

@@ -187,6 +187,14 @@ def corruptions(dialect: str) -> dict[str, callable]:
             "perm differs across fused shards": lambda d: edit(d, lambda t: t.update(
                 {f"{V}.perm": t[f"{V}.perm"].flip(0).contiguous()})),
         })
+    if dialect == "mygptq":
+        def unit_layout_1(d):  # 3-bit Marlin units as gptq-convert wrote them before unit layout 2 (no key)
+            cfg = json.loads((d / "config.json").read_text())
+            qc = cfg["quantization_config"]
+            del qc["unit_layout"]
+            qc["dynamic"] = {r"+:.*down_proj": {"bits": 3}}
+            (d / "config.json").write_text(json.dumps(cfg))
+        cases["3-bit units of unit layout 1"] = unit_layout_1
     if dialect in ("autogptq-v1", "gptqmodel-v2"):
         def zero_field(t):
             t[f"{DOWN}.{zeros}"][0, 0] = -1  # every field 2^b - 1: a v1 "-1", out of range for a symmetric v2
@@ -285,8 +293,10 @@ def test_every_entry_point_refuses_with_the_same_message(refusals, dialect, case
     assert "qkv_proj" not in message and "gate_up_proj" not in message  # the checkpoint's own tensor
     if case == "no config.json":
         assert message.endswith("copy it from the float model") and message in got["plugin"], got
-    elif case == "quantize_config.json disagrees with config.json":
+    elif case in ("quantize_config.json disagrees with config.json", "3-bit units of unit layout 1"):
         assert message in got["plugin"], got  # vLLM wraps errors of its config stage in pydantic's words
+        if case.startswith("3-bit"):
+            assert "unit_layout 1 " in message and message.endswith("with `gptq-convert convert`"), got
     else:
         assert got["plugin"] == message, got
         assert message.startswith(str(Path(message.split(": ")[0]))) and ".safetensors: model.layers." in message

@@ -13,7 +13,7 @@ from enum import Enum
 
 import torch
 
-from gptq_vllm.formats import compressed_tensors, gptq
+from gptq_vllm.formats import compressed_tensors, gptq, marlin
 from gptq_vllm.formats.gptq import QuantizedWeight, ZeroFormat
 from gptq_vllm.formats.kernel_layout import Layout, default_layout, to_kernel
 
@@ -74,10 +74,13 @@ def quantization_config(target: Target, bits: int, group_size: int, sym: bool, d
                             "actorder": "group" if desc_act else None, "dynamic": False, "observer": observer},
             }},
         }
+    layout = layout or default_layout(bits)
     cfg = {
         "quant_method": "mygptq",
         "checkpoint_format": "mygptq",
-        "layout": (layout or default_layout(bits)).value,
+        "layout": layout.value,
+        # The 2/3-bit units' version, checked on load (quant_config.parse).
+        **({"unit_layout": marlin.UNIT_LAYOUT} if layout is Layout.MARLIN else {}),
         "bits": bits,
         "group_size": group_size,
         "sym": sym,

@@ -15,18 +15,18 @@
 // (2 tig + 8 (j / 2), + 1) of column 16w + gid + 8 (j % 2), i.e. the unit's pair p = 2 s + b with n8 sub-tile
 // s = 2w + j % 2 and k block b = j / 2:  p = 4w + 2 (j % 2) + j / 2, "pair group" w of the k-tile.
 //
-// Where a pair sits in a lane's words depends on p (2-bit: word p / 8, bit 2 (p % 8); 3-bit: word p / 5, bit
-// 3 (p % 5), pair 15 spread over bit 15 of the three words), so each warp's four positions depend on its index.
-// The warp index is a runtime value, and branching on it between a wgmma and its wait makes ptxas serialize the
-// wgmmas (C7513), so the positions are data computed once per thread (`WarpPairs`): each thread loads from shared
-// memory the words chosen for its warp (per-warp offsets; 2-bit: the one word of its pairs, 3-bit: three), and a pair
-// costs one shift by a register (3-bit: a 64-bit funnel shift over two words), one lop3 and one HSUB2 (2-bit fp16:
-// lop3 and HFMA2, fields in place).
+// Where a warp's pairs sit: 3-bit units keep each pair group (the four pairs p = 4g .. 4g + 3 of every k-tile of
+// the unit, which warp g supplies) in its own three lane words 4c + g, at bit positions that depend only on the
+// k-tile (marlin.py), so a thread loads its warp's three words of a stage at a per-warp offset and decodes every k
+// block with constant shifts and masks: the same code in every warp, as wgmma needs (a branch on the warp index
+// between a wgmma and its wait makes ptxas serialize the wgmmas, C7513).  2-bit units keep a k-tile's pairs in its
+// own two words (word p / 8, bit 2 (p % 8)): a warp's four pairs of a k-tile are one byte of one word, chosen by a
+// per-warp word offset and a shift by 0 or 8 (`WarpPairs`).  A pair then costs one lop3 and one HFMA2 (fp16,
+// fields in place) or a shift, a lop3 and one HSUB2.
 // The loop is CUTLASS's mixed-input one: first and last k tiles peeled, no branch between the steady loop's wgmmas;
-// with those branches the 3-bit kernel took 1.13x as long at M = 64 (geometric mean), while cutting the decode from
-// ~34 to ~22 instructions per k block (selects of words in registers before) changed nothing measurable: the decode
-// runs under the wgmmas (docs/kernels.md, "2- and 3-bit").  A version in which warp w decoded all 16 pairs of
-// k-tile w with constant positions and exchanged them through shared memory took 1.17x / 1.07x the time at 2 / 3 bits.
+// with those branches the 3-bit kernel took 1.13x as long at M = 64 (geometric mean).  A version in which warp w
+// decoded all 16 pairs of k-tile w with constant positions and exchanged them through shared memory took 1.17x /
+// 1.07x the time at 2 / 3 bits (docs/kernels.md, "2- and 3-bit").
 #pragma once
 
 #include "cute/arch/copy_sm90_tma.hpp"
@@ -85,83 +85,75 @@ constexpr uint32_t sub_bits() {
 // bytes apart), at word x % 4 of it.
 CUTLASS_HOST_DEVICE constexpr int unit_word_offset(int x) { return 512 * (x / 4) + 4 * (x % 4); }
 
-// How warp `warp` of a consumer warpgroup reads its pairs p_j = 4 warp + 2 (j % 2) + j / 2 (fragment register j)
-// from a k-tile's lane words (marlin.py _pair_fields).  Each thread loads only words chosen for its warp, at offsets
-// computed once, so choosing words costs no instruction in the loop:
-//   2-bit: all four pairs in word warp / 2, at bits 8 (warp % 2) + 2 (p_j % 4): `shift8` moves odd warps' byte down.
-//   3-bit: word p / 5 at bit 3 (p % 5), pair 15 spread over bit 15 of the three words.  The thread loads x = word
-//   xi = min(p_0 / 5, 1), y = word xi + 1 and z = word 0; pair j is the low bits of the 64-bit (y:x) >> shift[j]
-//   (one funnel shift: y's bits that come down land above the 3-bit fields).  Warp 3 (xi = 1) builds pair 15 from
-//   y >> 13, x >> 14 and z >> 15 under masks that are zero in the other warps, so every warp runs the same code.
+// 2-bit: where warp `warp` of a consumer warpgroup finds its pairs p_j = 4 warp + 2 (j % 2) + j / 2 (fragment
+// register j) in a k-tile's two lane words: all four in word warp / 2, at bits 8 (warp % 2) + 2 (p_j % 4).  The
+// thread loads only that word, and `shift8` moves odd warps' byte down.
 struct WarpPairs {
-  uint32_t shift8;        // 2-bit
-  int word;               // 2-bit: the word; 3-bit: xi
-  uint32_t shift[4];      // 3-bit
-  uint32_t mask3;         // 3-bit: pair j = 3's mask on (y:x) >> shift[3]
-  uint32_t mask_x, mask_z;  // 3-bit: pair 15's other two code bits (warp 3), else 0
+  uint32_t shift8;
+  int word;
 };
 
-template <int BITS>
-CUTLASS_DEVICE WarpPairs warp_pairs(int warp) {
-  WarpPairs wp{};
-  if constexpr (BITS == 2) {
-    wp.word = warp / 2;
-    wp.shift8 = 8 * (warp % 2);
+CUTLASS_DEVICE WarpPairs warp_pairs(int warp) { return {8u * uint32_t(warp % 2), warp / 2}; }
+
+// T2(q - 2^(b-1)) of the 3-bit field at bits L .. L + 2 of both halves of x, exact.  fp16 keeps a field inside its
+// 10-bit mantissa (L <= 7) in place: (x & mask) | 1024 = 1024 + q 2^L, and one HFMA2 by 2^-L finishes it (the
+// Marlin kernels' trick).
+template <class T, int L>
+CUTLASS_DEVICE uint32_t field3(uint32_t x) {
+  using M = Magic<T>;
+  using T2 = typename M::T2;
+  T2 r;
+  if constexpr (cute::is_same_v<T, cutlass::half_t> && L + 3 <= 10) {
+    const uint32_t v = lop3_and_or(x, 0x00070007u << L, M::OR);
+    r = __hfma2(from_u32<T2>(v), __float2half2_rn(1.f / (1 << L)), __float2half2_rn(-(1024.f / (1 << L) + 4)));
   } else {
-    wp.word = cute::min(4 * warp / 5, 1);
-    CUTLASS_PRAGMA_UNROLL
-    for (int j = 0; j < 4; ++j) {
-      const int p = 4 * warp + 2 * (j % 2) + j / 2;
-      wp.shift[j] = p == 15 ? 32 * (2 - wp.word) + 13 : 32 * (p / 5 - wp.word) + 3 * (p % 5);
-    }
-    const bool spread = warp == 3;
-    wp.mask3 = spread ? 0x00040004u : 0x00070007u;
-    wp.mask_x = spread ? 0x00020002u : 0u;
-    wp.mask_z = spread ? 0x00010001u : 0u;
+    r = __hsub2(from_u32<T2>(lop3_and_or(x >> L, 0x00070007u, M::OR)), from_u32<T2>(sub_bits<T, 3>()));
   }
-  return wp;
+  return reinterpret_cast<const uint32_t&>(r);
 }
 
-// The low word of the 64-bit (hi:lo) >> n, n < 64: one SHF.R.U64.
-CUTLASS_DEVICE uint32_t funnel_right(uint32_t lo, uint32_t hi, uint32_t n) {
-  return static_cast<uint32_t>(((static_cast<uint64_t>(hi) << 32) | lo) >> n);
-}
-
-// The four pairs (codes at bits 0 and 16, rows k and k + 1) of the warp in a k-tile, as T2(q - 2^(b-1)), exact.
-// `w`: the thread's words of the k-tile (2-bit: its warp's word; 3-bit: x, y, z).
-template <class T, int BITS>
+// The four pairs (codes at bits 0 and 16, rows k and k + 1) of the warp in k-tile KB of a stage, as T2(q - 2^(b-1)),
+// exact; out[j] is fragment register j's pair f_j = 2 (j % 2) + j / 2 of the warp's group.
+// 2-bit: w[KB] is the warp's word of k-tile KB.  3-bit: w[0..2] are the group's three words of the stage's unit
+// (marlin.py): k-tile c < 3 in w[c] at bits 3f; k-tile 3's pairs f < 3 at bit 12 of w[f], pair 3 spread over bit 15 of
+// the three words.  The shifts by 9 are the same expressions in k-tiles c and 3, computed once.
+template <class T, int BITS, int KB>
 CUTLASS_DEVICE void decode_pairs(const uint32_t* w, const WarpPairs& wp, uint32_t (&out)[4]) {
   using M = Magic<T>;
   using T2 = typename M::T2;
-  constexpr uint32_t kSub = sub_bits<T, BITS>();
   if constexpr (BITS == 2) {
-    const uint32_t src = w[0] >> wp.shift8;
+    const uint32_t src = w[KB] >> wp.shift8;
     CUTLASS_PRAGMA_UNROLL
     for (int j = 0; j < 4; ++j) {
       const int x = 2 * (2 * (j % 2) + j / 2);  // bit of pair p_j % 4 within the byte
       T2 r;
       if constexpr (cute::is_same_v<T, cutlass::half_t>) {
-        // fp16 keeps the field in place: (src & mask) | 1024 = 1024 + q 2^x, and one HFMA2 by 2^-x finishes it -
-        // (1024 + q 2^x) 2^-x - (1024 2^-x + 2) = q - 2, every term exact (the Marlin kernels' trick).
+        // (1024 + q 2^x) 2^-x - (1024 2^-x + 2) = q - 2, every term exact.
         const uint32_t v = lop3_and_or(src, 0x00030003u << x, M::OR);
         r = __hfma2(from_u32<T2>(v), __float2half2_rn(1.f / (1 << x)), __float2half2_rn(-(1024.f / (1 << x) + 2)));
       } else {
-        r = __hsub2(from_u32<T2>(lop3_and_or(src >> x, 0x00030003u, M::OR)), from_u32<T2>(kSub));
+        r = __hsub2(from_u32<T2>(lop3_and_or(src >> x, 0x00030003u, M::OR)), from_u32<T2>(sub_bits<T, 2>()));
       }
       out[j] = reinterpret_cast<const uint32_t&>(r);
     }
   } else {
-    const uint32_t x = w[0], y = w[1], z = w[2];
-    CUTLASS_PRAGMA_UNROLL
-    for (int j = 0; j < 4; ++j) {
-      uint32_t q = lop3_and_or(funnel_right(x, y, wp.shift[j]), j == 3 ? wp.mask3 : 0x00070007u, M::OR);
-      if (j == 3) {
-        q = lop3_and_or(x >> 14, wp.mask_x, q);  // warp 3: word 1's bit 15 (31) to bit 1 (17)
-        q = lop3_and_or(z >> 15, wp.mask_z, q);  // warp 3: word 0's bit 15 (31) to bit 0 (16)
-      }
-      const T2 r = __hsub2(from_u32<T2>(q), from_u32<T2>(kSub));
-      out[j] = reinterpret_cast<const uint32_t&>(r);
+    uint32_t q[4];  // pairs f = 0..3 of the group
+    if constexpr (KB < 3) {
+      q[0] = field3<T, 0>(w[KB]);
+      q[1] = field3<T, 3>(w[KB]);
+      q[2] = field3<T, 6>(w[KB]);
+      q[3] = field3<T, 0>(w[KB] >> 9);
+    } else {
+      CUTLASS_PRAGMA_UNROLL
+      for (int f = 0; f < 3; ++f) q[f] = field3<T, 3>(w[f] >> 9);
+      uint32_t m = lop3_and_or(w[0] >> 15, 0x00010001u, M::OR);
+      m = lop3_and_or(w[1] >> 14, 0x00020002u, m);
+      m = lop3_and_or(w[2] >> 13, 0x00040004u, m);
+      const T2 r = __hsub2(from_u32<T2>(m), from_u32<T2>(sub_bits<T, 3>()));
+      q[3] = reinterpret_cast<const uint32_t&>(r);
     }
+    CUTLASS_PRAGMA_UNROLL
+    for (int j = 0; j < 4; ++j) out[j] = q[2 * (j % 2) + j / 2];
   }
 }
 
@@ -357,11 +349,8 @@ struct UnitMainloop {
   // stay in flight, so right after issuing k block kb the one that last read buffer (kb + 1) % kFragBuffers is done -
   // as in CUTLASS's mixed-input mainloop.  Four buffers (one per k block, 3 wgmmas in flight) everywhere except
   // two m blocks of a 128+ wide token tile: there 128 accumulators plus four buffers exceed the consumer's 232
-  // registers and ptxas serializes every wgmma (C7512), so two buffers (1 in flight).  At 3 bits those builds
-  // still spilled a word per k tile until each k block's words came to load two k blocks ahead of its convert
-  // rather than all at the stage's start (kFirstBlocks).  Measured on an H100 (docs/kernels.md): two buffers 1.13x
-  // (2-bit 256x128_c2) and 1.33-1.42x (128x128_c2_pp) faster than serialized; the 3-bit loads two ahead another
-  // 1.09x on 128x128_c2_pp, and 1.07x over serialized on 256x128_c2.
+  // registers and ptxas serializes every wgmma (C7512), so two buffers (1 in flight).  Measured on an H100
+  // (docs/kernels.md): two buffers 1.13x (2-bit 256x128_c2) and 1.33-1.42x (128x128_c2_pp) faster than serialized.
   template <class FrgTensorC>
   CUTLASS_DEVICE void mma(MainloopPipeline pipeline, PipelineState smem_pipe_read, FrgTensorC& accum, int k_tile_count,
                           int thread_idx, TensorStorage& shared, Params const&) {
@@ -379,51 +368,37 @@ struct UnitMainloop {
     static_assert(size<0>(tCcA) == 8 && kBlocks == 4, "8 values per wgmma k block, 4 k blocks per stage");
     static_assert(decltype(size<1>(accum))::value == kMmaM, "accumulator m blocks");
     constexpr int kFragBuffers = (kMmaM == 2 && kTileT >= 128) ? 2 : kBlocks;
-    constexpr int kFirstBlocks = (kFragBuffers == 2 && BITS == 3) ? 2 : kBlocks;
     Tensor tCrA = make_tensor<T>(make_layout(make_shape(Int<8>{}, Int<kMmaM>{}, Int<kFragBuffers>{})));
     Tensor frag = recast<uint32_t>(tCrA);  // (4, MMA_M, buffers): register j of m block i, k block kb % buffers
 
     const int lane = cutlass::canonical_lane_idx();
     const int warp = cutlass::canonical_warp_idx() % 4;  // rows 16 warp .. of each m block
-    const unit_detail::WarpPairs pairs = unit_detail::warp_pairs<BITS>(warp);
+    const unit_detail::WarpPairs pairs = unit_detail::warp_pairs(warp);
     int strip[kMmaM];
     CUTLASS_PRAGMA_UNROLL
     for (int i = 0; i < kMmaM; ++i) strip[i] = get<0>(tCcA(0, i, 0)) / 64;
 
-    // The thread's words of a stage: per m block and k-tile, its warp's word (2-bit) or x, y, z (3-bit), at byte
-    // offsets from the lane's first chunk of the unit (warp_pairs).
-    constexpr int kTileWords = BITS == 2 ? 1 : 3;
-    int offset[kUnitTiles][kTileWords];
+    // The thread's words of a stage, per m block: 2-bit its warp's word of each k block's k-tile (k block kb: unit row
+    // kb / 2, k-tile kb % 2, lane word 2 (kb % 2) + warp / 2); 3-bit its warp's group words 4c + warp (c = 0..2) of
+    // the stage's one unit.  Byte offsets from the lane's first chunk of the m block's unit in the stage.
+    constexpr int kStageWords = BITS == 2 ? kBlocks : 3;
+    int offset[kStageWords];
     CUTLASS_PRAGMA_UNROLL
-    for (int v = 0; v < kUnitTiles; ++v) {
-      if constexpr (BITS == 2) {
-        offset[v][0] = unit_detail::unit_word_offset(2 * v + pairs.word);
-      } else {
-        offset[v][0] = unit_detail::unit_word_offset(3 * v + pairs.word);
-        offset[v][1] = unit_detail::unit_word_offset(3 * v + pairs.word + 1);
-        offset[v][2] = unit_detail::unit_word_offset(3 * v);
-      }
+    for (int x = 0; x < kStageWords; ++x) {
+      offset[x] = BITS == 2 ? (x / kUnitTiles) * kRowBytes + unit_detail::unit_word_offset(2 * (x % kUnitTiles) + pairs.word)
+                            : unit_detail::unit_word_offset(4 * x + warp);
     }
-    uint32_t words[kMmaM][kBlocks][kTileWords];
+    uint32_t words[kMmaM][kStageWords];
     uint32_t scale[kMmaM][2], zero[kMmaM][2];
 
-    // The thread's words of m block i, k block kb of stage `stage`.
-    auto fetch_words = [&](int stage, int i, int kb) {
-      const uint8_t* lane_unit = shared.smem_W.begin() + stage * kWeightBytes + (kb / kUnitTiles) * kRowBytes +
-                                 strip[i] * kUnitBytes + lane * 16;
-      CUTLASS_PRAGMA_UNROLL
-      for (int t = 0; t < kTileWords; ++t) {
-        words[i][kb][t] = *reinterpret_cast<const uint32_t*>(lane_unit + offset[kb % kUnitTiles][t]);
-      }
-    };
-    // The thread's two columns' scales (and zero terms) for stage `stage`, and its words of the first kFirstBlocks
-    // k blocks (the rest load two k blocks ahead of their convert, in mma_tile).
+    // The thread's words, scales (and zero terms) of stage `stage`.
     auto fetch = [&](int stage) {
       const T* sbase = shared.smem_S.begin() + stage * kScaleRows * kTileW;
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < kMmaM; ++i) {
+        const uint8_t* lane_unit = shared.smem_W.begin() + stage * kWeightBytes + strip[i] * kUnitBytes + lane * 16;
         CUTLASS_PRAGMA_UNROLL
-        for (int kb = 0; kb < kFirstBlocks; ++kb) fetch_words(stage, i, kb);
+        for (int x = 0; x < kStageWords; ++x) words[i][x] = *reinterpret_cast<const uint32_t*>(lane_unit + offset[x]);
         CUTLASS_PRAGMA_UNROLL
         for (int h = 0; h < 2; ++h) {
           const int col = 64 * strip[i] + 16 * warp + lane / 4 + 8 * h;
@@ -439,13 +414,13 @@ struct UnitMainloop {
       }
     };
 
-    // Fragments of k block kb (k-tile kb % tiles per unit of unit row kb / tiles per unit) from the fetched words.
+    // Fragments of k block kb from the fetched words.
     auto convert = [&](auto kb_c) {
       constexpr int kb = decltype(kb_c)::value;
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < kMmaM; ++i) {
         uint32_t q[4];
-        unit_detail::decode_pairs<T, BITS>(words[i][kb], pairs, q);
+        unit_detail::decode_pairs<T, BITS, kb>(words[i], pairs, q);
         CUTLASS_PRAGMA_UNROLL
         for (int j = 0; j < 4; ++j)
           frag(j, i, kb % kFragBuffers) = unit_detail::scaled<T, ZERO>(q[j], scale[i][j % 2], zero[i][j % 2]);
@@ -472,12 +447,8 @@ struct UnitMainloop {
         tiled_mma.accumulate_ = GMMA::ScaleOut::One;
         warpgroup_commit_batch();
         if constexpr (kNext && kb == 0) token = pipeline.consumer_try_wait(smem_pipe_read);
-        if constexpr (kb + 2 < kBlocks && kb + 2 >= kFirstBlocks) {
-          CUTLASS_PRAGMA_UNROLL
-          for (int i = 0; i < kMmaM; ++i) fetch_words(read_stage, i, kb + 2);
-        }
         if constexpr (kNext && kb + 1 == kBlocks) {
-          // The next stage's scales and first words load while the wait runs (this stage's are all converted).
+          // The next stage's words and scales load while the wait runs (this stage's are all converted).
           pipeline.consumer_wait(smem_pipe_read, token);
           fetch(smem_pipe_read.index());
         }

@@ -13,10 +13,11 @@
 // So one warp reading one tile is one perfectly coalesced 512/1024-byte load, and sub-tile s of a strip
 // always covers strip columns 8s .. 8s+7 with the lane's B column gid = t/4.
 //   2/3-bit (issue 14): units of 2 / 4 k-tiles (qweight [K/32, 2N] / [K/64, 6N]); lane t's words of a unit are
-//          chunk-major (int4 32c + t), 2 / 3 words per k-tile holding the same 16 fragment pairs (rows r, r+1 in
-//          the low / high 16-bit half at one bit offset): pair p = 2s + b (rows + 8b of sub-tile s) at bit 2(p%8)
-//          of word p/8 (2-bit), or at bit 3(p%5) of word p/5 with pair 15 spread over bit 15 of the three words
-//          (3-bit).  Zero points use the 4-bit packing.  Definition: formats/marlin.py; kernel: marlin_kernel.cuh.
+//          chunk-major (int4 32c + t), holding each k-tile's 16 fragment pairs (rows r, r+1 in the low / high
+//          16-bit half at one bit offset), pair p = 2s + b (rows + 8b of sub-tile s): 2-bit at bit 2(p%8) of the
+//          k-tile's word p/8; 3-bit by pair group g = p/4 in lane words 4c + g (k-tile c < 3 at bit 3(p%4),
+//          k-tile 3 at bit 12 of word 4(p%4) + g and, pair 4g + 3, spread over bit 15 of the three words).  Zero
+//          points use the 4-bit packing.  Definition: formats/marlin.py; kernel: marlin_kernel.cuh.
 //
 // Work decomposition (issue 7): see marlin_kernel.cuh (per-warp cp.async ring for B, A staged per chunk,
 // k-phases reduced in shared memory, split-K parts as thread-block clusters reduced through distributed shared

@@ -169,17 +169,20 @@ __device__ __forceinline__ typename TypeTraits<T>::T2 shifted_field(uint32_t x, 
   return __hsub2(from_u32<typename TypeTraits<T>::T2>(m), off);
 }
 
-// Dequantize the lane's B words of one k-tile (q[0 .. BITS-1]) into the B fragments of the 8 sub-tiles:
+// Dequantize the lane's B words of k-tile unit_tile of its unit (uw: the unit's lane words; 4/8 bit: one k-tile per
+// unit) into the B fragments of the 8 sub-tiles:
 // bf[s][0] = (k 2tig, 2tig+1), bf[s][1] = (k 2tig+8, 2tig+9) at column gid of sub-tile s, value (q - z) [* s].
 // All magic-number conversions are exact: q, z < 256 and 1024 + q (fp16) / 128 + q (bf16, q < 16) are
 // representable, and the differences are small integers.  SYM: the zero is 2^(BITS-1) at compile time (the lean
-// instantiation), which lets the 2/3-bit fp16 path use fp16_field.
+// instantiation), which lets the 2/3-bit fp16 path use fp16_field.  unit_tile is a compile-time constant at every
+// call (the run loop steps by whole units), so the 3-bit word choice costs nothing.
 template <typename T, int BITS, bool SYM = false>
-__device__ __forceinline__ void dequant(const uint32_t* q, const GroupCache<T, BITS>& gc, bool apply_scale,
-                                        uint32_t (*bf)[2]) {
+__device__ __forceinline__ void dequant(const uint32_t* uw, int unit_tile, const GroupCache<T, BITS>& gc,
+                                        bool apply_scale, uint32_t (*bf)[2]) {
   using T2 = typename TypeTraits<T>::T2;
   constexpr bool FP16_SYM = SYM && std::is_same<T, half>::value;
   constexpr int Z = 1 << (BITS - 1);
+  const uint32_t* q = uw + unit_tile * BITS;  // 2/4/8 bit: the k-tile's own BITS words
   if constexpr (BITS == 2) {
     // Lane word j (0, 1): pair p = 8j + i (i = 0..7) at bit 2i of each half = sub-tile 4j + i/2, rows + 8 (i % 2).
 #pragma unroll
@@ -204,38 +207,43 @@ __device__ __forceinline__ void dequant(const uint32_t* q, const GroupCache<T, B
       }
     }
   } else if constexpr (BITS == 3) {
-    // Lane word j (0..2): pair p = 5j + f (f = 0..4) at bit 3f of each half; pair p = sub-tile p/2, rows + 8 (p % 2).
-    // Pair 15 (sub-tile 7, rows + 8) is spread over bit 15 of each half of the three words (its code bit j in word j).
-    T2 v[16];
+    // Pair group g (pairs p = 4g + f, sub-tile p/2, rows + 8 (p % 2)) lives in lane words 4c + g, c = 0..2:
+    // k-tile v < 3 in word 4v + g at bits 3f (f = 0..3); k-tile 3: pairs f < 3 at bit 12 of word 4f + g, pair 3
+    // spread over bit 15 of each half of the three words (its code bit c in word 4c + g).
+    T2 v3[16];
 #pragma unroll
-    for (int j = 0; j < 3; ++j) {
-      const int p = 5 * j;
-      if constexpr (FP16_SYM) {
-        const uint32_t hi = q[j] >> 9;  // fields 3, 4
-        v[p] = fp16_field<3, 0, Z>(q[j]);
-        v[p + 1] = fp16_field<3, 3, Z>(q[j]);
-        v[p + 2] = fp16_field<3, 6, Z>(q[j]);
-        v[p + 3] = fp16_field<3, 0, Z>(hi);
-        v[p + 4] = fp16_field<3, 3, Z>(hi);
+    for (int g = 0; g < 4; ++g) {
+      const int p = 4 * g;
+      if (unit_tile < 3) {
+        const uint32_t x = uw[4 * unit_tile + g];
+        if constexpr (FP16_SYM) {
+          v3[p] = fp16_field<3, 0, Z>(x);
+          v3[p + 1] = fp16_field<3, 3, Z>(x);
+          v3[p + 2] = fp16_field<3, 6, Z>(x);
+          v3[p + 3] = fp16_field<3, 0, Z>(x >> 9);
+        } else {
+          v3[p] = shifted_field<T, 3, 0>(x, gc.off_a[p / 2]);
+          v3[p + 1] = shifted_field<T, 3, 3>(x, gc.off_a[p / 2]);
+          v3[p + 2] = shifted_field<T, 3, 6>(x, gc.off_a[p / 2 + 1]);
+          v3[p + 3] = shifted_field<T, 3, 9>(x, gc.off_a[p / 2 + 1]);
+        }
       } else {
-        v[p] = shifted_field<T, 3, 0>(q[j], gc.off_a[p / 2]);
-        v[p + 1] = shifted_field<T, 3, 3>(q[j], gc.off_a[(p + 1) / 2]);
-        v[p + 2] = shifted_field<T, 3, 6>(q[j], gc.off_a[(p + 2) / 2]);
-        v[p + 3] = shifted_field<T, 3, 9>(q[j], gc.off_a[(p + 3) / 2]);
-        v[p + 4] = shifted_field<T, 3, 12>(q[j], gc.off_a[(p + 4) / 2]);
+#pragma unroll
+        for (int f = 0; f < 3; ++f) {
+          if constexpr (FP16_SYM) v3[p + f] = fp16_field<3, 3, Z>(uw[4 * f + g] >> 9);
+          else v3[p + f] = shifted_field<T, 3, 12>(uw[4 * f + g], gc.off_a[(p + f) / 2]);
+        }
+        constexpr uint32_t MAGIC = std::is_same<T, half>::value ? 0x64006400u : 0x43004300u;
+        uint32_t m = lop3_and_or(uw[g] >> 15, 0x00010001u, MAGIC);
+        m = lop3_and_or(uw[4 + g] >> 14, 0x00020002u, m);
+        m = lop3_and_or(uw[8 + g] >> 13, 0x00040004u, m);
+        v3[p + 3] = __hsub2(from_u32<T2>(m), gc.off_a[p / 2 + 1]);
       }
-    }
-    {
-      constexpr uint32_t MAGIC = std::is_same<T, half>::value ? 0x64006400u : 0x43004300u;
-      uint32_t m = lop3_and_or(q[0] >> 15, 0x00010001u, MAGIC);
-      m = lop3_and_or(q[1] >> 14, 0x00020002u, m);
-      m = lop3_and_or(q[2] >> 13, 0x00040004u, m);
-      v[15] = __hsub2(from_u32<T2>(m), gc.off_a[7]);
     }
 #pragma unroll
     for (int p = 0; p < 16; ++p) {
       const int s = p / 2;
-      bf[s][p & 1] = as_u32(apply_scale ? __hmul2(v[p], gc.s2[s]) : v[p]);
+      bf[s][p & 1] = as_u32(apply_scale ? __hmul2(v3[p], gc.s2[s]) : v3[p]);
     }
   } else if constexpr (BITS == 4) {
 #pragma unroll
@@ -300,19 +308,21 @@ __device__ __forceinline__ void dequant(const uint32_t* q, const GroupCache<T, B
   }
 }
 
-// The code of fragment element e (row 2tig + (0, 1, 8, 9)[e]) of sub-tile s in the lane's words of one k-tile
-// (the field orders above and in marlin_gemm.cu): h = e & 1 selects the 16-bit half, b = e >> 1 the rows + 8.
+// The code of fragment element e (row 2tig + (0, 1, 8, 9)[e]) of sub-tile s in k-tile unit_tile of the lane's unit
+// words uw (the field orders above and in marlin_gemm.cu): h = e & 1 selects the 16-bit half, b = e >> 1 the rows + 8.
 template <int BITS>
-__device__ __forceinline__ uint32_t fragment_code(const uint32_t* q, int s, int e) {
+__device__ __forceinline__ uint32_t fragment_code(const uint32_t* uw, int unit_tile, int s, int e) {
   const int h = e & 1, b = e >> 1;
+  const uint32_t* q = uw + unit_tile * BITS;
   if constexpr (BITS == 2) {
     const int p = 2 * s + b;
     return (q[p >> 3] >> (2 * (p & 7) + 16 * h)) & 0x3;
   } else if constexpr (BITS == 3) {
-    const int p = 2 * s + b;
-    if (p < 15) return (q[p / 5] >> (3 * (p % 5) + 16 * h)) & 0x7;
+    const int p = 2 * s + b, g = p / 4, f = p % 4;
+    if (unit_tile < 3) return (uw[4 * unit_tile + g] >> (3 * f + 16 * h)) & 0x7;
+    if (f < 3) return (uw[4 * f + g] >> (12 + 16 * h)) & 0x7;
     const int bit = 15 + 16 * h;
-    return ((q[0] >> bit) & 1) | (((q[1] >> bit) & 1) << 1) | (((q[2] >> bit) & 1) << 2);
+    return ((uw[g] >> bit) & 1) | (((uw[4 + g] >> bit) & 1) << 1) | (((uw[8 + g] >> bit) & 1) << 2);
   } else if constexpr (BITS == 4) {
     return (q[s >> 1] >> (4 * (2 * (s & 1) + 4 * h + b))) & 0xf;
   } else {
@@ -323,7 +333,8 @@ __device__ __forceinline__ uint32_t fragment_code(const uint32_t* q, int s, int 
 // Slow path for a k-tile whose 16 rows span several groups (row-parallel act-order shards, or group sizes
 // that are not multiples of 16): every fragment element gets its own group's scale and zero.
 template <typename T, int BITS>
-__device__ __forceinline__ void dequant_rows(const Params& p, const uint32_t* q, int kt, int nt, int gid, int tig,
+__device__ __forceinline__ void dequant_rows(const Params& p, const uint32_t* uw, int unit_tile, int kt, int nt,
+                                          int gid, int tig,
                                           uint32_t (*bf)[2]) {
   using TT = TypeTraits<T>;
   const T* scales = reinterpret_cast<const T*>(p.scales);
@@ -337,7 +348,7 @@ __device__ __forceinline__ void dequant_rows(const Params& p, const uint32_t* q,
         p.zeros != nullptr ? p.zeros + static_cast<int64_t>(g) * (p.N * zero_bits<BITS>() / 32) : nullptr;
 #pragma unroll
     for (int s = 0; s < 8; ++s) {
-      const uint32_t code = fragment_code<BITS>(q, s, e);
+      const uint32_t code = fragment_code<BITS>(uw, unit_tile, s, e);
       const int z = zrow != nullptr ? zero_point<BITS>(zrow, nt, s, gid) : (1 << (BITS - 1));
       const float sc = TT::to_float(srow[scale_pos(nt, s, gid, p.single_perm)]);
       // Same rounding as the fast path: (q - z) exact, one rounding of the product to T.
@@ -757,7 +768,6 @@ __global__ void __launch_bounds__(THREADS, wide<MB>() || SOLO ? 1 : 2) marlin_ge
             cp_async_wait<SLOTS - 1>();
             load_unit_words<BITS, false>(my_ring + (u / UT) * UNIT_I4, lane, uw);
           }
-          const uint32_t* q = uw + (u % UT) * BITS;  // this tile's BITS words
           if constexpr (!GEN) {
             if (u == 0 && ring_scales) {
               const int4 sv = *my_sring;
@@ -795,9 +805,9 @@ __global__ void __launch_bounds__(THREADS, wide<MB>() || SOLO ? 1 : 2) marlin_ge
                 g_cur = g;
               }
             }
-            if (per_row) dequant_rows<T, BITS>(p, q, kt, nt, gid, tig, bf);
+            if (per_row) dequant_rows<T, BITS>(p, uw, u % UT, kt, nt, gid, tig, bf);
           }
-          if (!per_row) dequant<T, BITS, !GEN>(q, gc, !FOLD && !p.scale_epilogue, bf);
+          if (!per_row) dequant<T, BITS, !GEN>(uw, u % UT, gc, !FOLD && !p.scale_epilogue, bf);
 
           if constexpr (WG) {
             const uint64_t desc = wg_desc(a_s + 2 * (aoff + 16 * u) * WG_ROWS);
@@ -927,7 +937,6 @@ __global__ void __launch_bounds__(THREADS) marlin_dequant_kernel(const Params p,
   if (nt >= NS) return;
   uint32_t uw[4 * UC];
   load_unit_words<BITS, true>(p.B + (static_cast<int64_t>(kt / UT) * NS + nt) * (32 * UC), lane, uw);
-  const uint32_t* q = uw + (kt % UT) * BITS;
   uint32_t bf[8][2];
   bool per_row = false;
   int g = 0;
@@ -938,14 +947,18 @@ __global__ void __launch_bounds__(THREADS) marlin_dequant_kernel(const Params p,
   } else if (p.group_rows) {
     g = (kt * 16) / p.group_rows;
   }
-  if (per_row) {
-    dequant_rows<T, BITS>(p, q, kt, nt, gid, tig, bf);
-  } else {
-    GroupCache<T, BITS> gc;
+  GroupCache<T, BITS> gc;
+  if (!per_row) {
 #pragma unroll
     for (int s = 0; s < 8; ++s) gc.set_zero(s, 1 << (BITS - 1));
     gc.load(p, g, nt, gid);  // p.scale_epilogue is 0 here: the scales are always applied
-    dequant<T, BITS>(q, gc, true, bf);
+  }
+  // The k-tile's place in its unit as a compile-time constant, as in the GEMM (3-bit words are chosen by it).
+#pragma unroll
+  for (int v = 0; v < UT; ++v) {
+    if (v != kt % UT) continue;
+    if (per_row) dequant_rows<T, BITS>(p, uw, v, kt, nt, gid, tig, bf);
+    else dequant<T, BITS>(uw, v, gc, true, bf);
   }
   // bf[s][h] = (rows 2tig + 8h, 2tig + 8h + 1; column 8s + gid)
 #pragma unroll

@@ -31,7 +31,6 @@ __global__ void __launch_bounds__(THREADS) widen_kernel(const int4* __restrict__
   load_unit_words<BITS, true>(src + unit * (32 * UC), lane, uw);
 #pragma unroll
   for (int t = 0; t < UT; ++t) {
-    const uint32_t* q = uw + t * BITS;
     uint32_t w[4];
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
@@ -39,7 +38,7 @@ __global__ void __launch_bounds__(THREADS) widen_kernel(const int4* __restrict__
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
         const int b = i & 1, sp = (i >> 1) & 1, h = i >> 2;
-        w[j] |= (fragment_code<BITS>(q, 2 * j + sp, (b << 1) | h) + D) << (4 * i);
+        w[j] |= (fragment_code<BITS>(uw, t, 2 * j + sp, (b << 1) | h) + D) << (4 * i);
       }
     }
     const int64_t kt = ku * UT + t;

@@ -19,14 +19,15 @@ too little for a 16-byte load, so the weight is cut into units of U = UNIT_TILES
 16-byte chunks (2-bit: 1, 3-bit: 3):
 
   - Unit words: int32 word 4*(32*c + t) + j of a unit is word j (0..3) of lane t's chunk c, so one warp-wide
-    16-byte load of chunk c reads 512 contiguous bytes.  Lane word i = 4*c + j; k-tile v (0..U-1) of the
-    unit uses the lane words i in [v*W, (v+1)*W), W = bits (a lane holds 32 codes of each k-tile).
-  - Fields: pair p = 2*s + b of the k-tile, h = 0 at bit x of lane word w (of the k-tile's W), h = 1 at
-    bit x + 16 (the high half-word), as the 4-bit kernel's half2 decode wants them:
-      2-bit: w = p // 8, x = 2*(p % 8), 2 bits.
-      3-bit: p < 15: w = p // 5, x = 3*(p % 5), 3 bits (10 fields per word);
-             p = 15 (s = 7, b = 1): code bit j (0, 1, 2) at bit 15 (h = 0) / 31 (h = 1) of word j.
-    Every bit of every word is used.
+    16-byte load of chunk c reads 512 contiguous bytes.  Lane word i = 4*c + j.
+  - Fields: pair p = 2*s + b of a k-tile, h = 0 at bit x of a lane word, h = 1 at bit x + 16 (the high
+    half-word), as the 4-bit kernel's half2 decode wants them.
+      2-bit: k-tile v (0, 1) of the unit uses lane words 2v + w, w = p // 8, x = 2*(p % 8), 2 bits.
+      3-bit: lane word i = 4*c + g holds the pair group g, pairs p = 4g + f (f = 0..3) of every k-tile (the
+             pairs warp g of a Hopper warpgroup converts), as the group's word c (0..2):
+             k-tile v = c: pair 4g + f at x = 3f (f = 0..3);  k-tile 3: pair 4g + c at x = 12, and code bit c
+             of pair 4g + 3 at bit 15 (h = 0) / 31 (h = 1).
+    Every bit of every word is used (3-bit: 10 fields x 3 bits + 2 spare bits per word).
   - Units are ordered like Marlin tiles: unit (ku, nt) holds rows 16*U*ku .. 16*U*(ku+1) - 1 and columns
     64*nt .. 64*nt + 63; row ku of the result holds its units nt = 0 .. N/64 - 1 one after the other
     (128*C words each), so the result is [K/(16*U), N*U*b/2]: [K/32, 2N] for 2 bit, [K/64, 6N] for 3 bit.
@@ -56,6 +57,10 @@ MARLIN_BITS = (2, 3, 4, 8)
 TILE_BITS = (4, 8)  # one 16 x 64 tile per block of words (TILE_MAP)
 UNIT_TILES = {2: 2, 3: 4}  # k-tiles per unit: U*bits*4 bytes per lane, a whole number of 16-byte chunks
 UNIT_CHUNKS = {2: 1, 3: 3}  # 16-byte chunks per lane per unit
+# Version of the 2/3-bit unit layout, written into a converted checkpoint's quantization config ("unit_layout") and
+# required on load where it holds 3-bit Marlin weights.  1 (no key, before 2026-12-07): a 3-bit k-tile's fields
+# in its own three lane words, which no kernel reads any more; 2: the pair groups below.
+UNIT_LAYOUT = 2
 # Bits per packed zero point: 2/3-bit zero points take the 4-bit packing, which the kernel already decodes.
 ZERO_BITS = {2: 4, 3: 4, 4: 4, 8: 8}
 
@@ -117,28 +122,32 @@ class UnitMap(NamedTuple):
     width: tuple[int, ...]
 
 
-def _pair_fields(bits: int, w: int) -> list[tuple[int, int, int, int, int]]:
-    """(pair p, h, shift, width, code bit) of each field of lane word w of a k-tile, in field order."""
+def _lane_word_fields(bits: int, i: int) -> list[tuple[int, int, int, int, int, int]]:
+    """(k-tile v, pair p, h, shift, width, code bit) of each field of lane word i of a unit, in field order (the
+    same shifts and widths in every word)."""
     if bits == 2:
-        return [(8 * w + x, h, 2 * x + 16 * h, 2, 0) for h in (0, 1) for x in range(8)]
-    fields = [(5 * w + x, h, 3 * x + 16 * h, 3, 0) for h in (0, 1) for x in range(5)]
-    # Pair 15 (s = 7, b = 1) takes the spare bits 15 and 31: word w holds its code bit w.
-    return fields + [(15, h, 15 + 16 * h, 1, w) for h in (0, 1)]
+        v, w = divmod(i, 2)
+        return [(v, 8 * w + x, h, 2 * x + 16 * h, 2, 0) for h in (0, 1) for x in range(8)]
+    c, g = divmod(i, 4)
+    # Fields x = 0..3: k-tile c's pairs 4g + x; field 4: k-tile 3's pair 4g + c; the spare bits 15 and 31:
+    # code bit c of k-tile 3's pair 4g + 3.
+    fields = [(c, 4 * g + x, h, 3 * x + 16 * h, 3, 0) if x < 4 else (3, 4 * g + c, h, 12 + 16 * h, 3, 0)
+              for h in (0, 1) for x in range(5)]
+    return fields + [(3, 4 * g + 3, h, 15 + 16 * h, 1, c) for h in (0, 1)]
 
 
 def _unit_map(bits: int) -> UnitMap:
     words = 128 * UNIT_CHUNKS[bits]
-    fields = len(_pair_fields(bits, 0))
+    fields = len(_lane_word_fields(bits, 0))
     pos = torch.empty(fields, words, dtype=torch.int64)
     code_bit = torch.empty(fields, words, dtype=torch.int64)
     for j in range(words):
         c, t, word = j // 128, j % 128 // 4, j % 4  # chunk-major: word 4*(32*c + t) + word
-        v, w = divmod(4 * c + word, bits)  # k-tile v of the unit, its lane word w (bits words per k-tile)
-        for f, (p, h, _, _, bit) in enumerate(_pair_fields(bits, w)):
+        for f, (v, p, h, _, _, bit) in enumerate(_lane_word_fields(bits, 4 * c + word)):
             s, b = divmod(p, 2)
             pos[f, j] = (TILE_K * v + 2 * (t % 4) + 8 * b + h) * TILE_N + 8 * s + t // 4
             code_bit[f, j] = bit
-    shifts, widths = zip(*[(shift, width) for _, _, shift, width, _ in _pair_fields(bits, 0)])
+    shifts, widths = zip(*[(shift, width) for _, _, _, shift, width, _ in _lane_word_fields(bits, 0)])
     return UnitMap(pos, code_bit, shifts, widths)
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from . import compressed_tensors
+from . import compressed_tensors, marlin
 from .bitpack import SUPPORTED_BITS
 from .errors import FormatError
 from .gptq import ZeroFormat
@@ -188,6 +188,21 @@ def parse(config: dict, where: str) -> QuantScheme:
                        lm_head=bool(value(cfg, "lm_head")), rules=dynamic_rules(cfg.get("dynamic"), where),
                        where=where, raw=cfg, base_values=base_values,
                        modules_in_block_to_quantize=_flatten(cfg.get("modules_in_block_to_quantize")))
+
+
+def check_unit_layout(config: dict, where: str) -> None:
+    """A converted Marlin-layout checkpoint's 3-bit weights must be in the unit layout the kernels read
+    (marlin.UNIT_LAYOUT); layout 1 (no key) is refused.  Called where the config file is known
+    (validate.config_sources), so that every entry point names it alike."""
+    cfg = normalize(config)
+    if str(value(cfg, "quant_method")).lower() != "mygptq" or str(cfg.get("layout")).lower() != Layout.MARLIN.value:
+        return
+    bits = {cfg.get("bits")} | {r.overrides.get("bits") for r in dynamic_rules(cfg.get("dynamic"), where) if not r.skip}
+    version = cfg.get("unit_layout", 1)
+    if 3 in bits and version != marlin.UNIT_LAYOUT:
+        raise FormatError(f"{where}: unit_layout {version} (3-bit Marlin units as gptq-convert wrote them before "
+                          f"2026-12-07), expected {marlin.UNIT_LAYOUT}; convert the source checkpoint again with "
+                          f"`gptq-convert convert`")
 
 
 def _compressed_tensors(cfg: dict, where: str) -> QuantScheme:

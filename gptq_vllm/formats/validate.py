@@ -5,7 +5,8 @@ convert, verify, eval) call these functions, so they accept and refuse exactly t
 with the same one-line message naming the checkpoint's own tensor (never vLLM's fused name) and what
 was expected; the callers put the file in front.
 
-  config     config.json present; config.json and quantize_config.json agree; module sizes from config.json
+  config     config.json present; config.json and quantize_config.json agree; a converted checkpoint's 3-bit
+             units in the current unit layout (quant_config.check_unit_layout); module sizes from config.json
              (the config itself is parsed by quant_config.parse, for the readers and the plugin alike)
   tensors    every tensor present with its dtype and shape (gptq_weight, compressed_weight, kernel_weight)
   values     finite scales, codes and zeros in range, symmetric zeros 2^(b-1), v1/v2 label matches the data
@@ -27,7 +28,7 @@ from .act_order import act_order_perm, check_g_idx, check_perm, default_g_idx, i
 from .errors import FormatError
 from .gptq import GPTQTensors, QuantizedWeight, ZeroFormat
 from .kernel_layout import KernelWeight, Layout, expected_shapes as kernel_shapes, from_kernel
-from .quant_config import normalize, value
+from .quant_config import check_unit_layout, normalize, value
 
 # ---- config files ------------------------------------------------------------------------------------------
 
@@ -84,6 +85,7 @@ def config_sources(directory: Path) -> tuple[dict, list[tuple[str, dict]]]:
                 if value(cfg, key) != value(other, key):
                     raise FormatError(f"{directory}: {where} says {key}={value(cfg, key)!r} but {name} says "
                                       f"{key}={value(other, key)!r}; make them agree")
+        check_unit_layout(found[0][1], str(directory / found[0][0].split("[")[0]))
     return model, found
 
 
