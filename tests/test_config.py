@@ -178,6 +178,17 @@ def test_3_bit_units_of_unit_layout_1_are_refused(cfg):
     check_unit_layout({**cfg, "layout": "exllama"}, "config.json")  # ExLlama words have no units
 
 
+def test_plugin_refuses_3_bit_unit_layout_1_without_a_local_directory(monkeypatch, tmp_path):
+    """A model id that is neither a directory nor a cached snapshot skips the file checks (validate.config_sources),
+    but not this one: its weights would be served wrong."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    config = MyGPTQConfig.from_config({**CONVERTED_MARLIN, "bits": 3})
+    with pytest.raises(ValueError, match=r"^mygptq: quantization config: unit_layout 1 "):
+        config.maybe_update_config("nobody/not-cached-3bit")
+    MyGPTQConfig.from_config({**CONVERTED_MARLIN, "bits": 3, "unit_layout": 2}).maybe_update_config("nobody/x")
+
+
 @pytest.mark.parametrize("cfg, message", [
     ({**AUTOGPTQ, "bits": 5}, "bits=5 is not supported"),
     ({**AUTOGPTQ, "group_size": 0}, "group_size=0 is not supported"),

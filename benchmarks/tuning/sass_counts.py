@@ -1,0 +1,61 @@
+"""Instruction counts of compiled kernels, from `cuobjdump -sass` of an object built by build_sm90a.sh: per kernel
+whose demangled name contains FILTER, its instructions and local loads / stores (spills), and its steady loop (the
+shortest backward branch enclosing at least 4 HGMMA: the Hopper GEMM's mainloop) with its shared loads.
+
+    python benchmarks/tuning/sass_counts.py build/sm90a/hopper_units_256x64_c2.cu.o "half_t, 3, false"
+    python benchmarks/tuning/sass_counts.py build/sm90a/marlin_inst_f16_b3.cu.o "__half, 3"
+
+cuobjdump comes from PyPI's nvidia-cuda-cuobjdump (CUOBJDUMP=path, else on PATH).  The figures of docs/kernels.md
+"3-bit words by pair group" were counted with it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+BRANCH = re.compile(r"\bBRA\b.*?0x([0-9a-f]+)")
+
+
+def kernels(obj: str) -> dict[str, list[tuple[int, str]]]:
+    sass = subprocess.run([os.environ.get("CUOBJDUMP", "cuobjdump"), "-sass", obj], check=True, capture_output=True,
+                          text=True).stdout
+    out = {}
+    for fn in re.split(r"\n\s*Function : ", sass)[1:]:
+        name = subprocess.run(["c++filt"], input=fn.split("\n", 1)[0].strip(), capture_output=True, text=True).stdout
+        out[name.strip()] = [(int(a, 16), text) for a, text in INSTR.findall(fn)]
+    return out
+
+
+def steady_loop(ins: list[tuple[int, str]]) -> list[str] | None:
+    index = {a: i for i, (a, _) in enumerate(ins)}
+    best = None
+    for i, (_, text) in enumerate(ins):
+        m = BRANCH.search(text)
+        start = index.get(int(m.group(1), 16)) if m else None
+        if start is not None and start < i:
+            body = [t for _, t in ins[start:i + 1]]
+            if sum("HGMMA" in t for t in body) >= 4 and (best is None or len(body) < len(best)):
+                best = body
+    return best
+
+
+def main() -> None:
+    obj, want = sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else ""
+    for name, ins in kernels(obj).items():
+        if want not in name:
+            continue
+        texts = [t for _, t in ins]
+        line = f"{len(ins)} instructions, LDL {sum('LDL' in t for t in texts)}, STL {sum('STL' in t for t in texts)}"
+        loop = steady_loop(ins)
+        if loop is not None:
+            line += (f"; steady loop {len(loop)} instructions (HGMMA {sum('HGMMA' in t for t in loop)}, "
+                     f"LDS {sum('LDS' in t for t in loop)})")
+        print(f"{name[:160]}\n  {line}")
+
+
+if __name__ == "__main__":
+    main()
