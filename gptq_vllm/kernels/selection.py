@@ -111,7 +111,9 @@ HOPPER_MIN_M = 9
 # (marlin_widen) instead: the unit mainloop decodes each weight once per token tile, ALU work that grows with M.
 # With the units' own tile choices (HOPPER_UNITS_TUNED, 2026-12-07) the units beat the copy at 3 bits on 7 of 8
 # shapes at M = 512 (1.06-1.13x; 8b.o 0.96x) and at 1024 (1.02-1.07x; 8b.qkv 0.95x); above 1024 the copy is
-# unmeasured against them and stays.  At 2 bits the units are faster everywhere measured.
+# unmeasured against them and stays.  Measured on unit layout 1; layout 2 made the 3-bit units 1.04-1.12x faster
+# (geometric means at M = 64-512) and was not timed against the copy again.  At 2 bits the units are faster
+# everywhere measured.
 UNITS_MIN_M = 33  # the buckets from 64 on
 WIDEN_MIN_M = {3: 1025}  # the buckets from 2048 on
 # Upper bounds of the M buckets; M above the last bucket uses the last one.
@@ -222,20 +224,20 @@ HOPPER_TUNED: dict[tuple[int, int], dict[int, HopperChoice | None]] = {
 #   benchmarks/results/hopper-sweep-lowbit-h100-2026-12-07.json
 HOPPER_UNITS_TUNED: dict[int, dict[tuple[int, int], dict[int, HopperChoice]]] = {
     3: {
+        (28672, 8192): {
+            64: ("256x64_c2", 3, 1), 128: ("256x128_c2", 3, 1),
+        },
         (8192, 57344): {
             256: ("128x256_c2", 0, 1),
         },
         (8192, 8192): {
-            256: ("128x256_c2", 0, 1),
-        },
-        (8192, 10240): {
-            64: ("128x64_c1", 3, 1), 256: ("128x256_c2", 3, 1),
+            512: ("128x256_c2", 0, 1),
         },
         (14336, 4096): {
-            256: ("128x256_c2", 3, 1), 512: ("128x256_c1", 2, 2),
+            512: ("128x256_c2", 2, 2),
         },
         (4096, 28672): {
-            512: ("128x256_c2", 0, 1),
+            128: ("256x128_c2", 1, 1), 512: ("128x256_c2", 0, 1),
         },
         (4096, 6144): {
             512: ("128x256_c1", 0, 1),
