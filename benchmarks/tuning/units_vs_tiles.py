@@ -1,0 +1,60 @@
+"""The Hopper GEMM on the 2/3-bit units against the same config on the 4-bit tiles, from two sweeps
+(`SWEEP=hopper` rows of benchmarks/kernels.py: a `BITS=4` one and a `BITS=2` / `BITS=3` one).
+
+    python benchmarks/tuning/units_vs_tiles.py FOUR_BIT_SWEEP.json LOW_BIT_SWEEP.json
+
+Per width, M and config: the geometric mean over the shapes both sweeps time of (the units' time / the 4-bit
+tiles' time), each the config's fastest decomposition; and cuBLAS fp16 of the second sweep over the first's, which
+is what the two runs differ by without any change in our code (other machine, clocks): 1.00 when both sweeps ran in
+one call.  Above that yardstick the units lose to CUTLASS's 4-bit mainloop in the same tile.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections import defaultdict
+
+
+def fastest(rows: list[dict]) -> dict[tuple[int, str, int, str], float]:
+    """(bits, shape, M, config) -> the config's fastest decomposition in µs; config "cublas_fp16" for cuBLAS."""
+    best: dict[tuple[int, str, int, str], float] = {}
+    for r in rows:
+        if "/" not in r["kernel"] and r["kernel"] != "cublas_fp16":
+            continue
+        key = (r.get("bits", 4), r["shape"], r["M"], r["kernel"].split("/")[0])
+        best[key] = min(best.get(key, math.inf), r["us"])
+    return best
+
+
+def geomean(xs: list[float]) -> float:
+    return math.exp(sum(map(math.log, xs)) / len(xs))
+
+
+def main(four_path: str, low_path: str) -> None:
+    four = {k[1:]: v for k, v in fastest(json.load(open(four_path))["rows"]).items() if k[0] == 4}
+    low = fastest(json.load(open(low_path))["rows"])
+    ratios: dict[tuple[int, int, str], list[float]] = defaultdict(list)
+    cublas: list[float] = []
+    for (bits, shape, m, config), us in low.items():
+        if (shape, m, config) not in four:
+            continue
+        if config == "cublas_fp16":
+            if bits == min(b for b, s, mm, c in low if (s, mm, c) == (shape, m, config)):  # once per point
+                cublas.append(us / four[(shape, m, config)])
+        else:
+            ratios[(bits, m, config)].append(us / four[(shape, m, config)])
+    if not cublas:
+        raise SystemExit("the two sweeps time no (shape, M) point in common")
+    print(f"cuBLAS fp16, second sweep / first: {geomean(cublas):.3f} over {len(cublas)} points (the yardstick)\n")
+    print("| bits | M | config | shapes | units / 4-bit tiles (geomean) |")
+    print("|---|---|---|---|---|")
+    for (bits, m, config), xs in sorted(ratios.items()):
+        print(f"| {bits} | {m} | {config} | {len(xs)} | {geomean(xs):.3f} |")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        raise SystemExit(__doc__)
+    main(sys.argv[1], sys.argv[2])
