@@ -220,7 +220,6 @@ HOPPER_TUNED: dict[tuple[int, int], dict[int, HopperChoice | None]] = {
 # 2/3-bit layers reading their units in place: (bits) -> (K, N) -> {bucket: choice} where the units' own sweep
 # (`SWEEP=hopper BITS=b`) found a config >= 5 % faster than the shared table's (benchmarks/pick_hopper.py --units);
 # every other point takes the shared table's choice.  From the sweeps
-#   benchmarks/results/hopper-sweep-lowbit-h100-2026-12-06.json
 #   benchmarks/results/hopper-sweep-lowbit-h100-2026-12-07.json
 HOPPER_UNITS_TUNED: dict[int, dict[tuple[int, int], dict[int, HopperChoice]]] = {
     3: {
