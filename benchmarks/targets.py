@@ -30,8 +30,10 @@ def read_rows(path: str) -> list[dict]:
 
 
 def load(path: str) -> dict[tuple[str, int, str], float]:
-    """(shape, M, kernel) -> us of the grid `path` names (see read_rows)."""
-    return {(r["shape"], r["M"], r["kernel"]): r["us"] for r in read_rows(path)}
+    """(shape, M, kernel) -> us of the grid `path` names (see read_rows); `RUN+RUN+...` (e.g. two runs of one build
+    in an A/B that alternated builds) is each point's fastest over the runs, where every run times it."""
+    runs = [{(r["shape"], r["M"], r["kernel"]): r["us"] for r in read_rows(p)} for p in path.split("+")]
+    return {k: min(run[k] for run in runs) for k in runs[0] if all(k in run for run in runs[1:])}
 
 
 def main(path: str, baseline: str | None = None) -> None:

@@ -60,6 +60,37 @@ def test_compare_grids_reads_a_second_run_of_the_same_file(tmp_path, capsys):
         compare.main([f"{path}#missing", str(path)])
 
 
+def test_compare_grids_joins_runs_at_each_points_fastest(tmp_path, capsys):
+    """`A+B` is one grid of each point's fastest run (an A/B that alternated builds), points all runs time only."""
+    compare = _script("compare_grids")
+    one = _grid(tmp_path / "one.json", {("a", 16, "mygptq"): 10.0, ("b", 16, "mygptq"): 20.0, ("c", 16, "mygptq"): 1.0})
+    two = _grid(tmp_path / "two.json", {("a", 16, "mygptq"): 12.0, ("b", 16, "mygptq"): 16.0})
+    base = _grid(tmp_path / "base.json", {("a", 16, "mygptq"): 20.0, ("b", 16, "mygptq"): 32.0, ("c", 16, "mygptq"): 1.0})
+    compare.main([base, f"{one}+{two}"])
+    out = capsys.readouterr().out
+    assert "| a | 16 | mygptq | 20.0 | 10.0 (0.50) |" in out
+    assert "| b | 16 | mygptq | 32.0 | 16.0 (0.50) |" in out
+    assert "| c | 16 |" not in out
+
+
+def test_compare_grids_within_one_grid(tmp_path, capsys):
+    """--within KERNEL: KERNEL's time over each other kernel's per point ('-' where a kernel lacks the point), then
+    geometric means per kernel and M; --kernels picks the kernels compared."""
+    compare = _script("compare_grids")
+    grid = _grid(tmp_path / "g.json", {("a", 64, "mygptq"): 10.0, ("a", 64, "mygptq_w3"): 8.0, ("a", 64, "mygptq_w2"): 5.0,
+                                       ("b", 64, "mygptq"): 10.0, ("b", 64, "mygptq_w3"): 12.5,
+                                       ("a", 64, "cublas_fp16"): 30.0})
+    compare.main([grid, "--within", "mygptq", "--kernels", "mygptq_w3,mygptq_w2"])
+    out = capsys.readouterr().out
+    assert "| a | 64 | 1.25 | 2.00 |" in out and "| b | 64 | 0.80 | - |" in out
+    assert "| mygptq_w3 | 64 | 2 | 1.000 |" in out and "| mygptq_w2 | 64 | 1 | 2.000 |" in out
+    assert "cublas_fp16" not in out
+    with pytest.raises(SystemExit):
+        compare.main([grid, grid, "--within", "mygptq"])
+    with pytest.raises(SystemExit, match="no 'missing' rows"):
+        compare.main([grid, "--within", "missing"])
+
+
 def test_compare_grids_needs_two_grids(tmp_path):
     compare = _script("compare_grids")
     with pytest.raises(SystemExit):

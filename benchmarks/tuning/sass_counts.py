@@ -1,6 +1,9 @@
 """Instruction counts of compiled kernels, from `cuobjdump -sass` of an object built by build_sm90a.sh: per kernel
 whose demangled name contains FILTER, its instructions and local loads / stores (spills), and its steady loop (the
-shortest backward branch enclosing at least 4 HGMMA: the Hopper GEMM's mainloop) with its shared loads.
+shortest backward branch enclosing at least 4 HGMMA: the Hopper GEMM's mainloop) with its shared loads, and the
+producer's loop (the shortest one issuing TMA or bulk copies without HGMMA) with the stages it covers.  FILTER may
+also be a piece of the mangled name (c++filt leaves the names of CUTLASS's 4-bit kernels mangled): e.g.
+`ILi4ELb0EEENS_6half_tEEEE` is the 4-bit fp16 kernel without zero points.
 
     python benchmarks/tuning/sass_counts.py build/sm90a/hopper_units_256x64_c2.cu.o "half_t, 3, false"
     python benchmarks/tuning/sass_counts.py build/sm90a/marlin_inst_f16_b3.cu.o "__half, 3"
@@ -43,6 +46,21 @@ def steady_loop(ins: list[tuple[int, str]]) -> list[str] | None:
     return best
 
 
+def producer_loop(ins: list[tuple[int, str]]) -> list[str] | None:
+    """The shortest backward branch enclosing a TMA or bulk copy and no HGMMA (the producer's per-stage loop)."""
+    index = {a: i for i, (a, _) in enumerate(ins)}
+    best = None
+    for i, (_, text) in enumerate(ins):
+        m = BRANCH.search(text)
+        start = index.get(int(m.group(1), 16)) if m else None
+        if start is not None and start < i:
+            body = [t for _, t in ins[start:i + 1]]
+            if (any("UTMALDG" in t or "UBLKCP" in t for t in body) and not any("HGMMA" in t for t in body)
+                    and (best is None or len(body) < len(best))):
+                best = body
+    return best
+
+
 def main() -> None:
     obj, want = sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else ""
     for name, ins in kernels(obj).items():
@@ -54,6 +72,10 @@ def main() -> None:
         if loop is not None:
             line += (f"; steady loop {len(loop)} instructions (HGMMA {sum('HGMMA' in t for t in loop)}, "
                      f"LDS {sum('LDS' in t for t in loop)})")
+        producer = producer_loop(ins)
+        if producer is not None:
+            stages = sum("SYNCS.PHASECHK" in t for t in producer)  # the producer waits once per stage for a free slot
+            line += f"; producer loop {len(producer)} instructions over {stages} stages"
         print(f"{name[:160]}\n  {line}")
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import sys
 from collections import defaultdict
 
@@ -26,10 +27,6 @@ def fastest(rows: list[dict]) -> dict[tuple[int, str, int, str], float]:
         key = (r.get("bits", 4), r["shape"], r["M"], r["kernel"].split("/")[0])
         best[key] = min(best.get(key, math.inf), r["us"])
     return best
-
-
-def geomean(xs: list[float]) -> float:
-    return math.exp(sum(map(math.log, xs)) / len(xs))
 
 
 def main(four_path: str, low_path: str) -> None:
@@ -47,7 +44,7 @@ def main(four_path: str, low_path: str) -> None:
     print("|---|---|---|---|---|---|")
     for (bits, m, config), xs in sorted(ratios.items()):
         if config != "cublas_fp16":
-            print(f"| {bits} | {m} | {config} | {len(xs)} | {geomean(xs):.3f} | {geomean(ratios[(bits, m, 'cublas_fp16')]):.3f} |")
+            print(f"| {bits} | {m} | {config} | {len(xs)} | {statistics.geometric_mean(xs):.3f} | {statistics.geometric_mean(ratios[(bits, m, 'cublas_fp16')]):.3f} |")
 
 if __name__ == "__main__":
     if len(sys.argv) != 3:
