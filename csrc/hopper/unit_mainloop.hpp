@@ -319,22 +319,36 @@ struct UnitMainloop {
         mcast_mask_b |= uint16_t(1) << block_layout(m, cluster_n, Int<0>{});
       }
     }
+    // One thread issues every copy of the tile, and a narrow tile's stage holds only a few hundred cycles of MMAs:
+    // the sources advance by constant steps (a work unit's k tiles are consecutive), so the loop has no multiply or
+    // division.  Groups are whole stages (can_implement): the scale row moves every `stages_per_group` stages.  The
+    // loop keeps offsets, not pointers: the producer warp runs on CUTLASS's reduced register budget, and the base
+    // pointers stay kernel parameters (held pointers spilled in the zero-point builds).
     const int64_t w0 = int64_t(m_coord) * kTileW;  // first feature of the tile
-    for (; k_tile_count > 0; --k_tile_count) {
+    const int kt0 = *k_tile_iter;
+    const int64_t w_step = kUnitRowsPerStage * p.row_stride;
+    int64_t w_off = kt0 * w_step + w0 / 64 * kUnitBytes;  // bytes into the weight
+    const int stages_per_group = p.group_size / kTileK;
+    int stages_left = stages_per_group - kt0 % stages_per_group;  // in the current group
+    int64_t s_off = int64_t(kt0 / stages_per_group) * p.n + w0;  // elements into the scales (and zero terms)
+    for (int kt = kt0; k_tile_count > 0; --k_tile_count, ++kt) {
       pipeline.producer_acquire(smem_pipe_write);
       uint64_t* bar = pipeline.producer_get_barrier(smem_pipe_write);
       const int stage = smem_pipe_write.index();
-      const int kt = *k_tile_iter;
       copy(p.tma_load_b.with(*bar, mcast_mask_b), tBgB(_, _, _, kt), tBsB(_, _, _, stage));
+      uint8_t* w_dst = shared.smem_W.begin() + stage * kWeightBytes;
+      CUTLASS_PRAGMA_UNROLL
       for (int r = 0; r < kUnitRowsPerStage; ++r) {
-        const uint8_t* src = p.weight + int64_t(kt * kUnitRowsPerStage + r) * p.row_stride + w0 / 64 * kUnitBytes;
-        SM90_BULK_COPY_G2S::copy(src, bar, shared.smem_W.begin() + stage * kWeightBytes + r * kRowBytes, kRowBytes);
+        SM90_BULK_COPY_G2S::copy(p.weight + w_off + r * p.row_stride, bar, w_dst + r * kRowBytes, kRowBytes);
       }
-      const int64_t group_row = int64_t(kt) * kTileK / p.group_size * p.n;
       T* s = shared.smem_S.begin() + stage * kScaleRows * kTileW;
-      SM90_BULK_COPY_G2S::copy(p.scales + group_row + w0, bar, s, kTileW * int(sizeof(T)));
-      if constexpr (ZERO) SM90_BULK_COPY_G2S::copy(p.zeros + group_row + w0, bar, s + kTileW, kTileW * int(sizeof(T)));
-      ++k_tile_iter;
+      SM90_BULK_COPY_G2S::copy(p.scales + s_off, bar, s, kTileW * int(sizeof(T)));
+      if constexpr (ZERO) SM90_BULK_COPY_G2S::copy(p.zeros + s_off, bar, s + kTileW, kTileW * int(sizeof(T)));
+      w_off += w_step;
+      if (--stages_left == 0) {
+        stages_left = stages_per_group;
+        s_off += p.n;
+      }
       ++smem_pipe_write;
     }
   }
