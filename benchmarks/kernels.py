@@ -22,7 +22,7 @@ ABUF=1/2 (grid and SWEEP=1: force the Marlin kernels' staged A buffers; default 
 SWEEP=hopper (tuning: every Hopper GEMM config and decomposition against the Marlin path and cuBLAS; JSON rows for
 benchmarks/pick_hopper.py; CONFIGS=a,b: only those configs), TP=2 (one tensor-parallel rank's shard of each shape),
 OUT_JSON (output path), NO_VLLM=1
-(skip vLLM).
+(skip vLLM), WARM=1 (grid: time every kernel after SWEEP_WARMUP_S of its own replays, as the sweep does).
 JSON: {"meta": {gpu, date, command, torch, vllm, copy_TBps}, "rows": [{shape, K, N, M, kernel, us, dtype, bits,
 group_size, act_order, weight_TBps, speedup_vs_fp16}]}.  Reference kernels: cublas_fp16, vllm_marlin,
 vllm_machete; ours start with mygptq: `mygptq` is what the plugin's op runs (the Marlin kernels at decode sizes,
@@ -52,14 +52,18 @@ L2_DEFEAT = 512 << 20
 # The Hopper sweep times each candidate (and cuBLAS and the Marlin path) after this long of its own replays: timed
 # straight after a lighter kernel, a heavy GEMM runs on the power headroom that one left, which reorders close configs
 # (the same kernel twice: up to 27 % apart at M >= 256 on the H100; docs/kernels.md, "Burst and sustained timings").
-# The grid keeps burst timings, comparable with its earlier runs and with the reference kernels timed the same way.
+# The grid keeps burst timings by default, comparable with its earlier runs and with the reference kernels timed the
+# same way; WARM=1 times each of its kernels warmed too, where kernels of one row are compared with each other (the
+# 2/3-bit op against the 4-bit one: timed third and fourth, they ran on less headroom than the 4-bit op timed second).
 SWEEP_WARMUP_S = 0.1
+GRID_WARMUP_S = SWEEP_WARMUP_S if os.environ.get("WARM") == "1" else 0.0
 A_BUFFERS = int(os.environ.get("ABUF", "0"))  # the Marlin kernels' staged A buffers (0: automatic)
 
 
-def timed(fn_list, iters=20, warmup_s=0.0):
+def timed(fn_list, iters=20, warmup_s=None):
     """fn_list: zero-arg callables (one per weight copy), captured into one CUDA graph; us per call, best of 5 runs of
-    `iters` replays after `warmup_s` seconds of replays."""
+    `iters` replays after `warmup_s` seconds of replays (default: the grid's, GRID_WARMUP_S)."""
+    warmup_s = GRID_WARMUP_S if warmup_s is None else warmup_s
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -295,7 +299,7 @@ def main() -> int:
     default = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"kernels-{date}.json")
     out = os.environ.get("OUT_JSON", default)
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    env = {k: os.environ[k] for k in ("MS", "SHAPES", "VARIANTS", "NO_VLLM", "TP", "ABUF") if k in os.environ}
+    env = {k: os.environ[k] for k in ("MS", "SHAPES", "VARIANTS", "NO_VLLM", "TP", "ABUF", "WARM") if k in os.environ}
     meta = dict(gpu=props.name, sms=props.multi_processor_count, date=date, torch=torch.__version__,
                 vllm=V and V["version"], copy_TBps=round(copy_tbs, 3), library=ours.library_path(),
                 command=" ".join([f"{k}={v}" for k, v in env.items()] + ["python"] + [shlex.quote(a) for a in sys.argv]))

@@ -1,5 +1,5 @@
 """The benchmark scripts that read measurements (no GPU): benchmarks/compare_grids.py, benchmarks/targets.py,
-benchmarks/tuning/marlin_ab.py --compare."""
+benchmarks/tuning/marlin_ab.py --compare, benchmarks/tuning/units_vs_tiles.py; and the grid's WARM switch."""
 
 from __future__ import annotations
 
@@ -129,3 +129,34 @@ def test_marlin_ab_compare_takes_each_builds_best_run_and_flags_differing_output
     assert mean == pytest.approx(1.0)
     (tmp_path / "ab.json").write_text(json.dumps({"runs": lines}))
     assert ab.read_lines(str(tmp_path / "ab.json") + "#runs") == lines
+
+
+def test_units_vs_tiles_reads_runs_of_one_file_and_takes_each_configs_fastest(tmp_path, capsys):
+    """The units' time over the 4-bit tiles' per config at its fastest decomposition, geometric mean over shapes, with
+    cuBLAS of the second sweep over the first's beside it; `FILE#KEY` picks a run stored beside `rows`."""
+    ratios = _script("tuning/units_vs_tiles")
+    row = lambda bits, shape, kernel, us: dict(shape=shape, K=64, N=64, M=64, bits=bits, kernel=kernel, us=us)  # noqa: E731
+    four = [row(4, "a", "128x64_c1/0/1", 10.0), row(4, "a", "128x64_c1/3/1", 8.0), row(4, "b", "128x64_c1/0/1", 20.0),
+            row(4, "a", "cublas_fp16", 5.0), row(4, "b", "cublas_fp16", 5.0), row(4, "a", "marlin", 1.0)]
+    low = [row(3, "a", "128x64_c1/0/1", 4.0), row(3, "b", "128x64_c1/2/2", 40.0), row(3, "a", "cublas_fp16", 5.5),
+           row(3, "b", "cublas_fp16", 5.5)]
+    path = tmp_path / "sweeps.json"
+    path.write_text(json.dumps(dict(meta={}, rows=four, low=low)))
+    ratios.main(str(path), f"{path}#low")
+    # a: 4 / 8 (the tiles' faster decomposition), b: 40 / 20 -> geometric mean 1.0; cuBLAS 1.1 in both shapes
+    assert "| 3 | 64 | 128x64_c1 | 2 | 1.000 | 1.100 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no run 'lost' \\(it has rows, low\\)"):
+        ratios.main(str(path), f"{path}#lost")
+
+
+@pytest.mark.parametrize("warm, seconds", [("1", "0.1"), (None, "0.0")])
+def test_kernels_grid_times_warmed_only_with_warm_1(warm, seconds):
+    """WARM=1 gives the grid the sweep's warm-up before each timing; without it the grid keeps burst timings."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "WARM"} | ({"WARM": warm} if warm else {})
+    out = subprocess.run([sys.executable, "-c", "import kernels; print(kernels.GRID_WARMUP_S)"], env=env,
+                         cwd=os.path.join(root, "benchmarks"), capture_output=True, text=True, check=True).stdout
+    assert out.strip() == seconds

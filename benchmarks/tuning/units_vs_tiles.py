@@ -3,6 +3,8 @@
 
     python benchmarks/tuning/units_vs_tiles.py FOUR_BIT_SWEEP.json LOW_BIT_SWEEP.json
 
+A sweep is a file's `rows`, or another run in the same file as `FILE.json#KEY`.
+
 Per width, M and config: the geometric mean over the shapes both sweeps time of (the units' time / the 4-bit
 tiles' time), each the config's fastest decomposition; and beside it cuBLAS fp16 of the second sweep over the first's at the
 same width and M, which is what the two runs differ by without any change in our code (other machine, clocks): 1.00
@@ -29,9 +31,19 @@ def fastest(rows: list[dict]) -> dict[tuple[int, str, int, str], float]:
     return best
 
 
+def sweep_rows(arg: str) -> list[dict]:
+    path, _, key = arg.partition("#")
+    with open(path) as f:
+        runs = json.load(f)
+    key = key or "rows"
+    if key not in runs:
+        raise SystemExit(f"{path}: no run {key!r} (it has {', '.join(k for k in runs if k != 'meta')})")
+    return runs[key]
+
+
 def main(four_path: str, low_path: str) -> None:
-    four = {k[1:]: v for k, v in fastest(json.load(open(four_path))["rows"]).items() if k[0] == 4}
-    low = fastest(json.load(open(low_path))["rows"])
+    four = {k[1:]: v for k, v in fastest(sweep_rows(four_path)).items() if k[0] == 4}
+    low = fastest(sweep_rows(low_path))
     ratios: dict[tuple[int, int, str], list[float]] = defaultdict(list)
     for (bits, shape, m, config), us in low.items():
         if (shape, m, config) in four:
