@@ -1,6 +1,7 @@
 """Instruction counts of compiled kernels, from `cuobjdump -sass` of an object built by build_sm90a.sh: per kernel
 whose demangled name contains FILTER, its instructions and local loads / stores (spills), and its steady loop (the
-shortest backward branch enclosing at least 4 HGMMA: the Hopper GEMM's mainloop) with its shared loads, and the
+shortest backward branch enclosing at least 4 HGMMA: the Hopper GEMM's mainloop; in kernels without wgmma, 4 HMMA: the
+Marlin kernels' run loop, whose lean instantiations unroll a warp's run of 8 k-tiles) with its shared loads, and the
 producer's loop (the shortest one issuing TMA or bulk copies without HGMMA) with the stages it covers.  FILTER may
 also be a piece of the mangled name (c++filt leaves the names of CUTLASS's 4-bit kernels mangled): e.g.
 `ILi4ELb0EEENS_6half_tEEEE` is the 4-bit fp16 kernel without zero points.
@@ -33,7 +34,8 @@ def kernels(obj: str) -> dict[str, list[tuple[int, str]]]:
     return out
 
 
-def steady_loop(ins: list[tuple[int, str]]) -> list[str] | None:
+def steady_loop(ins: list[tuple[int, str]], mma: str = "HGMMA") -> list[str] | None:
+    """The shortest backward branch enclosing at least 4 `mma` instructions (HGMMA: wgmma, HMMA: mma.sync)."""
     index = {a: i for i, (a, _) in enumerate(ins)}
     best = None
     for i, (_, text) in enumerate(ins):
@@ -41,7 +43,7 @@ def steady_loop(ins: list[tuple[int, str]]) -> list[str] | None:
         start = index.get(int(m.group(1), 16)) if m else None
         if start is not None and start < i:
             body = [t for _, t in ins[start:i + 1]]
-            if sum("HGMMA" in t for t in body) >= 4 and (best is None or len(body) < len(best)):
+            if sum(mma in t for t in body) >= 4 and (best is None or len(body) < len(best)):
                 best = body
     return best
 
@@ -62,15 +64,18 @@ def producer_loop(ins: list[tuple[int, str]]) -> list[str] | None:
 
 
 def main() -> None:
+    if len(sys.argv) not in (2, 3):
+        raise SystemExit(__doc__)
     obj, want = sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else ""
     for name, ins in kernels(obj).items():
         if want not in name:
             continue
         texts = [t for _, t in ins]
         line = f"{len(ins)} instructions, LDL {sum('LDL' in t for t in texts)}, STL {sum('STL' in t for t in texts)}"
-        loop = steady_loop(ins)
+        mma = "HGMMA" if any("HGMMA" in t for t in texts) else "HMMA"
+        loop = steady_loop(ins, mma)
         if loop is not None:
-            line += (f"; steady loop {len(loop)} instructions (HGMMA {sum('HGMMA' in t for t in loop)}, "
+            line += (f"; steady loop {len(loop)} instructions ({mma} {sum(mma in t for t in loop)}, "
                      f"LDS {sum('LDS' in t for t in loop)})")
         producer = producer_loop(ins)
         if producer is not None:
