@@ -135,7 +135,9 @@ def test_units_vs_tiles_reads_runs_of_one_file_and_takes_each_configs_fastest(tm
     """The units' time over the 4-bit tiles' per config at its fastest decomposition, geometric mean over shapes, with
     cuBLAS of the second sweep over the first's beside it; `FILE#KEY` picks a run stored beside `rows`."""
     ratios = _script("tuning/units_vs_tiles")
-    row = lambda bits, shape, kernel, us: dict(shape=shape, K=64, N=64, M=64, bits=bits, kernel=kernel, us=us)  # noqa: E731
+    def row(bits, shape, kernel, us):
+        return dict(shape=shape, K=64, N=64, M=64, bits=bits, kernel=kernel, us=us)
+
     four = [row(4, "a", "128x64_c1/0/1", 10.0), row(4, "a", "128x64_c1/3/1", 8.0), row(4, "b", "128x64_c1/0/1", 20.0),
             row(4, "a", "cublas_fp16", 5.0), row(4, "b", "cublas_fp16", 5.0), row(4, "a", "marlin", 1.0)]
     low = [row(3, "a", "128x64_c1/0/1", 4.0), row(3, "b", "128x64_c1/2/2", 40.0), row(3, "a", "cublas_fp16", 5.5),
@@ -160,3 +162,19 @@ def test_kernels_grid_times_warmed_only_with_warm_1(warm, seconds):
     out = subprocess.run([sys.executable, "-c", "import kernels; print(kernels.GRID_WARMUP_S)"], env=env,
                          cwd=os.path.join(root, "benchmarks"), capture_output=True, text=True, check=True).stdout
     assert out.strip() == seconds
+
+
+def test_sass_counts_finds_the_shortest_mma_loop_and_the_producer_loop():
+    """On instructions as cuobjdump prints them (address, text): the steady loop is the shortest backward branch
+    around >= 4 of the kernel's MMA kind (an outer loop around it does not count), the producer's loop the shortest
+    one issuing a bulk copy without HGMMA."""
+    counts = _script("tuning/sass_counts")
+    text = ["UBLKCP.S.G", "SYNCS.PHASECHK", "BRA 0x0",                     # producer: 0x00-0x20
+            "HMMA.16816", "LOP3", "HMMA.16816", "HMMA.16816", "HMMA.16816", "BRA 0x30",  # steady loop: 0x30-0x70
+            "IADD3", "BRA 0x30"]                                          # outer loop: 0x30-0x90
+    ins = [(16 * i, t) for i, t in enumerate(text)]
+    assert counts.steady_loop(ins, "HMMA") == text[3:9]
+    assert counts.steady_loop(ins) is None                               # no HGMMA at all
+    assert counts.producer_loop(ins) == text[:3]
+    sass = "\n".join(f"        /*{a:04x}*/                   {t} ;" for a, t in ins)
+    assert [(a, t) for a, t in counts.INSTR.findall(sass)] == [(f"{a:04x}", t) for a, t in ins]

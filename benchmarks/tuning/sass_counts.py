@@ -34,8 +34,8 @@ def kernels(obj: str) -> dict[str, list[tuple[int, str]]]:
     return out
 
 
-def steady_loop(ins: list[tuple[int, str]], mma: str = "HGMMA") -> list[str] | None:
-    """The shortest backward branch enclosing at least 4 `mma` instructions (HGMMA: wgmma, HMMA: mma.sync)."""
+def shortest_loop(ins: list[tuple[int, str]], wanted) -> list[str] | None:
+    """The shortest body of a backward branch for which wanted(body) holds."""
     index = {a: i for i, (a, _) in enumerate(ins)}
     best = None
     for i, (_, text) in enumerate(ins):
@@ -43,24 +43,20 @@ def steady_loop(ins: list[tuple[int, str]], mma: str = "HGMMA") -> list[str] | N
         start = index.get(int(m.group(1), 16)) if m else None
         if start is not None and start < i:
             body = [t for _, t in ins[start:i + 1]]
-            if sum(mma in t for t in body) >= 4 and (best is None or len(body) < len(best)):
+            if (best is None or len(body) < len(best)) and wanted(body):
                 best = body
     return best
+
+
+def steady_loop(ins: list[tuple[int, str]], mma: str = "HGMMA") -> list[str] | None:
+    """The shortest backward branch enclosing at least 4 `mma` instructions (HGMMA: wgmma, HMMA: mma.sync)."""
+    return shortest_loop(ins, lambda body: sum(mma in t for t in body) >= 4)
 
 
 def producer_loop(ins: list[tuple[int, str]]) -> list[str] | None:
     """The shortest backward branch enclosing a TMA or bulk copy and no HGMMA (the producer's per-stage loop)."""
-    index = {a: i for i, (a, _) in enumerate(ins)}
-    best = None
-    for i, (_, text) in enumerate(ins):
-        m = BRANCH.search(text)
-        start = index.get(int(m.group(1), 16)) if m else None
-        if start is not None and start < i:
-            body = [t for _, t in ins[start:i + 1]]
-            if (any("UTMALDG" in t or "UBLKCP" in t for t in body) and not any("HGMMA" in t for t in body)
-                    and (best is None or len(body) < len(best))):
-                best = body
-    return best
+    return shortest_loop(ins, lambda body: any("UTMALDG" in t or "UBLKCP" in t for t in body)
+                         and not any("HGMMA" in t for t in body))
 
 
 def main() -> None:
