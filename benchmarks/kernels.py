@@ -31,6 +31,7 @@ on sm_90 the Hopper GEMM where the tuned table picks it), `mygptq_marlin` the Ma
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import math
@@ -448,5 +449,7 @@ def table(rows):
 
 
 if __name__ == "__main__":
+    # The environment chooses the work (see the description): no arguments, only --help, which exits before any.
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     mode = os.environ.get("SWEEP")
     sys.exit(sweep() if mode == "1" else sweep_hopper() if mode == "hopper" else main())

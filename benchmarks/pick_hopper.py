@@ -28,6 +28,7 @@ starts from the committed sweeps the table in selection.py names as its sources 
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import re
@@ -180,10 +181,17 @@ def main(paths: list[str], write: bool = False) -> None:
 
 
 if __name__ == "__main__":
-    flags = ("--write", "--units", "--committed")
-    units = "--units" in sys.argv[1:]
-    files = ((committed_sweeps(units) if "--committed" in sys.argv[1:] else [])
-             + [a for a in sys.argv[1:] if a not in flags])
-    if not files or any(sys.argv[1:].count(f) > 1 for f in flags):
-        raise SystemExit(__doc__)
-    (units_main if units else main)(files, write="--write" in sys.argv[1:])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("sweeps", nargs="*", metavar="SWEEP",
+                    help="Hopper sweep JSON files (SWEEP=hopper of benchmarks/kernels.py); a later one's points "
+                         "replace an earlier one's")
+    ap.add_argument("--committed", action="store_true",
+                    help="start from the committed sweeps the current table in selection.py names as its sources")
+    ap.add_argument("--units", action="store_true",
+                    help="the 2/3-bit units' sweeps (BITS=2 / 3): make HOPPER_UNITS_TUNED instead")
+    ap.add_argument("--write", action="store_true", help="also put the tables into gptq_vllm/kernels/selection.py")
+    args = ap.parse_intermixed_args()  # flags before, between or after the files, as the docs write them
+    files = (committed_sweeps(args.units) if args.committed else []) + args.sweeps
+    if not files:
+        ap.error("no sweeps: name sweep files or --committed")
+    (units_main if args.units else main)(files, write=args.write)

@@ -14,6 +14,8 @@ Prints the `TUNED` rows of csrc/marlin/marlin_gemm.cu (rows 0 = dequantize + cuB
 
 from __future__ import annotations
 
+import argparse
+
 from kernels import SHAPES
 from tuning.sweep_logs import parse_sweep
 
@@ -48,4 +50,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     main()

@@ -11,6 +11,7 @@ act-order overhead at M = 32 / 64 / 256 / 1024 (target <= 5 %), bf16 and 8-bit o
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -82,4 +83,11 @@ def main(path: str, baseline: str | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("grid", metavar="GRID",
+                    help="a kernel grid JSON of benchmarks/kernels.py: its `rows`, or another run as FILE.json#KEY")
+    ap.add_argument("baseline", nargs="?", metavar="BASELINE",
+                    help="the grid at the issue's start (as GRID, or RUN+RUN: each point's fastest over the runs); "
+                         "adds M = 1 / 16 against it")
+    args = ap.parse_args()
+    main(args.grid, args.baseline)

@@ -1,5 +1,6 @@
 """The benchmark scripts that read measurements (no GPU): benchmarks/compare_grids.py, benchmarks/targets.py,
-benchmarks/tuning/marlin_ab.py --compare, benchmarks/tuning/units_vs_tiles.py; and the grid's WARM switch."""
+benchmarks/tuning/marlin_ab.py --compare, benchmarks/tuning/units_vs_tiles.py; the grid's WARM switch; and every
+script's --help."""
 
 from __future__ import annotations
 
@@ -178,3 +179,32 @@ def test_sass_counts_finds_the_shortest_mma_loop_and_the_producer_loop():
     assert counts.producer_loop(ins) == text[:3]
     sass = "\n".join(f"        /*{a:04x}*/                   {t} ;" for a, t in ins)
     assert [(a, t) for a, t in counts.INSTR.findall(sass)] == [(f"{a:04x}", t) for a, t in ins]
+
+
+NOT_SCRIPTS = {"child.py", "sweep_logs.py"}
+
+
+def test_every_benchmark_script_answers_help():
+    """`python SCRIPT --help` prints its usage and exits 0 without doing its work (no GPU, vLLM or data files), for
+    every script under benchmarks/."""
+    import concurrent.futures
+    import glob
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    paths = sorted(glob.glob(os.path.join(root, "benchmarks", "**", "*.py"), recursive=True))
+    for path in paths:  # keep the exemption honest: a module that gains a __main__ block is a script
+        if os.path.basename(path) in NOT_SCRIPTS:
+            assert '__name__ == "__main__"' not in open(path).read(), path
+    scripts = [p for p in paths if os.path.basename(p) not in NOT_SCRIPTS]
+
+    def help_of(path):
+        return subprocess.run([sys.executable, path, "--help"], capture_output=True, text=True, timeout=120)
+
+    # concurrently: most scripts import torch, a second or more each
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        for path, proc in zip(scripts, pool.map(help_of, scripts)):
+            name = os.path.relpath(path, root)
+            assert proc.returncode == 0, f"{name} --help exited {proc.returncode}:\n{proc.stderr[-2000:]}"
+            assert "usage:" in proc.stdout, f"{name} --help printed no usage:\n{proc.stdout[-2000:]}"

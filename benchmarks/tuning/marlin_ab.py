@@ -15,6 +15,7 @@ checksums agree, then the geometric mean of NEW / BASE.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import math
@@ -82,7 +83,15 @@ def compare(lines: list[str], base: str, new: str) -> float:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--compare"]:
-        compare(read_lines(sys.argv[2]), sys.argv[3], sys.argv[4])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("label", nargs="?", default="run", metavar="LABEL",
+                      help="this run's label, the first word of its line (default: run)")
+    mode.add_argument("--compare", nargs=3, metavar=("LINES", "BASE", "NEW"),
+                      help="summarise run lines instead (no GPU): LINES a text file of them or FILE.json#KEY (a JSON "
+                           "list), BASE and NEW two of their labels")
+    args = ap.parse_args()
+    if args.compare:
+        compare(read_lines(args.compare[0]), *args.compare[1:])
     else:
-        main(sys.argv[1] if len(sys.argv) > 1 else "run")
+        main(args.label)

@@ -12,6 +12,7 @@ A gap to vLLM in a says the fixed part, in b the streaming loop (docs/kernel-tun
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import sys
@@ -26,7 +27,7 @@ SPLITS = {"auto": (0, 0), "8:8": (8, 8), "4:4": (4, 4), "1:2": (1, 2)}
 ROWS = int(os.environ.get("ROWS", "0"))  # force the block-tile rows of the forced splits (0: the op's choice)
 
 
-def main(n: int = 4096, m: int = 16) -> None:
+def main(n: int, m: int) -> None:
     from gptq_vllm.kernels import cuda as ours
 
     assert ours.available(), ours.load_error()
@@ -66,4 +67,8 @@ def main(n: int = 4096, m: int = 16) -> None:
 
 
 if __name__ == "__main__":
-    main(*(int(a) for a in sys.argv[1:3]))
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("n", nargs="?", type=int, default=4096, metavar="N", help="output features, fixed (default 4096)")
+    ap.add_argument("m", nargs="?", type=int, default=16, metavar="M", help="batch rows (default 16)")
+    args = ap.parse_args()
+    main(args.n, args.m)

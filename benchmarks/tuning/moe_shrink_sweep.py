@@ -12,6 +12,7 @@ round-to-nearest's output error; mean over 6 seeds.
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import sys
@@ -60,4 +61,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     main()

@@ -17,6 +17,7 @@ heuristic).  All are `cutlass::device_kernel<...>` instantiations, hence the `-k
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -26,16 +27,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from kernels import G, SHAPES, hopper_scales, load_vllm  # noqa: E402  (also puts the repo root on sys.path)
 
 
-def main(args: list[str]) -> None:
+def main(points: list[str], machete: bool) -> None:
     from gptq_vllm.formats import marlin
     from gptq_vllm.kernels import cuda as ours
     from gptq_vllm.kernels import selection
 
     assert ours.available(), ours.load_error()
-    V = load_vllm() if "--machete" in args else None  # None, with the reason printed, where vLLM is not importable
+    V = load_vllm() if machete else None  # None, with the reason printed, where vLLM is not importable
     dev = torch.device("cuda")
     names = ours.hopper_configs()
-    for arg in (a for a in args if a != "--machete"):
+    for arg in points:
         point, _, b = arg.partition("/")
         bits = int(b or 4)
         name, m, *forced = point.split(":")
@@ -65,4 +66,9 @@ def main(args: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("points", nargs="+", metavar="POINT",
+                    help="SHAPE:M[:CONFIG:DECOMPOSITION:SPLITS][/BITS], as above; one launch pair each")
+    ap.add_argument("--machete", action="store_true", help="also launch vLLM's machete_mm at each point")
+    args = ap.parse_intermixed_args()  # --machete anywhere among the points
+    main(args.points, args.machete)

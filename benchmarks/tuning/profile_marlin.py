@@ -14,6 +14,7 @@ Each launch runs twice (a warm-up that ncu also records, then the one to read). 
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -31,13 +32,13 @@ def vllm_marlin_random(V: dict, K: int, N: int, dev: torch.device):
     return vllm_marlin(V, gq, s, K, N, V["ws"](dev))
 
 
-def main(args: list[str]) -> None:
+def main(pairs: list[str], with_vllm: bool) -> None:
     from gptq_vllm.kernels import cuda as ours
 
     assert ours.available(), ours.load_error()
-    V = load_vllm() if "--vllm" in args else None  # None, with the reason printed, where vLLM is not importable
+    V = load_vllm() if with_vllm else None  # None, with the reason printed, where vLLM is not importable
     dev = torch.device("cuda")
-    for pair in (a for a in args if a != "--vllm"):
+    for pair in pairs:
         name, m, *split = pair.split(":")
         K, N = SHAPES[name]
         q = torch.randint(-2**31, 2**31 - 1, (K // 16, N * 2), dtype=torch.int32, device=dev)
@@ -59,4 +60,9 @@ def main(args: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("pairs", nargs="+", metavar="PAIR",
+                    help="SHAPE:M[:STRIPS:RANKS[:ROWS]], as above; one launch pair each")
+    ap.add_argument("--vllm", action="store_true", help="also launch vLLM's marlin_gemm on each shape, after ours")
+    args = ap.parse_intermixed_args()  # --vllm anywhere among the pairs
+    main(args.pairs, args.vllm)

@@ -15,10 +15,10 @@ cuobjdump comes from PyPI's nvidia-cuda-cuobjdump (CUOBJDUMP=path, else on PATH)
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import subprocess
-import sys
 
 INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 BRANCH = re.compile(r"\bBRA\b.*?0x([0-9a-f]+)")
@@ -59,10 +59,7 @@ def producer_loop(ins: list[tuple[int, str]]) -> list[str] | None:
                          and not any("HGMMA" in t for t in body))
 
 
-def main() -> None:
-    if len(sys.argv) not in (2, 3):
-        raise SystemExit(__doc__)
-    obj, want = sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else ""
+def main(obj: str, want: str) -> None:
     for name, ins in kernels(obj).items():
         if want not in name:
             continue
@@ -81,4 +78,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("obj", metavar="OBJ", help="an object file built by build_sm90a.sh")
+    ap.add_argument("filter", nargs="?", default="", metavar="FILTER",
+                    help="count only kernels whose demangled (or mangled) name contains this (default: all)")
+    args = ap.parse_args()
+    main(args.obj, args.filter)

@@ -13,10 +13,10 @@ when both sweeps ran in one call.  Above that yardstick the units lose to CUTLAS
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import statistics
-import sys
 from collections import defaultdict
 
 
@@ -59,6 +59,8 @@ def main(four_path: str, low_path: str) -> None:
             print(f"| {bits} | {m} | {config} | {len(xs)} | {statistics.geometric_mean(xs):.3f} | {statistics.geometric_mean(ratios[(bits, m, 'cublas_fp16')]):.3f} |")
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        raise SystemExit(__doc__)
-    main(sys.argv[1], sys.argv[2])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("four", metavar="FOUR_BIT_SWEEP", help="the BITS=4 sweep: FILE.json or FILE.json#KEY")
+    ap.add_argument("low", metavar="LOW_BIT_SWEEP", help="the BITS=2 / BITS=3 sweep: FILE.json or FILE.json#KEY")
+    args = ap.parse_args()
+    main(args.four, args.low)

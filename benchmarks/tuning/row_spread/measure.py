@@ -14,6 +14,7 @@ package, the flags of gptq_vllm/kernels/build.py; a few minutes).
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -55,11 +56,11 @@ def load_experiment(prebuilt: str | None) -> None:
                        verbose=False)
 
 
-def main() -> int:
+def main(out_path: str | None, library: str | None) -> int:
     from gptq_vllm.kernels import cuda as ours
 
-    out_path = sys.argv[1] if len(sys.argv) > 1 else f"row-spread-{datetime.date.today().isoformat()}.json"
-    load_experiment(sys.argv[2] if len(sys.argv) > 2 else None)
+    out_path = out_path or f"row-spread-{datetime.date.today().isoformat()}.json"
+    load_experiment(library)
     dev = torch.device("cuda")
     pi = row_map(ours)
     rows = []
@@ -104,4 +105,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", nargs="?", help="the JSON to write (default row-spread-DATE.json)")
+    ap.add_argument("library", nargs="?", help="a prebuilt row_spread_gemm library (default: build it here)")
+    args = ap.parse_args()
+    sys.exit(main(args.out, args.library))
