@@ -1,6 +1,6 @@
 """The benchmark scripts that read measurements (no GPU): benchmarks/compare_grids.py, benchmarks/targets.py,
-benchmarks/tuning/marlin_ab.py --compare, benchmarks/tuning/units_vs_tiles.py; the grid's WARM switch; and every
-script's --help."""
+benchmarks/tuning/marlin_ab.py --compare, benchmarks/tuning/units_vs_tiles.py, benchmarks/tuning/lowbit_m1_bounds.py;
+the grid's WARM switch; and every script's --help."""
 
 from __future__ import annotations
 
@@ -181,6 +181,44 @@ def test_sass_counts_finds_the_shortest_mma_loop_and_the_producer_loop():
     assert [(a, t) for a, t in counts.INSTR.findall(sass)] == [(f"{a:04x}", t) for a, t in ins]
 
 
+def test_lowbit_m1_bounds_from_the_fastest_stream_and_the_e2e_share(tmp_path, capsys):
+    """Each shape's bound is the 4-bit time less the bytes a narrower code saves at the grid's fastest M = 1 stream
+    (here cuBLAS at 2 TB/s); --e2e takes the share of the batch-1 step in the four 8B GEMMs from the measured ratios
+    of one run of a results file (FILE#I) and gives the end-to-end ratio with those GEMMs at their bounds."""
+    bounds = _script("tuning/lowbit_m1_bounds")
+    times = {}
+    for s in bounds.MODEL_8B:
+        k, n = bounds.SHAPES[s]
+        nbytes = {b: bounds.weight_bytes(k, n, b) for b in (16, 4, 3, 2)}
+        times[s, 1, "cublas_fp16"] = nbytes[16] / 2e6  # 2 TB/s = 2e6 bytes per us
+        for b in (4, 3, 2):
+            times[s, 1, bounds.KERNELS[b]] = 5.0 + nbytes[b] / 1e6  # a 5 us fixed part, then 1 TB/s
+    grid = tmp_path / "grid.json"
+    rows = [dict(shape=s, K=bounds.SHAPES[s][0], N=bounds.SHAPES[s][1], M=m, kernel=k, us=us)
+            for (s, m, k), us in times.items()]
+    grid.write_text(json.dumps(dict(meta={}, rows=rows)))
+    e2e = tmp_path / "e2e.json"
+    e2e.write_text(json.dumps(dict(runs=[{"mygptq-3bit_over_mygptq": {"decode-b1": 9.0}},
+                                         {"mygptq-3bit_over_mygptq": {"decode-b1": 1.05}}])))
+    bounds.main([str(grid)], f"{e2e}#1")
+    out = capsys.readouterr().out
+    assert "fastest stream at M = 1: 2.00 TB/s" in out
+    # 8b.o (4096 x 4096): 4-bit 8.65 MB -> 13.65 us; 3-bit 6.55 MB -> 11.55 us; saving 2.10 MB at 2 TB/s = 1.05 us
+    k, n = bounds.SHAPES["8b.o"]
+    t4, t3 = 5 + bounds.weight_bytes(k, n, 4) / 1e6, 5 + bounds.weight_bytes(k, n, 3) / 1e6
+    bound = t4 / (t4 - (bounds.weight_bytes(k, n, 4) - bounds.weight_bytes(k, n, 3)) / 2e6)
+    assert f"| 8b.o | {t4:.1f} | {t4 / t3:.2f} ({bound:.2f}) |" in out
+    sum4 = sum(times[s, 1, "mygptq"] for s in bounds.MODEL_8B)
+    gemms = sum4 / sum(times[s, 1, "mygptq_w3"] for s in bounds.MODEL_8B)
+    saved = sum(bounds.weight_bytes(*bounds.SHAPES[s], 4) - bounds.weight_bytes(*bounds.SHAPES[s], 3)
+                for s in bounds.MODEL_8B) / 2e6
+    share = (1 - 1 / 1.05) / (1 - 1 / gemms)
+    expected = 1 / (1 - share + share * (sum4 - saved) / sum4)
+    assert f"end to end 1.050x, so {share:.0%} of the 4-bit step" in out
+    assert f"at their bounds: {expected:.3f}x end to end" in out
+
+
+# Modules the scripts import (run_child / emit, parse_sweep), not scripts: run directly they only define functions.
 NOT_SCRIPTS = {"child.py", "sweep_logs.py"}
 
 
