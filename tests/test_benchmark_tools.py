@@ -216,6 +216,12 @@ def test_lowbit_m1_bounds_from_the_fastest_stream_and_the_e2e_share(tmp_path, ca
     expected = 1 / (1 - share + share * (sum4 - saved) / sum4)
     assert f"end to end 1.050x, so {share:.0%} of the 4-bit step" in out
     assert f"at their bounds: {expected:.3f}x end to end" in out
+    for s in bounds.MODEL_8B:  # 3-bit no faster than 4-bit: no share to infer, said instead of divided by zero
+        times[s, 1, "mygptq_w3"] = times[s, 1, "mygptq"]
+    grid.write_text(json.dumps(dict(meta={}, rows=[dict(shape=s, K=bounds.SHAPES[s][0], N=bounds.SHAPES[s][1], M=m,
+                                                       kernel=k, us=us) for (s, m, k), us in times.items()])))
+    with pytest.raises(SystemExit, match="not faster at 3 bits in these grids \\(1.000x\\)"):
+        bounds.main([str(grid)], f"{e2e}#1")
 
 
 # Modules the scripts import (run_child / emit, parse_sweep), not scripts: run directly they only define functions.

@@ -76,6 +76,8 @@ def main(paths: list[str], e2e: str | None) -> None:
     gemms = t4 / sum(fastest(s, KERNELS[3]) for s in MODEL_8B)
     gemms_bound = t4 / sum(bound_us[s, 3] for s in MODEL_8B)
     measured = e2e_b1_ratio(e2e)
+    if gemms <= 1:  # the GEMMs explain no gain: their share of the step cannot be inferred
+        raise SystemExit(f"the four 8B GEMMs are not faster at 3 bits in these grids ({gemms:.3f}x): no batch-1 share")
     share = (1 - 1 / measured) / (1 - 1 / gemms)
     print(f"\n3-bit at batch 1: the four 8B GEMMs {gemms:.3f}x (bound {gemms_bound:.3f}x), end to end {measured:.3f}x, "
           f"so {share:.0%} of the 4-bit step in those GEMMs; with them at their bounds: "
